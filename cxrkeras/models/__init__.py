@@ -1,0 +1,29 @@
+"""The classifiers: `build_model(config)` for any `ModelConfig`, `build_study_model(task)`.
+
+Importing this package registers `TorchUniform`, so `keras.saving.load_model`
+reloads saved classifiers; `CUSTOM_OBJECTS` is there for code that prefers to
+pass them explicitly.
+"""
+
+from cxrkeras.models.blocks import TorchUniform
+from cxrkeras.models.classifiers import (
+    build_model,
+    build_study_model,
+    check_config,
+    conv_layer_names,
+    last_conv_layer_name,
+    num_outputs,
+)
+
+CUSTOM_OBJECTS = {"TorchUniform": TorchUniform, "cxrkeras>TorchUniform": TorchUniform}
+
+__all__ = [
+    "CUSTOM_OBJECTS",
+    "TorchUniform",
+    "build_model",
+    "build_study_model",
+    "check_config",
+    "conv_layer_names",
+    "last_conv_layer_name",
+    "num_outputs",
+]

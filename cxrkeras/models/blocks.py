@@ -1,0 +1,114 @@
+"""Small pieces the classifiers are built from: initializers, conv and residual blocks.
+
+Every function names its layers from a prefix, so feature maps and Grad-CAM
+can address them (`block1_conv`, `res2_add`, ...).
+"""
+
+import math
+
+import keras
+
+INITIALIZERS = ("torch", "keras")
+
+
+@keras.saving.register_keras_serializable(package="cxrkeras")
+class TorchUniform(keras.initializers.RandomUniform):
+    """PyTorch's default init for Conv and Dense: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    For a kernel, fan_in comes from its shape (kernel_h * kernel_w * in_channels
+    for a Conv2D, in_features for a Dense). A bias's shape doesn't carry it, so
+    pass `fan_in` explicitly for biases.
+    """
+
+    def __init__(self, fan_in=None, seed=None):
+        super().__init__(seed=seed)
+        self.fan_in = fan_in
+
+    def __call__(self, shape, dtype=None):
+        fan_in = self.fan_in
+        if fan_in is None:
+            if len(shape) < 2:
+                raise ValueError(
+                    f"TorchUniform needs `fan_in` for a {len(shape)}-D shape (a bias). "
+                    f"Received: shape={tuple(shape)}, fan_in=None"
+                )
+            fan_in = math.prod(shape[:-1])
+        bound = 1.0 / math.sqrt(fan_in)
+        return keras.random.uniform(shape, minval=-bound, maxval=bound, dtype=dtype, seed=self.seed)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("minval", None)
+        config.pop("maxval", None)
+        return {**config, "fan_in": self.fan_in}
+
+
+def layer_initializers(initializer, fan_in):
+    """(kernel_initializer, bias_initializer) for a layer with `fan_in` inputs per output."""
+    if initializer == "torch":
+        return TorchUniform(), TorchUniform(fan_in=fan_in)
+    if initializer == "keras":
+        return "glorot_uniform", "zeros"
+    raise ValueError(
+        f"Unknown `initializer`; expected one of {list(INITIALIZERS)}. "
+        f"Received: initializer={initializer!r}"
+    )
+
+
+def batch_norm(name):
+    # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here), as the study used.
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+
+
+def conv(x, filters, name, *, padding, initializer):
+    """A 3x3 Conv2D without activation."""
+    kernel_init, bias_init = layer_initializers(initializer, 3 * 3 * x.shape[-1])
+    return keras.layers.Conv2D(
+        filters,
+        3,
+        padding=padding,
+        kernel_initializer=kernel_init,
+        bias_initializer=bias_init,
+        name=name,
+    )(x)
+
+
+def conv_block(x, filters, prefix, suffix="", *, padding, initializer, batchnorm, relu=True):
+    """Conv 3x3 [-> BatchNorm] [-> ReLU], named `{prefix}_conv{suffix}`, `_bn`, `_relu`."""
+    x = conv(x, filters, f"{prefix}_conv{suffix}", padding=padding, initializer=initializer)
+    if batchnorm:
+        x = batch_norm(f"{prefix}_bn{suffix}")(x)
+    if relu:
+        x = keras.layers.ReLU(name=f"{prefix}_relu{suffix}")(x)
+    return x
+
+
+def residual_block(x, prefix, *, initializer, batchnorm, skip=True):
+    """y = ReLU(Conv(x)); out = ReLU(Conv(y) + x), keeping x's channel count.
+
+    With `skip=False` the addition is left out (a plain two-conv block).
+    """
+    channels = x.shape[-1]
+    options = dict(padding="same", initializer=initializer, batchnorm=batchnorm)
+    y = conv_block(x, channels, prefix, "1", **options)
+    y = conv_block(y, channels, prefix, "2", relu=False, **options)
+    if skip:
+        y = keras.layers.Add(name=f"{prefix}_add")([y, x])
+    return keras.layers.ReLU(name=f"{prefix}_out")(y)
+
+
+def dense(x, units, name, *, initializer, activation=None, dtype=None):
+    kernel_init, bias_init = layer_initializers(initializer, x.shape[-1])
+    return keras.layers.Dense(
+        units,
+        activation=activation,
+        kernel_initializer=kernel_init,
+        bias_initializer=bias_init,
+        dtype=dtype,
+        name=name,
+    )(x)
+
+
+def dropout(x, rate, name):
+    """Dropout, or nothing when `rate` is 0."""
+    return keras.layers.Dropout(rate, name=name)(x) if rate else x

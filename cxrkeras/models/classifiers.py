@@ -1,0 +1,178 @@
+"""The study's two classifiers (and the three-class variant), built from a `ModelConfig`.
+
+"plain" (the infected classifier): input BatchNorm -> N x [Conv 3x3 valid -> ReLU
+-> MaxPool 2] -> Dropout -> Flatten -> Dense ReLU -> Dropout -> Dense.
+"residual" (the covid classifier): input BatchNorm -> 2 stem convs -> MaxPool 3
+-> N x [residual block -> MaxPool 2] -> Flatten -> Dropout -> Dense ReLU
+-> Dropout -> Dense.
+The models take raw pixels in [0, 1] and are returned uncompiled.
+"""
+
+import keras
+
+from cxrkeras.config import TASKS, check_task, study_model_config
+from cxrkeras.models import blocks
+
+ARCHS = ("plain", "residual")
+
+
+def build_model(config):
+    """An uncompiled classifier for `config` (a `cxrkeras.config.ModelConfig`)."""
+    check_config(config)
+    inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
+    x = inputs
+    if config.input_norm:
+        x = blocks.batch_norm("input_norm")(x)
+    if config.arch == "plain":
+        x = plain_trunk(x, config)
+    else:
+        x = residual_trunk(x, config)
+    outputs = head(x, config)
+    name = config.task.replace("-", "_") + "_classifier"
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_study_model(task):
+    """The study's classifier for `task`: "infected", "covid" or "three-class"."""
+    return build_model(study_model_config(task))
+
+
+def plain_trunk(x, config):
+    for i, filters in enumerate(block_filters(config), start=1):
+        x = blocks.conv_block(
+            x,
+            filters,
+            f"block{i}",
+            padding="valid",
+            initializer=config.initializer,
+            batchnorm=config.batchnorm,
+        )
+        x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+    return x
+
+
+def residual_trunk(x, config):
+    stem_filters = [config.filters[0], config.filters[-1]]
+    for i, filters in enumerate(stem_filters, start=1):
+        x = blocks.conv_block(
+            x,
+            filters,
+            "stem",
+            str(i),
+            padding="same",
+            initializer=config.initializer,
+            batchnorm=config.batchnorm,
+        )
+    x = keras.layers.MaxPooling2D(3, name="stem_pool")(x)
+    for i in range(1, config.blocks + 1):
+        x = blocks.residual_block(
+            x,
+            f"res{i}",
+            initializer=config.initializer,
+            batchnorm=config.batchnorm,
+            skip=config.residual,
+        )
+        x = keras.layers.MaxPooling2D(2, name=f"res{i}_pool")(x)
+    return x
+
+
+def head(x, config):
+    """[Dropout] -> Flatten [-> Dropout] -> Dense ReLU -> Dropout -> predictions."""
+    x = blocks.dropout(x, config.conv_dropout, "conv_dropout")
+    x = keras.layers.Flatten(name="flatten")(x)
+    if config.arch == "residual":
+        x = blocks.dropout(x, config.dropout, "flatten_dropout")
+    x = blocks.dense(
+        x, config.dense_units, "fc", initializer=config.initializer, activation="relu"
+    )
+    x = blocks.dropout(x, config.dropout, "fc_dropout")
+    outputs, activation = num_outputs(config.task), "sigmoid"
+    if outputs > 1:
+        activation = "softmax"
+    # float32 output keeps the loss numerically safe under mixed_bfloat16.
+    return blocks.dense(
+        x,
+        outputs,
+        "predictions",
+        initializer=config.initializer,
+        activation=activation,
+        dtype="float32",
+    )
+
+
+def num_outputs(task):
+    """1 (a sigmoid) for a binary task, else one softmax unit per class."""
+    n = len(TASKS[check_task(task)])
+    return 1 if n == 2 else n
+
+
+def block_filters(config):
+    """The plain arch's filters per block: `filters` cut to `blocks`, or its last repeated."""
+    filters = list(config.filters)
+    return (filters + filters[-1:] * config.blocks)[: config.blocks]
+
+
+def conv_layer_names(model):
+    """Names of the model's Conv2D layers, input to output."""
+    return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+
+
+def last_conv_layer_name(model):
+    """The last Conv2D layer's name (for Grad-CAM)."""
+    names = conv_layer_names(model)
+    if not names:
+        raise ValueError(f"Model {model.name!r} has no Conv2D layer.")
+    return names[-1]
+
+
+def check_config(config):
+    """Raise ValueError naming the first bad setting in `config` and its value."""
+    check_task(config.task)
+    if config.arch not in ARCHS:
+        _fail("arch", config.arch, f"expected one of {list(ARCHS)}", "Unknown")
+    if config.initializer not in blocks.INITIALIZERS:
+        expected = f"expected one of {list(blocks.INITIALIZERS)}"
+        _fail("initializer", config.initializer, expected, "Unknown")
+    if not _positive_int(config.blocks):
+        _fail("blocks", config.blocks, "expected a positive integer")
+    filters = config.filters
+    if not (isinstance(filters, (list, tuple)) and filters and all(map(_positive_int, filters))):
+        _fail("filters", filters, "expected a non-empty list of positive integers")
+    if config.arch == "residual" and len(filters) > 2:
+        _fail("filters", filters, "the residual arch takes [stem_filters, width] or [width]")
+    if not _positive_int(config.dense_units):
+        _fail("dense_units", config.dense_units, "expected a positive integer")
+    for name in ("conv_dropout", "dropout"):
+        rate = getattr(config, name)
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
+            _fail(name, rate, "expected a rate in [0, 1)")
+    if not _positive_int(config.image_size):
+        _fail("image_size", config.image_size, "expected a positive integer")
+    if _final_size(config) < 1:
+        raise ValueError(
+            f"Too many `blocks` for `image_size`: the feature map shrinks to nothing. "
+            f"Received: blocks={config.blocks!r}, image_size={config.image_size!r}"
+        )
+
+
+def _final_size(config):
+    """Height (= width) of the last feature map."""
+    size = config.image_size
+    if config.arch == "plain":
+        for _ in range(config.blocks):
+            size = (size - 2) // 2  # valid 3x3 conv, then 2x2 pool
+            if size < 1:
+                return 0
+        return size
+    size //= 3
+    for _ in range(config.blocks):
+        size //= 2
+    return size
+
+
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _fail(name, value, expected, kind="Invalid"):
+    raise ValueError(f"{kind} `{name}`; {expected}. Received: {name}={value!r}")
