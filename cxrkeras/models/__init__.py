@@ -14,16 +14,33 @@ from cxrkeras.models.classifiers import (
     last_conv_layer_name,
     num_outputs,
 )
+from cxrkeras.models.cascade import (
+    CascadeDecision,
+    build_cascade,
+    cascade_thresholds,
+    load_model,
+    model_kind,
+)
 
-CUSTOM_OBJECTS = {"TorchUniform": TorchUniform, "cxrkeras>TorchUniform": TorchUniform}
+CUSTOM_OBJECTS = {
+    "TorchUniform": TorchUniform,
+    "cxrkeras>TorchUniform": TorchUniform,
+    "CascadeDecision": CascadeDecision,
+    "cxrkeras>CascadeDecision": CascadeDecision,
+}
 
 __all__ = [
     "CUSTOM_OBJECTS",
+    "CascadeDecision",
     "TorchUniform",
     "build_model",
+    "build_cascade",
     "build_study_model",
+    "cascade_thresholds",
     "check_config",
     "conv_layer_names",
     "last_conv_layer_name",
+    "load_model",
+    "model_kind",
     "num_outputs",
 ]

@@ -1,0 +1,644 @@
+"""Evaluate a classifier: the study's table, curves, calibration, the 25-image grid, feature maps, Grad-CAM.
+
+Path of an evaluation: `evaluate_run` loads a model (a binary classifier, the
+three-class classifier or the cascade) and one split, predicts
+(`predict`), computes the metrics from arrays alone
+(`metrics_from_predictions`: the study's per-class recall / precision / F1 and
+accuracy, confusion, one-vs-rest AUC, ECE, and for the cascade its stage
+accuracies), then draws every figure through `cxrkeras.plots` and writes
+`metrics.json`. `compare` reads several `metrics.json` files back into the
+study's side-by-side table.
+
+Grad-CAM uses `tf.GradientTape` (evaluation runs on the TensorFlow backend);
+everything else is backend-agnostic.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+
+from cxrkeras import data as data_lib
+from cxrkeras.config import CLASSES, TASKS, check_task
+from cxrkeras.models import cascade as cascade_lib
+from cxrkeras.models import conv_layer_names
+
+SPLIT_NAMES = ("validation", "val", "test")
+GRID_SIZE = 25  # the study's Figure 2.8.2
+FEATURE_CHANNELS = 16  # channels drawn per layer in feature_maps.png
+GRADCAM_DEFAULT_IMAGES = 4
+
+
+class EvaluationError(Exception):
+    """An evaluation that cannot run as asked: the message names the thing and what was expected."""
+
+
+# ---------------------------------------------------------------- metrics from arrays
+
+
+def class_names_for(kind, task=None):
+    """Class names of a model's outputs: the three classes, or the two of a binary `task`."""
+    if kind in ("cascade", "three-class"):
+        return list(CLASSES)
+    if task is None:
+        raise EvaluationError("A binary model needs its `task` (infected or covid). Received: task=None")
+    if check_task(task) == "three-class":
+        raise EvaluationError(f"A binary model cannot have task 'three-class'. Received: task={task!r}")
+    return list(TASKS[task])
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    """[num_classes, num_classes] counts; rows are true classes, columns predicted ones."""
+    cm = np.zeros((num_classes, num_classes), dtype="int64")
+    np.add.at(cm, (np.asarray(labels, "int64"), np.asarray(predictions, "int64")), 1)
+    return cm
+
+
+def classification_table(labels, predictions, class_names):
+    """The study's table: per-class recall, precision, F1 and support; overall accuracy; the confusion.
+
+    A class never predicted has precision 0; a class absent from `labels` has recall 0.
+    """
+    cm = confusion_matrix(labels, predictions, len(class_names))
+    true_counts, pred_counts, hits = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
+    per_class = {}
+    for i, name in enumerate(class_names):
+        recall = hits[i] / true_counts[i] if true_counts[i] else 0.0
+        precision = hits[i] / pred_counts[i] if pred_counts[i] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {
+            "recall": float(recall),
+            "precision": float(precision),
+            "f1": float(f1),
+            "support": int(true_counts[i]),
+        }
+    n = int(cm.sum())
+    return {
+        "classes": list(class_names),
+        "per_class": per_class,
+        "accuracy": float(hits.sum() / n) if n else 0.0,
+        "correct": int(hits.sum()),
+        "n": n,
+        "confusion": cm.tolist(),
+    }
+
+
+def reliability_bins(probabilities, labels, bins=15):
+    """Equal-width bins of max-probability: edges, mean confidence, accuracy and count per bin.
+
+    The prediction is the argmax of `probabilities` (the standard definition of ECE).
+    Empty bins have NaN confidence and accuracy.
+    """
+    probabilities = np.asarray(probabilities, dtype="float64")
+    labels = np.asarray(labels)
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype("float64")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)  # bins (lo, hi]
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(index, weights=confidence, minlength=bins) / count
+        accuracy = np.bincount(index, weights=correct, minlength=bins) / count
+    return {"edges": edges, "confidence": mean_conf, "accuracy": accuracy, "count": count}
+
+
+def expected_calibration_error(probabilities, labels, bins=15):
+    """ECE: sum over equal-width max-probability bins of (bin size / n) * |accuracy - confidence|."""
+    stats = reliability_bins(probabilities, labels, bins)
+    n = stats["count"].sum()
+    if n == 0:
+        return 0.0
+    used = stats["count"] > 0
+    gaps = np.abs(stats["accuracy"][used] - stats["confidence"][used])
+    return float((stats["count"][used] / n * gaps).sum())
+
+
+def one_vs_rest_curves(probabilities, labels, class_names):
+    """{"roc": {class: (fpr, tpr, auc)}, "pr": {class: (recall, precision, average precision)}}.
+
+    A class with no positive or no negative example has no curve (left out).
+    """
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    probabilities, labels = np.asarray(probabilities), np.asarray(labels)
+    roc, pr = {}, {}
+    for i, name in enumerate(class_names):
+        positive = labels == i
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probabilities[:, i])
+        roc[name] = (fpr, tpr, float(auc(fpr, tpr)))
+        precision, recall, _ = precision_recall_curve(positive, probabilities[:, i])
+        pr[name] = (recall, precision, float(average_precision_score(positive, probabilities[:, i])))
+    return {"roc": roc, "pr": pr}
+
+
+def stage_accuracies(labels, predictions, covid_predictions=None):
+    """The study's stage accuracies of a three-class decision.
+
+    normal_vs_infected: accuracy of "normal or not" over all images.
+    covid_vs_non_covid: on the truly infected images, accuracy of the covid
+    stage's own decision (`covid_predictions`: 1 = covid, one per image, as the
+    study measured it: its covid classifier alone on the infected images);
+    without it, of the three-class prediction (an image called normal counts
+    as wrong).
+    """
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    result = {"normal_vs_infected": float(np.mean((labels != 0) == (predictions != 0))) if len(labels) else 0.0}
+    infected = labels != 0
+    if infected.any():
+        if covid_predictions is not None:
+            decided = np.asarray(covid_predictions)[infected] == (labels[infected] == 2)
+        else:
+            decided = predictions[infected] == labels[infected]
+        result["covid_vs_non_covid"] = float(np.mean(decided))
+        result["infected_images"] = int(infected.sum())
+    return result
+
+
+def metrics_from_predictions(probabilities, predictions, labels, class_names):
+    """Every metric from arrays: the study's table, confusion, per-class AUC and AP, ECE."""
+    table = classification_table(labels, predictions, class_names)
+    curves = one_vs_rest_curves(probabilities, labels, class_names)
+    table["auc"] = {name: curves["roc"][name][2] if name in curves["roc"] else None for name in class_names}
+    table["average_precision"] = {name: curves["pr"][name][2] if name in curves["pr"] else None for name in class_names}
+    table["ece"] = expected_calibration_error(probabilities, labels)
+    return table
+
+
+# ---------------------------------------------------------------- models
+
+
+def cascade_stages(model):
+    """(infected sub-model, covid sub-model) of a cascade."""
+    return model.get_layer("infected_classifier"), model.get_layer("covid_classifier")
+
+
+def thresholds_dict(model):
+    """A cascade's thresholds as {"t_infected": ..., "t_covid": ...}."""
+    values = cascade_lib.cascade_thresholds(model)
+    if isinstance(values, dict):
+        return {k: float(v) for k, v in values.items()}
+    t_infected, t_covid = values
+    return {"t_infected": float(t_infected), "t_covid": float(t_covid)}
+
+
+def predict(model, images, batch_size=64):
+    """(probabilities [N, K], predicted class indices [N]); the cascade's thresholds are honoured."""
+    probabilities, predictions = cascade_lib.predict(model, images, batch_size=batch_size)
+    return np.asarray(probabilities), np.asarray(predictions).astype("int64").reshape(-1)
+
+
+def evaluate(model, images, labels, task=None, class_names=None, batch_size=64):
+    """Predict `images` and return every metric against `labels` (class indices), as a dict.
+
+    `task` names a binary model's task (infected or covid); `class_names`
+    overrides the names of its outputs. For the cascade the result also holds
+    its thresholds and the study's stage accuracies, the covid stage measured
+    by its covid classifier alone on the truly infected images.
+    """
+    kind = cascade_lib.model_kind(model)
+    class_names = list(class_names or class_names_for(kind, task))
+    images = np.asarray(images, dtype="float32")
+    probabilities, predictions = predict(model, images, batch_size)
+    return _metrics(model, kind, images, np.asarray(labels), probabilities, predictions, class_names, batch_size)
+
+
+def _metrics(model, kind, images, labels, probabilities, predictions, class_names, batch_size):
+    if probabilities.shape[1] != len(class_names):
+        raise EvaluationError(
+            f"The model gives {probabilities.shape[1]} probabilities per image but there are "
+            f"{len(class_names)} classes. Received: class_names={class_names}"
+        )
+    metrics = {"kind": kind, **metrics_from_predictions(probabilities, predictions, labels, class_names)}
+    if kind == "cascade":
+        metrics["thresholds"] = thresholds_dict(model)
+        covid_decisions = None
+        infected = labels != 0
+        if infected.any():
+            _, covid = cascade_stages(model)
+            p_covid = np.asarray(cascade_lib.predict_probabilities(covid, images[infected], batch_size))[:, 1]
+            covid_decisions = np.zeros(len(labels), dtype=bool)
+            covid_decisions[infected] = p_covid > metrics["thresholds"].get("t_covid", 0.5)
+        metrics["stage_accuracy"] = stage_accuracies(labels, predictions, covid_decisions)
+    return metrics
+
+
+# ---------------------------------------------------------------- feature maps and Grad-CAM
+
+
+def _single_input(model):
+    """The model's one input tensor (so the extractor is called with a plain array)."""
+    inputs = model.inputs
+    return inputs[0] if len(inputs) == 1 else inputs
+
+
+def every_second_conv(model):
+    """The 2nd, 4th, ... Conv2D layers of `model` (the study's Figures 3.4.x)."""
+    names = conv_layer_names(model)
+    return names[1::2] or names
+
+
+def feature_maps(model, image, layers=None):
+    """{layer name: [H, W, C] activations} of `image` ([H, W, 1]) at `layers` (default: every second conv)."""
+    layers = list(layers or every_second_conv(model))
+    extractor = keras.Model(inputs=_single_input(model), outputs=[model.get_layer(n).output for n in layers])
+    outputs = extractor(np.asarray(image, "float32")[None], training=False)
+    if not isinstance(outputs, (list, tuple)):
+        outputs = [outputs]
+    return {name: keras.ops.convert_to_numpy(out)[0].astype("float32") for name, out in zip(layers, outputs)}
+
+
+_PASS_THROUGH = (keras.layers.ReLU, keras.layers.Activation, keras.layers.BatchNormalization, keras.layers.Add)
+
+
+def gradcam_layer(model):
+    """The layer Grad-CAM reads: the last Conv2D, followed through its BatchNorm / Add / ReLU.
+
+    For the covid classifier that is `res4_out` (after the skip and the ReLU);
+    for the infected classifier `block5_relu`.
+    """
+    layers = model.layers
+    conv_names = conv_layer_names(model)
+    if not conv_names:
+        raise EvaluationError(f"Model {model.name!r} has no Conv2D layer for Grad-CAM.")
+    index = [layer.name for layer in layers].index(conv_names[-1])
+    while index + 1 < len(layers) and isinstance(layers[index + 1], _PASS_THROUGH):
+        index += 1
+    return layers[index].name
+
+
+def _logit_head(model):
+    """The final Dense layer when its activation is sigmoid or softmax (Grad-CAM then uses the logits)."""
+    head = model.layers[-1]
+    if isinstance(head, keras.layers.Dense) and getattr(head.activation, "__name__", "") in ("sigmoid", "softmax"):
+        return head
+    return None
+
+
+def grad_cam(model, image, layer_name=None, class_index=None):
+    """Grad-CAM heatmap [H, W] in [0, 1] of `image` ([H, W, 1]) for `class_index` (default: the argmax).
+
+    Gradients of the class logit (pre-sigmoid / pre-softmax; for a single
+    sigmoid unit class 0's score is minus the logit) with respect to
+    `layer_name`'s output (default `gradcam_layer(model)`), averaged over
+    space, weight its channels; the ReLU of the weighted sum is resized to the
+    image and divided by its maximum. Uses TensorFlow's GradientTape.
+    """
+    import tensorflow as tf
+
+    layer_name = layer_name or gradcam_layer(model)
+    head = _logit_head(model)
+    scored = head.input if head is not None else model.outputs[0]
+    grad_model = keras.Model(_single_input(model), [model.get_layer(layer_name).output, scored])
+    x = tf.convert_to_tensor(np.asarray(image, "float32")[None])
+    with tf.GradientTape() as tape:
+        features, out = grad_model(x, training=False)
+        if head is not None:
+            out = tf.cast(out, "float32")
+            out = tf.matmul(out, tf.cast(head.kernel, "float32")) + tf.cast(head.bias, "float32")
+        out = tf.cast(out, "float32")
+        if out.shape[-1] == 1:  # one sigmoid unit: class 1 is the unit, class 0 its negation
+            if class_index is None:
+                class_index = int(out[0, 0] > 0) if head is not None else int(out[0, 0] > 0.5)
+            score = out[0, 0] if class_index == 1 else -out[0, 0]
+        else:
+            if class_index is None:
+                class_index = int(tf.argmax(out[0]))
+            score = out[0, class_index]
+    grads = tape.gradient(score, features)
+    features = tf.cast(features, "float32")
+    if grads is None:
+        raise EvaluationError(f"Layer {layer_name!r} of {model.name!r} does not affect the output.")
+    weights = tf.reduce_mean(tf.cast(grads, "float32"), axis=(0, 1, 2))
+    cam = tf.nn.relu(tf.reduce_sum(features[0] * weights, axis=-1))
+    cam = tf.image.resize(cam[..., None], np.asarray(image).shape[:2], method="bilinear")[..., 0].numpy()
+    peak = cam.max()
+    return (cam / peak if peak > 0 else np.zeros_like(cam)).astype("float32")
+
+
+def explained_model(model, kind, prediction):
+    """(sub-model, class index in it) whose Grad-CAM explains a decision.
+
+    For the cascade, the stage that decided: the infected classifier for a
+    "normal" prediction (class normal), the covid classifier for an infected
+    one (class covid or non-covid). Other models explain themselves.
+    """
+    if kind != "cascade":
+        return model, int(prediction)
+    infected, covid = cascade_stages(model)
+    if prediction == 0:
+        return infected, 0
+    return covid, int(prediction == 2)
+
+
+def feature_model(model, kind):
+    """The model whose feature maps are drawn: a cascade's covid classifier (the study's choice), else the model."""
+    if kind == "cascade":
+        return cascade_stages(model)[1]
+    return model
+
+
+# ---------------------------------------------------------------- a run on a dataset
+
+
+def resolve_task(model, model_path, task=None):
+    """The data task of a model: "three-class" for the cascade and three-class models, else its binary task.
+
+    From `task` (the user's), the run's config.json beside `model_path`, or
+    the builder's name ("covid_classifier"); EvaluationError when a binary
+    model's task can't be told.
+    """
+    found = cascade_lib.model_task(model, model_path, task)
+    if found is None:
+        raise EvaluationError(
+            f"Can't tell whether binary model {model.name!r} at {model_path} is the infected or the covid "
+            f"classifier (no config.json beside it): pass --task infected or --task covid."
+        )
+    return "three-class" if found == "cascade" else found
+
+
+def _read_config(run_dir):
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise EvaluationError(f"{path}: not valid JSON ({e}).")
+
+
+def _check_split_present(data_dir, split, samples):
+    if samples:
+        return
+    folder = "train" if split == "validation" else split
+    if os.path.isdir(data_dir):
+        path = os.path.join(data_dir, folder)
+        if not os.path.isdir(path):
+            raise data_lib.DatasetError(f"{path}: missing split folder; cannot evaluate split {split!r}.")
+        raise data_lib.DatasetError(f"{path}: no usable images for split {split!r}.")
+    raise data_lib.DatasetError(f"{data_dir}: the manifest has no {folder!r} images; cannot evaluate split {split!r}.")
+
+
+def _task_samples(samples, task):
+    return [s for s in samples if s.label != "normal"] if task == "covid" else list(samples)
+
+
+def _default_gradcam_picks(labels, n=GRADCAM_DEFAULT_IMAGES):
+    """Indices of the first image of each class in turn, then the next ones, up to `n`."""
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    order = []
+    for rank in range(max((len(w) for w in by_class), default=0)):
+        order += [int(w[rank]) for w in by_class if rank < len(w)]
+    return order[:n]
+
+
+def evaluate_run(
+    model_path,
+    data_dir,
+    split="test",
+    out_dir=None,
+    images=None,
+    task=None,
+    val_fraction=None,
+    seed=None,
+    batch_size=64,
+    log=print,
+):
+    """Evaluate a saved model on one split; write metrics.json and every figure into `out_dir`.
+
+    `model_path` is a .keras file or a run dir (binary, three-class or
+    cascade). `split`: "validation" (carved from train with the run's
+    val_fraction and seed, else `val_fraction` / `seed`, else 0.15 / 0), "val"
+    (the release's val/) or "test". `images`: image paths for the feature
+    maps (the first) and Grad-CAM (all); default: the split's first image for
+    the feature maps and the first image of each class in turn (4 in all) for
+    Grad-CAM. Grad-CAM explains the predicted class; for the cascade it is
+    the Grad-CAM of the stage that decided (`explained_model`). The grid is
+    always the release's val/ split (skipped, with a note, without one).
+    Returns the metrics dict (also saved), with "files" listing what was written.
+    """
+    from cxrkeras import plots
+
+    if split not in SPLIT_NAMES:
+        raise EvaluationError(f"Unknown split {split!r}; expected one of {list(SPLIT_NAMES)}.")
+    model_path = os.fspath(model_path)
+    run_dir = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    config = _read_config(run_dir)
+    model = cascade_lib.load_model(model_path)
+    kind = cascade_lib.model_kind(model)
+    task = resolve_task(model, model_path, task)
+    class_names = class_names_for(kind, task)
+    data_config = config.get("data") or {}
+    if val_fraction is None:
+        val_fraction = data_config.get("val_fraction", 0.15)
+    if seed is None:
+        seed = data_config.get("seed", 0)
+
+    folder = os.path.join(os.fspath(data_dir), "train" if split == "validation" else split)
+    if os.path.isdir(data_dir) and not os.path.isdir(folder):  # fail before checking every image
+        raise data_lib.DatasetError(f"{folder}: missing split folder; cannot evaluate split {split!r}.")
+    splits = data_lib.load_splits(data_dir, val_fraction, seed)
+    samples = _task_samples(splits.get(split), task)
+    _check_split_present(data_dir, split, splits.get(split))
+    if not samples:
+        raise data_lib.DatasetError(f"{data_dir}: split {split!r} has no infected images for the covid task.")
+    paths, labels = data_lib.task_arrays(splits.get(split), task)
+    out_dir = out_dir or os.path.join(run_dir, f"eval-{split}")
+    os.makedirs(out_dir, exist_ok=True)
+    if splits.problems:
+        log(f"skipped {len(splits.problems)} file(s) that do not decode (see `cxrkeras data check`)")
+
+    x = data_lib.load_images(paths)
+    probabilities, predictions = predict(model, x, batch_size)
+    metrics = {
+        "model": os.path.abspath(model_path),
+        "data": os.path.abspath(os.fspath(data_dir)),
+        "split": split,
+        "task": task,
+        "fingerprint": data_lib.fingerprint(samples),
+        "skipped_files": len(splits.problems),
+        **_metrics(model, kind, x, labels, probabilities, predictions, class_names, batch_size),
+    }
+    if split == "validation":
+        metrics["validation"] = {"val_fraction": val_fraction, "seed": seed}
+
+    files = []
+    out = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    curves = one_vs_rest_curves(probabilities, labels, class_names)
+    title = f"{os.path.basename(run_dir)} on {split} (n={len(labels)})"
+    confusion = np.asarray(metrics["confusion"])
+    files.append(plots.confusion_matrix_figure(confusion, class_names, out("confusion_matrix.png"), title))
+    files.append(plots.roc_figure(curves["roc"], out("roc.png"), f"ROC, one-vs-rest: {title}"))
+    files.append(plots.pr_figure(curves["pr"], out("pr.png"), f"Precision-recall, one-vs-rest: {title}"))
+    bins = reliability_bins(probabilities, labels)
+    files.append(plots.reliability_figure(bins, metrics["ece"], out("calibration.png"), title))
+
+    # The study's Figure 2.8.2: the release's own val/ images with true and predicted labels.
+    grid = _task_samples(splits.val, task)[:GRID_SIZE]
+    if grid:
+        grid_paths, grid_labels = data_lib.task_arrays(grid, task)
+        grid_images = data_lib.load_images(grid_paths)
+        grid_probs, grid_preds = predict(model, grid_images, batch_size)
+        k = int((grid_preds == grid_labels).sum())
+        metrics["grid"] = {"correct": k, "n": len(grid_labels)}
+        files.append(
+            plots.prediction_grid(
+                grid_images,
+                [class_names[i] for i in grid_labels],
+                [class_names[i] for i in grid_preds],
+                grid_probs[np.arange(len(grid_preds)), grid_preds],
+                out("grid.png"),
+                f"val/: {k}/{len(grid_labels)} correct ({100 * k / len(grid_labels):.1f}%)",
+            )
+        )
+    else:
+        metrics["grid"] = None
+        log(f"no grid.png: {data_dir} has no val/ images for task {task!r}")
+
+    # The images to explain: given paths, else picks from the split.
+    truth = dict(zip(paths, labels))
+    if images:
+        chosen = [os.fspath(p) for p in images]
+        missing = [p for p in chosen if not os.path.isfile(p)]
+        if missing:
+            raise data_lib.DatasetError(f"{missing[0]}: no such image file.")
+        feature_path, gradcam_paths = chosen[0], chosen
+    else:
+        feature_path = paths[0]
+        gradcam_paths = [paths[i] for i in _default_gradcam_picks(labels)]
+
+    # The study's Figures 3.4.x: every second conv layer of the covid classifier.
+    sub = feature_model(model, kind)
+    image = data_lib.load_images([feature_path])[0]
+    maps = feature_maps(sub, image)
+    caption = f"{sub.name}: every second conv layer, {os.path.basename(feature_path)}"
+    files.append(plots.feature_map_figure(image, maps, out("feature_maps.png"), caption, FEATURE_CHANNELS))
+
+    chosen_images = data_lib.load_images(gradcam_paths)
+    chosen_probs, chosen_preds = predict(model, chosen_images, batch_size)
+    metrics["gradcam"] = []
+    for i, (path, img, pred) in enumerate(zip(gradcam_paths, chosen_images, chosen_preds)):
+        explained, class_index = explained_model(model, kind, int(pred))
+        layer = gradcam_layer(explained)
+        heat = grad_cam(explained, img, layer, class_index)
+        true = class_names[truth[path]] if path in truth else "?"
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name = f"gradcam_{i:02d}_{stem if true == '?' or stem.startswith(true) else f'{true}-{stem}'}.png"
+        caption = (
+            f"{os.path.basename(path)}: true {true}, predicted {class_names[pred]} "
+            f"({chosen_probs[i, pred]:.2f})\nGrad-CAM of {explained.name}/{layer}"
+        )
+        files.append(plots.gradcam_figure(img, heat, out(name), caption))
+        metrics["gradcam"].append({"image": path, "file": name, "model": explained.name, "layer": layer})
+
+    metrics["files"] = [os.path.basename(f) for f in files] + ["metrics.json"]
+    with open(out("metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    metrics["out_dir"] = out_dir
+    return metrics
+
+
+# ---------------------------------------------------------------- printing and comparing
+
+
+def format_table(metrics):
+    """The study's table: one row per class (recall, precision, F1, support), then overall accuracy."""
+    lines = [f"{'':<12}{'recall':>10}{'precision':>11}{'f1 score':>10}{'support':>9}{'accuracy':>10}"]
+    for name in metrics["classes"]:
+        c = metrics["per_class"][name]
+        lines.append(f"{name:<12}{c['recall']:>10.4f}{c['precision']:>11.4f}{c['f1']:>10.4f}{c['support']:>9d}")
+    lines.append(f"{'overall':<12}{'':>31}{metrics['n']:>9d}{metrics['accuracy']:>10.4f}")
+    return "\n".join(lines)
+
+
+def format_report(metrics):
+    """The table plus the confusion, AUC, ECE and (cascade) stage accuracies, as printed by `evaluate`."""
+    names = metrics["classes"]
+    lines = [format_table(metrics), "", "confusion (rows true, columns predicted):"]
+    lines.append(f"{'':<12}" + "".join(f"{n:>11}" for n in names))
+    for name, row in zip(names, metrics["confusion"]):
+        lines.append(f"{name:<12}" + "".join(f"{v:>11d}" for v in row))
+    aucs = ", ".join(f"{n} {v:.4f}" if v is not None else f"{n} -" for n, v in metrics["auc"].items())
+    lines += ["", f"AUC (one-vs-rest): {aucs}", f"ECE (15 bins): {metrics['ece']:.4f}"]
+    if "stage_accuracy" in metrics:
+        s = metrics["stage_accuracy"]
+        line = f"stages: normal vs infected {s['normal_vs_infected']:.4f}"
+        if "covid_vs_non_covid" in s:
+            line += f"; covid vs non-covid {s['covid_vs_non_covid']:.4f} on {s['infected_images']} infected images"
+        thresholds = ", ".join(f"{k}={v:g}" for k, v in metrics["thresholds"].items())
+        lines.append(f"{line} (thresholds {thresholds})")
+    if metrics.get("grid"):
+        lines.append(f"val/ grid: {metrics['grid']['correct']}/{metrics['grid']['n']} correct")
+    return "\n".join(lines)
+
+
+def load_metrics(path):
+    """A metrics.json file, or the one inside an eval dir."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.json")
+    if not os.path.isfile(path):
+        raise EvaluationError(f"{path}: no such metrics file (run `cxrkeras evaluate` first).")
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (a .keras zip, an image)
+        raise EvaluationError(f"{path}: not a metrics.json file (not valid JSON: {e}).")
+    if not isinstance(metrics, dict) or not {"per_class", "accuracy", "classes"} <= set(metrics):
+        raise EvaluationError(f"{path}: not a cxrkeras metrics file (needs per_class, accuracy, classes).")
+    metrics["path"] = path
+    return metrics
+
+
+def compare(paths):
+    """The study's side-by-side table as data: {"columns": [...], "rows": [{"name", "values", ...}]}.
+
+    Columns are F1 per class (f1-normal, f1-non-covid, f1-covid for
+    three-class results; binary results add their own classes) and accuracy.
+    """
+    all_metrics = [load_metrics(p) for p in paths]
+    classes = []
+    for m in all_metrics:
+        classes += [c for c in m["classes"] if c not in classes]
+    ordered = [c for c in ("normal", "infected", "non-covid", "covid") if c in classes]
+    columns = [f"f1-{c}" for c in ordered] + ["accuracy"]
+    rows = []
+    for m in all_metrics:
+        values = {f"f1-{c}": m["per_class"][c]["f1"] for c in m["classes"]}
+        values["accuracy"] = m["accuracy"]
+        rows.append(
+            {
+                "name": _row_name(m),
+                "path": m["path"],
+                "split": m.get("split"),
+                "n": m.get("n"),
+                "fingerprint": m.get("fingerprint"),
+                "values": values,
+            }
+        )
+    return {"columns": columns, "rows": rows}
+
+
+def _row_name(metrics):
+    model = (metrics.get("model") or metrics["path"]).rstrip(os.sep)
+    base = os.path.basename(model)
+    if base == "model.keras":  # name a run dir's model after the run
+        base = os.path.basename(os.path.dirname(model))
+    return f"{base.removesuffix('.keras')} [{metrics.get('split', '?')}]"
+
+
+def format_comparison(table):
+    """Rows = models, columns = F1 per class and accuracy; a note when the rows saw different data."""
+    columns, rows = table["columns"], table["rows"]
+    width = max([len("model")] + [len(r["name"]) for r in rows]) + 2
+    lines = [f"{'model':<{width}}" + "".join(f"{c:>14}" for c in columns) + f"{'n':>7}"]
+    for r in rows:
+        cells = "".join(f"{r['values'][c]:>14.4f}" if c in r["values"] else f"{'-':>14}" for c in columns)
+        lines.append(f"{r['name']:<{width}}" + cells + f"{r['n'] if r['n'] is not None else '-':>7}")
+    fingerprints = {r["fingerprint"] for r in rows}
+    if len(fingerprints) > 1:
+        lines.append("note: the rows were evaluated on different images (data fingerprints differ); compare with care.")
+    return "\n".join(lines)

@@ -1,0 +1,299 @@
+"""The cascade model: formula, decision rule, thresholds through save/load, operating point, `cascade` command."""
+
+import json
+import math
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cxrkeras.cli import main
+from cxrkeras.config import CLASSES, ModelConfig, RunConfig
+from cxrkeras.data import load_splits
+from cxrkeras.models import build_model
+from cxrkeras.models.cascade import (
+    CascadeDecision,
+    ModelError,
+    TaskUnknownError,
+    build_cascade,
+    cascade_thresholds,
+    choose_thresholds,
+    class_names,
+    load_model,
+    model_kind,
+    model_task,
+    predict,
+    predict_classes,
+    predict_probabilities,
+)
+
+TINY = {
+    "infected": ModelConfig(task="infected", blocks=2, filters=[4, 8], dense_units=8),
+    "covid": ModelConfig(task="covid", arch="residual", blocks=1, filters=[4, 8], dense_units=8),
+    "three-class": ModelConfig(task="three-class", arch="residual", blocks=1, filters=[4, 8], dense_units=8),
+}
+
+
+def tiny(task):
+    return build_model(TINY[task])
+
+
+def force(model, p):
+    """Make a binary model answer `p` for every image (zero kernel, bias logit(p))."""
+    layer = model.get_layer("predictions")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([np.zeros_like(kernel), np.full_like(bias, math.log(p / (1 - p)))])
+    return model
+
+
+def images(n=4):
+    return np.random.default_rng(1).random((n, 150, 150, 1), dtype=np.float32)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------- the model
+
+
+def test_cascade_probabilities_follow_the_formula():
+    infected, covid = tiny("infected"), tiny("covid")
+    # Spread the untrained outputs so the formula is tested away from 0.5.
+    for model in (infected, covid):
+        layer = model.get_layer("predictions")
+        kernel, bias = layer.get_weights()
+        layer.set_weights([kernel * 40, bias])
+    model = build_cascade(infected, covid)
+    x = images(6)
+    out = model.predict(x, verbose=0)
+    p_i = infected.predict(x, verbose=0)[:, 0]
+    p_c = covid.predict(x, verbose=0)[:, 0]
+    expected = np.stack([1 - p_i, p_i * (1 - p_c), p_i * p_c], axis=-1)
+    assert model.name == "cascade" and set(out) == {"probabilities", "class_id"}
+    assert out["probabilities"].shape == (6, 3) and out["probabilities"].dtype == np.float32
+    np.testing.assert_allclose(out["probabilities"], expected, atol=1e-6)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-6)
+    assert out["class_id"].dtype == np.int32
+    np.testing.assert_array_equal(out["class_id"], np.where(p_i <= 0.5, 0, np.where(p_c > 0.5, 2, 1)))
+    assert model.get_layer("covid_classifier") is covid
+    assert model.get_layer("infected_classifier") is infected
+
+
+def test_decision_rule_honours_thresholds_and_boundaries():
+    layer = CascadeDecision(0.3, 0.7)
+    p_i = np.array([[0.1], [0.29], [0.31], [0.9], [0.9], [0.5]], dtype="float32")
+    p_c = np.array([[0.99], [0.9], [0.69], [0.71], [0.5], [0.95]], dtype="float32")
+    _, class_id = layer([p_i, p_c])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(class_id), [0, 0, 1, 2, 1, 2])
+    # exactly at the thresholds: p_i <= t_i is normal, p_c == t_c is not covid
+    layer = CascadeDecision(0.25, 0.75)
+    _, class_id = layer([np.array([[0.25], [0.5]], "float32"), np.array([[0.9], [0.75]], "float32")])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(class_id), [0, 1])
+
+
+@pytest.mark.parametrize(
+    "t_infected, t_covid, expected",
+    [(0.5, 0.5, 2), (0.5, 0.7, 2), (0.65, 0.5, 0), (0.5, 0.9, 1)],
+)
+def test_cascade_decides_with_its_thresholds(t_infected, t_covid, expected):
+    model = build_cascade(force(tiny("infected"), 0.6), force(tiny("covid"), 0.8), t_infected, t_covid)
+    probabilities, class_id = predict(model, images(2))
+    np.testing.assert_allclose(probabilities[0], [0.4, 0.6 * 0.2, 0.6 * 0.8], atol=1e-6)
+    np.testing.assert_array_equal(class_id, [expected, expected])
+    np.testing.assert_array_equal(predict_classes(model, probabilities), [expected, expected])
+    assert cascade_thresholds(model) == (t_infected, t_covid)
+
+
+def test_thresholds_survive_keras_save_and_load(tmp_path):
+    model = build_cascade(force(tiny("infected"), 0.6), force(tiny("covid"), 0.8), 0.3, 0.9)
+    (tmp_path / "run").mkdir()
+    model.save(tmp_path / "run" / "model.keras")
+    for path in (tmp_path / "run" / "model.keras", tmp_path / "run"):
+        loaded = load_model(path)
+        assert model_kind(loaded) == "cascade"
+        assert cascade_thresholds(loaded) == (0.3, 0.9)
+        assert loaded.get_layer("covid_classifier").name == "covid_classifier"
+        np.testing.assert_array_equal(predict(loaded, images(2))[1], [1, 1])  # 0.8 <= 0.9: non-covid
+
+
+def test_build_cascade_rejects_wrong_models():
+    with pytest.raises(ModelError, match="binary classifier"):
+        build_cascade(tiny("three-class"), tiny("covid"))
+    with pytest.raises(ValueError, match="t_covid"):
+        build_cascade(tiny("infected"), tiny("covid"), 0.5, 1.5)
+
+
+def test_load_model_names_the_path_and_what_was_expected(tmp_path):
+    with pytest.raises(ModelError, match=r"nowhere: no such file or folder; expected a \.keras file"):
+        load_model(tmp_path / "nowhere")
+    with pytest.raises(ModelError, match="folder without model.keras"):
+        load_model(tmp_path)
+    (tmp_path / "weights.h5").write_bytes(b"x")
+    with pytest.raises(ModelError, match=r"weights.h5: not a \.keras file"):
+        load_model(tmp_path / "weights.h5")
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="broken.keras: does not load as a Keras model"):
+        load_model(tmp_path / "broken.keras")
+
+
+def test_predict_probabilities_per_kind():
+    x = images(3)
+    binary = force(tiny("infected"), 0.7)
+    probabilities = predict_probabilities(binary, x)
+    assert model_kind(binary) == "binary"
+    np.testing.assert_allclose(probabilities, [[0.3, 0.7]] * 3, atol=1e-6)
+    np.testing.assert_array_equal(predict_classes(binary, probabilities), [1, 1, 1])
+    np.testing.assert_array_equal(predict_classes(binary, [[0.5, 0.5], [0.6, 0.4]]), [0, 0])  # p > 0.5 only
+    three = tiny("three-class")
+    probabilities = predict_probabilities(three, x)
+    assert model_kind(three) == "three-class" and probabilities.shape == (3, 3)
+    np.testing.assert_array_equal(predict_classes(three, probabilities), probabilities.argmax(axis=1))
+
+
+def test_model_task_from_config_name_or_argument(tmp_path):
+    model = tiny("infected")
+    assert model_task(model) == "infected"  # the builder's name
+    model.name = "renamed"
+    assert model_task(model) is None
+    with pytest.raises(TaskUnknownError, match="pass its task"):
+        class_names(model)
+    assert class_names(model, task="covid") == ("non-covid", "covid")
+    RunConfig(model=ModelConfig(task="covid")).save(tmp_path / "config.json")
+    assert model_task(model, tmp_path / "model.keras") == "covid"
+    with pytest.raises(ModelError, match="does not match"):
+        model_task(model, tmp_path, task="infected")
+    assert class_names(tiny("three-class")) == CLASSES
+
+
+# ---------------------------------------------------------------- operating point
+
+
+def constructed_validation(n=200, seed=0):
+    """Probabilities that separate the classes imperfectly, as trained classifiers would."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    p_i = np.clip(np.where(labels == 0, 0.3, 0.7) + rng.normal(0, 0.2, n), 0, 1)
+    p_c = np.clip(np.where(labels == 2, 0.65, 0.35) + rng.normal(0, 0.2, n), 0, 1)
+    return p_i, p_c, labels
+
+
+def test_choose_thresholds_reaches_the_target_with_best_accuracy():
+    p_i, p_c, labels = constructed_validation()
+    result = choose_thresholds(p_i, p_c, labels, {"covid": 0.95})
+    chosen = result["chosen"]
+    assert result["reached"] and chosen["recall"] >= 0.95
+    assert (result["t_infected"], result["t_covid"]) == (chosen["t_infected"], chosen["t_covid"])
+    reaching = [r for r in result["table"] if r["recall"] >= 0.95]
+    assert chosen["accuracy"] == max(r["accuracy"] for r in reaching)
+    # the study's 0.5 / 0.5 misses this target on this data: the choice moved
+    assert result["default"]["recall"] < 0.95 and result["t_covid"] < 0.5
+    # the row's numbers are what the rule gives at those thresholds
+    pred = np.where(p_i <= chosen["t_infected"], 0, np.where(p_c > chosen["t_covid"], 2, 1))
+    assert chosen["fn"] == np.sum((labels == 2) & (pred != 2))
+    assert chosen["fp"] == np.sum((labels != 2) & (pred == 2))
+    assert chosen["accuracy"] == pytest.approx(np.mean(pred == labels))
+
+
+def test_tradeoff_is_monotone_in_the_covid_threshold():
+    p_i, p_c, labels = constructed_validation()
+    table = choose_thresholds(p_i, p_c, labels, {"covid": 0.9})["table"]
+    line = sorted((r for r in table if r["t_infected"] == 0.5), key=lambda r: r["t_covid"])
+    assert len(line) >= 19
+    recalls, fns, fps = ([r[k] for r in line] for k in ("recall", "fn", "fp"))
+    assert all(a >= b for a, b in zip(recalls, recalls[1:]))
+    assert all(a <= b for a, b in zip(fns, fns[1:]))
+    assert all(a >= b for a, b in zip(fps, fps[1:]))
+    assert fns[0] < fns[-1] and fps[0] > fps[-1]
+
+
+def test_choose_thresholds_for_normal_and_unreachable_targets():
+    p_i, p_c, labels = constructed_validation()
+    normal = choose_thresholds(p_i, p_c, labels, {"normal": 0.9})
+    assert normal["chosen"]["recall"] >= 0.9 and normal["class"] == "normal"
+    # all covid images look non-covid: no threshold pair in the grid finds them all
+    p_c = np.where(labels == 2, 0.02, p_c)
+    result = choose_thresholds(p_i, p_c, labels, {"covid": 0.99})
+    assert not result["reached"]
+    assert result["chosen"]["recall"] == max(r["recall"] for r in result["table"])
+
+
+@pytest.mark.parametrize("target", [{"flu": 0.9}, {"covid": 1.5}, {"covid": 0.9, "normal": 0.9}, "covid=0.9"])
+def test_choose_thresholds_rejects_bad_targets(target):
+    with pytest.raises(ValueError, match="target"):
+        choose_thresholds([0.5], [0.5], [2], target)
+
+
+# ---------------------------------------------------------------- the `cascade` command
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, synthetic_dataset):
+    """Two run folders as `fit` writes them (model.keras + config.json), split with val_fraction 0.3."""
+    root = tmp_path_factory.mktemp("runs")
+    paths = {}
+    for task in ("infected", "covid"):
+        folder = root / task
+        folder.mkdir()
+        build_model(TINY[task]).save(folder / "model.keras")
+        config = RunConfig(model=TINY[task])
+        config.data.data_dir, config.data.val_fraction, config.data.seed = synthetic_dataset, 0.3, 1
+        config.save(folder / "config.json")
+        paths[task] = folder
+    return paths
+
+
+def test_cascade_command_rejects_swapped_runs(runs, tmp_path):
+    result = run("cascade", runs["covid"], runs["infected"], "--out", tmp_path / "c")
+    assert result.exit_code == 1
+    expected = f"Error: {runs['covid']}: the covid classifier given where the infected classifier was expected"
+    assert expected in result.output
+    assert "swapped" in result.output
+    assert not (tmp_path / "c" / "model.keras").exists()
+
+
+def test_cascade_command_picks_thresholds_on_validation(runs, tmp_path, synthetic_dataset):
+    out = tmp_path / "cascade"
+    result = run("cascade", runs["infected"], runs["covid"], "--out", out, "--target-recall", "covid=0.9", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "cascade.json").read_text())
+    summary = json.loads(result.output)
+    # the runs' own split settings are used: the validation images are those the runs held out
+    expected = load_splits(synthetic_dataset, 0.3, 1).validation
+    assert record["validation"] == {"data": synthetic_dataset, "val_fraction": 0.3, "seed": 1, "images": len(expected)}
+    assert record["sources"] == {"infected": str(runs["infected"]), "covid": str(runs["covid"])}
+    assert summary["thresholds"] == record["thresholds"]
+    assert record["selection"]["class"] == "covid" and len(record["table"]) == 19 * 19
+    assert os.path.getsize(out / "threshold_tradeoff.png") > 1000
+    model = load_model(out)
+    assert cascade_thresholds(model) == (record["thresholds"]["infected"], record["thresholds"]["covid"])
+
+
+def test_cascade_command_with_fixed_thresholds(runs, tmp_path):
+    result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--t-covid", "0.8")
+    assert result.exit_code == 0, result.output
+    assert "t_infected=0.50, t_covid=0.80" in result.output
+    assert cascade_thresholds(load_model(tmp_path)) == (0.5, 0.8)
+    assert "table" not in json.loads((tmp_path / "cascade.json").read_text())
+
+
+@pytest.mark.parametrize("value", ["covid:0.9", "flu=0.9", "covid=high", "covid=1.2"])
+def test_cascade_command_rejects_bad_target_recall(runs, tmp_path, value):
+    result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--target-recall", value)
+    assert result.exit_code == 2
+    assert "Invalid value for '--target-recall'" in result.output and repr(value) in result.output
+
+
+def test_cascade_command_usage_errors(runs, tmp_path):
+    result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--seed", "3")
+    assert result.exit_code == 2 and "only apply with --target-recall" in result.output
+    result = run("cascade", runs["infected"], tmp_path / "missing", "--out", tmp_path)
+    assert result.exit_code == 1 and f"Error: {tmp_path / 'missing'}: no such file or folder" in result.output
+    for task in ("infected", "covid"):  # bare .keras files: no config.json names the dataset
+        shutil.copy(runs[task] / "model.keras", tmp_path / f"{task}.keras")
+    result = run("cascade", tmp_path / "infected.keras", tmp_path / "covid.keras", "--out", tmp_path / "c",
+                 "--target-recall", "covid=0.9")
+    assert result.exit_code == 2 and "--data on the command line" in result.output

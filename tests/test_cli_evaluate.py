@@ -1,0 +1,137 @@
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from cxrkeras.cli import main
+from cxrkeras.config import DataConfig, ModelConfig, RunConfig
+from cxrkeras.models import build_model
+from cxrkeras.models.cascade import build_cascade
+
+FIGURES = ("confusion_matrix.png", "roc.png", "pr.png", "calibration.png", "grid.png", "feature_maps.png")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def tiny(task):
+    if task == "infected":
+        return build_model(ModelConfig(task=task, blocks=2, filters=[4, 8], dense_units=8))
+    config = ModelConfig(task=task, arch="residual", blocks=2, filters=[4, 8], dense_units=8, conv_dropout=0.0)
+    return build_model(config)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Untrained tiny models, saved as `cxrkeras fit` and the cascade command leave them."""
+    root = tmp_path_factory.mktemp("runs")
+    covid_run = root / "covid-run"  # a run dir with config.json: task covid, its own validation carve
+    covid_run.mkdir()
+    tiny("covid").save(covid_run / "model.keras")
+    config = RunConfig(data=DataConfig(val_fraction=0.3, seed=3), model=ModelConfig(task="covid"))
+    config.save(covid_run / "config.json")
+    three = root / "three.keras"  # a bare .keras file
+    tiny("three-class").save(three)
+    cascade_dir = root / "cascade"
+    cascade_dir.mkdir()
+    build_cascade(tiny("infected"), tiny("covid"), t_infected=0.4).save(cascade_dir / "model.keras")
+    return {"covid": covid_run, "three-class": three, "cascade": cascade_dir}
+
+
+def table_rows(output):
+    rows = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0] in ("normal", "infected", "non-covid", "covid"):
+            rows[parts[0]] = parts[1:]
+    return rows
+
+
+@pytest.mark.parametrize(
+    "kind, classes, n",
+    [("covid", ["non-covid", "covid"], 6), ("three-class", ["normal", "non-covid", "covid"], 9),
+     ("cascade", ["normal", "non-covid", "covid"], 9)],
+)
+def test_evaluate_writes_the_table_metrics_and_figures(models, synthetic_dataset, tmp_path, kind, classes, n):
+    out = tmp_path / "eval"
+    result = run("evaluate", models[kind], "--data", synthetic_dataset, "--split", "test", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(table_rows(result.output)) == sorted(classes)
+    assert "overall" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == classes and metrics["n"] == n and metrics["split"] == "test"
+    assert sum(metrics["per_class"][c]["support"] for c in classes) == n
+    assert len(metrics["confusion"]) == len(classes) and set(metrics["auc"]) == set(classes)
+    assert 0 <= metrics["ece"] <= 1 and len(metrics["fingerprint"]) == 16
+    for name in FIGURES:
+        assert (out / name).stat().st_size > 5000, name
+    gradcams = sorted(p for p in os.listdir(out) if p.startswith("gradcam_"))
+    assert len(gradcams) == 4 and all((out / p).stat().st_size > 5000 for p in gradcams)
+    assert metrics["grid"]["n"] == (6 if kind == "covid" else 9)  # val/: 3 per class, infected only for covid
+    if kind == "cascade":
+        assert metrics["thresholds"] == {"t_infected": 0.4, "t_covid": 0.5}
+        assert set(metrics["stage_accuracy"]) >= {"normal_vs_infected", "covid_vs_non_covid"}
+        assert "stages: normal vs infected" in result.output
+        assert {g["model"] for g in metrics["gradcam"]} <= {"infected_classifier", "covid_classifier"}
+
+
+def test_validation_split_uses_the_runs_carve_and_image_option(models, synthetic_dataset):
+    image = os.path.join(synthetic_dataset, "val", "infected", "covid", "covid-0001.jpg")
+    result = run("evaluate", models["covid"], "--data", synthetic_dataset, "--split", "validation",
+                 "--image", image, "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert metrics["validation"] == {"val_fraction": 0.3, "seed": 3}
+    assert metrics["n"] == 6  # 3 of 10 per class carved from train, infected classes only
+    assert metrics["out_dir"] == os.path.join(str(models["covid"]), "eval-validation")
+    assert [g["image"] for g in metrics["gradcam"]] == [image]
+    assert len([p for p in os.listdir(metrics["out_dir"]) if p.startswith("gradcam_")]) == 1
+
+
+def test_binary_model_without_config_needs_task(synthetic_dataset, tmp_path):
+    model = tiny("infected")
+    model.name = "my_model"  # not a builder name: nothing tells its task
+    model.save(tmp_path / "m.keras")
+    result = run("evaluate", tmp_path / "m.keras", "--data", synthetic_dataset, "--split", "val")
+    assert result.exit_code == 1
+    assert "--task infected or --task covid" in result.output
+    result = run("evaluate", tmp_path / "m.keras", "--data", synthetic_dataset, "--split", "val",
+                 "--task", "infected", "--out", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    assert sorted(table_rows(result.output)) == ["infected", "normal"]
+
+
+def test_missing_test_split_names_the_path(models, synthetic_dataset, tmp_path):
+    data = tmp_path / "no-test"
+    for split in ("train", "val"):
+        shutil.copytree(os.path.join(synthetic_dataset, split), data / split)
+    result = run("evaluate", models["three-class"], "--data", data, "--split", "test", "--out", tmp_path / "e")
+    assert result.exit_code == 1
+    assert f"Error: {data / 'test'}: missing split folder" in result.output
+
+
+def test_compare_prints_a_row_per_evaluation(models, synthetic_dataset, tmp_path):
+    outs = []
+    for kind in ("three-class", "cascade"):
+        out = tmp_path / kind
+        result = run("evaluate", models[kind], "--data", synthetic_dataset, "--split", "val", "--out", out)
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    result = run("compare", outs[0] / "metrics.json", outs[1], "--chart", tmp_path / "compare.png")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["model", "f1-normal", "f1-non-covid", "f1-covid", "accuracy", "n"]
+    for kind, out in zip(("three-class", "cascade"), outs):
+        metrics = json.loads((out / "metrics.json").read_text())
+        row = next(line for line in lines if line.startswith(("three", "cascade")[kind == "cascade"]))
+        assert row.split()[-2:] == [f"{metrics['accuracy']:.4f}", "9"]
+    assert (tmp_path / "compare.png").stat().st_size > 5000
+
+
+def test_compare_rejects_a_file_that_is_not_metrics(tmp_path):
+    (tmp_path / "x.json").write_text('{"a": 1}')
+    result = run("compare", tmp_path / "x.json")
+    assert result.exit_code == 1 and "not a cxrkeras metrics file" in result.output

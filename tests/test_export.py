@@ -1,0 +1,215 @@
+"""SavedModel export: signatures, equivalence with Keras in a fresh process, thresholds, version numbering."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cxrkeras import export as export_lib
+from cxrkeras.cli import main
+from cxrkeras.config import ModelConfig, RunConfig
+from cxrkeras.data import load_images
+from cxrkeras.models import build_model
+from cxrkeras.models.cascade import TaskUnknownError, build_cascade, load_model, predict
+from cxrkeras.synth import synth_image
+
+TINY = {
+    "infected": ModelConfig(task="infected", blocks=2, filters=[4, 8], dense_units=8),
+    "covid": ModelConfig(task="covid", arch="residual", blocks=1, filters=[4, 8], dense_units=8),
+    "three-class": ModelConfig(task="three-class", arch="residual", blocks=1, filters=[4, 8], dense_units=8),
+}
+
+# Runs in a fresh interpreter with TensorFlow only: serving must need no Python of ours.
+FRESH_PROCESS = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+job = json.load(open(sys.argv[1]))
+contents = [open(p, "rb").read() for p in job["images"]]
+arrays = np.load(job["arrays"])
+result = {}
+for name, folder in job["exports"].items():
+    loaded = tf.saved_model.load(folder)
+    entry = {"signatures": sorted(loaded.signatures)}
+    for signature, images in (("serving_default", tf.constant(contents)), ("predict_images", tf.constant(arrays))):
+        fn = loaded.signatures[signature]
+        out = fn(images=images)
+        entry[signature] = {
+            "inputs": {k: [v.dtype.name, v.shape.as_list()] for k, v in fn.structured_input_signature[1].items()},
+            "outputs": {k: v.dtype.name for k, v in fn.structured_outputs.items()},
+            "probabilities": out["probabilities"].numpy().tolist(),
+            "class_id": out["class_id"].numpy().tolist(),
+            "class_name": [n.decode() for n in out["class_name"].numpy()],
+        }
+    entry["class_names"] = [n.decode() for n in loaded.class_names.numpy()]
+    entry["thresholds"] = loaded.thresholds.numpy().tolist()
+    entry["kind"] = loaded.kind.numpy().decode()
+    result[name] = entry
+result["our_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "cxrkeras")
+json.dump(result, open(job["result"], "w"))
+"""
+
+
+def tiny(task, scale=40.0):
+    """A tiny classifier whose untrained outputs spread over (0, 1) instead of sitting near 0.5."""
+    model = build_model(TINY[task])
+    layer = model.get_layer("predictions")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel * scale, bias])
+    return model
+
+
+def force(model, p):
+    layer = model.get_layer("predictions")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([np.zeros_like(kernel), np.full_like(bias, math.log(p / (1 - p)))])
+    return model
+
+
+def write_images(folder):
+    """PNGs of several sizes and modes (gray, RGB, RGBA, 16-bit), and one JPEG."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    gray = [synth_image(label, rng) for label in ("normal", "non-covid", "covid", "covid")]
+    pictures = {
+        "gray.png": Image.fromarray(gray[0], "L"),
+        "rgb.png": Image.fromarray(np.stack([gray[1]] * 3, -1), "RGB").resize((220, 180)),
+        "rgba.png": Image.fromarray(np.dstack([gray[2]] * 3 + [np.full_like(gray[2], 255)]), "RGBA").resize((100, 130)),
+        "deep.png": Image.fromarray(gray[3].astype("uint16") * 257).convert("I;16"),
+        "photo.jpg": Image.fromarray(gray[1], "L").resize((300, 300)),
+    }
+    paths = []
+    for name, picture in pictures.items():
+        picture.save(folder / name)
+        paths.append(str(folder / name))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Four exports (cascade, binary from a run folder, three-class, a strict cascade), loaded in a fresh process."""
+    root = tmp_path_factory.mktemp("export")
+    paths = write_images(root / "images")
+    arrays = load_images(paths)
+    np.save(root / "arrays.npy", arrays)
+
+    sources = {}
+    sources["cascade"] = build_cascade(tiny("infected"), tiny("covid"))
+    sources["binary"] = tiny("infected")
+    sources["three-class"] = tiny("three-class")
+    sources["strict"] = build_cascade(force(tiny("infected"), 0.8), force(tiny("covid"), 0.8), 0.5, 0.9)
+    models, exports = {}, {}
+    for name, model in sources.items():
+        folder = root / "models" / name
+        folder.mkdir(parents=True)
+        model.save(folder / "model.keras")
+        if name == "binary":
+            RunConfig(model=TINY["infected"]).save(folder / "config.json")
+        models[name] = load_model(folder)
+        exports[name] = export_lib.export(folder, root / "serving" / name)
+    job = {
+        "images": paths,
+        "arrays": str(root / "arrays.npy"),
+        "exports": exports,
+        "result": str(root / "result.json"),
+    }
+    (root / "job.json").write_text(json.dumps(job))
+    (root / "fresh.py").write_text(FRESH_PROCESS)
+    command = [sys.executable, str(root / "fresh.py"), str(root / "job.json")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((root / "result.json").read_text())
+    return {"models": models, "exports": exports, "arrays": arrays, "result": result, "paths": paths}
+
+
+@pytest.mark.parametrize("name, k", [("cascade", 3), ("binary", 2), ("three-class", 3)])
+def test_fresh_process_matches_keras(exported, name, k):
+    probabilities, class_ids = predict(exported["models"][name], exported["arrays"])
+    assert probabilities.shape == (len(exported["paths"]), k)
+    assert np.ptp(probabilities[:, -1]) > 1e-3  # the images give different answers: decoding matters
+    entry = exported["result"][name]
+    names = entry["class_names"]
+    for signature in ("serving_default", "predict_images"):
+        out = entry[signature]
+        np.testing.assert_allclose(out["probabilities"], probabilities, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(out["class_id"], class_ids)
+        assert out["class_name"] == [names[i] for i in class_ids]
+    assert exported["result"]["our_modules"] == []
+
+
+def test_signatures_and_keys(exported):
+    entry = exported["result"]["cascade"]
+    assert entry["signatures"] == ["predict_images", "serving_default"]
+    assert entry["serving_default"]["inputs"] == {"images": ["string", [None]]}
+    assert entry["predict_images"]["inputs"] == {"images": ["float32", [None, 150, 150, 1]]}
+    for signature in ("serving_default", "predict_images"):
+        assert entry[signature]["outputs"] == {"probabilities": "float32", "class_id": "int64", "class_name": "string"}
+    assert entry["class_names"] == ["normal", "non-covid", "covid"] and entry["kind"] == "cascade"
+    assert exported["result"]["binary"]["class_names"] == ["normal", "infected"]  # task from config.json
+
+
+def test_thresholds_survive_export(exported):
+    entry = exported["result"]["strict"]
+    assert entry["thresholds"] == pytest.approx([0.5, 0.9])
+    # p_infected = p_covid = 0.8: covid at 0.5, but not at t_covid = 0.9
+    for signature in ("serving_default", "predict_images"):
+        assert set(entry[signature]["class_name"]) == {"non-covid"}
+        np.testing.assert_allclose(entry[signature]["probabilities"][0], [0.2, 0.16, 0.64], atol=1e-6)
+    metadata = export_lib.read_metadata(exported["exports"]["strict"])
+    assert metadata["thresholds"] == {"infected": 0.5, "covid": 0.9}
+    assert metadata["kind"] == "cascade" and metadata["version"] == 1
+    assert metadata["source"].endswith(os.path.join("models", "strict"))
+
+
+def test_versions_count_up(tmp_path):
+    model = tiny("covid")
+    base = tmp_path / "covid"
+    first = export_lib.export_model(model, base, task="covid")
+    second = export_lib.export_model(model, base, task="covid")
+    assert (first, second) == (str(base / "1"), str(base / "2"))
+    assert os.path.isfile(os.path.join(second, "saved_model.pb"))
+    (base / "notes").mkdir()
+    (base / "5").mkdir()  # a version folder being written by someone else
+    assert export_lib.next_version(base) == 6
+    assert export_lib.saved_model_dir(base) == second  # the highest complete version
+    assert export_lib.saved_model_dir(first) == first
+    assert sorted(os.listdir(base)) == ["1", "2", "5", "notes"]  # no staging folder left behind
+    with pytest.raises(export_lib.ExportError, match="a SavedModel version folder; pass its parent"):
+        export_lib.export_model(model, first, task="covid")
+
+
+def test_binary_model_without_config_needs_a_task(tmp_path):
+    model = tiny("infected")
+    model.name = "my_model"
+    model.save(tmp_path / "my.keras")
+    with pytest.raises(TaskUnknownError):
+        export_lib.export(tmp_path / "my.keras", tmp_path / "out")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "my.keras"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--task infected or --task covid" in result.output
+    result = CliRunner().invoke(
+        main, ["export", str(tmp_path / "my.keras"), "--out", str(tmp_path / "out"), "--task", "covid"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"exported binary model to {tmp_path / 'out' / '1'} (classes non-covid, covid" in result.output
+    assert export_lib.read_metadata(tmp_path / "out" / "1")["class_names"] == ["non-covid", "covid"]
+
+
+def test_export_command_records_the_cascade(tmp_path):
+    folder = tmp_path / "cascade"
+    folder.mkdir()
+    build_cascade(tiny("infected"), tiny("covid"), 0.4, 0.6).save(folder / "model.keras")
+    (folder / "cascade.json").write_text(json.dumps({"thresholds": {"infected": 0.4, "covid": 0.6}, "table": [1, 2]}))
+    result = CliRunner().invoke(main, ["export", str(folder), "--out", str(tmp_path / "serving"), "--json"])
+    assert result.exit_code == 0, result.output
+    metadata = json.loads(result.output)
+    assert metadata["path"] == str(tmp_path / "serving" / "1")
+    assert metadata["cascade"] == {"thresholds": {"infected": 0.4, "covid": 0.6}}
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "serving")])
+    assert result.exit_code == 1 and "nothing: no such file or folder" in result.output
