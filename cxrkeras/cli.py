@@ -142,5 +142,452 @@ def preview(source, out_path, n_images, draws, seed):
     click.echo(f"wrote {out_path}")
 
 
+# ---------------------------------------------------------------- fit
+
+# Options that set one RunConfig field: (section, key). Unset options (None) leave the base config alone.
+TRAIN_OPTION_FIELDS = {
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "optimizer": ("train", "optimizer"),
+    "learning_rate": ("train", "learning_rate"),
+    "weight_decay": ("train", "weight_decay"),
+    "schedule": ("train", "schedule"),
+    "class_weight": ("train", "class_weight"),
+    "seed": ("train", "seed"),
+    "precision": ("train", "precision"),
+    "monitor": ("train", "monitor"),
+    "distribute": ("train", "distribute"),
+    "augment": ("data", "augment"),
+    "val_fraction": ("data", "val_fraction"),
+}
+
+
+def train_options(command):
+    """The training-setting options (each overrides the study's default or --config), for any command that trains."""
+    from cxrkeras import training
+
+    options = [
+        click.option("--epochs", type=click.IntRange(1), help="Epochs [study: 35; covid 25]."),
+        click.option("--batch-size", type=click.IntRange(1), help="Batch size [study: 64]."),
+        click.option("--optimizer", type=click.Choice(training.OPTIMIZERS), help="[study: adam]"),
+        click.option("--learning-rate", type=click.FloatRange(0, min_open=True), help="[study: 1e-3]"),
+        click.option("--weight-decay", type=click.FloatRange(0), help="Decoupled weight decay [study: 0]."),
+        click.option("--schedule", type=click.Choice(training.SCHEDULES),
+                     help="Learning rate: constant, cosine decay over the run, or halved on a plateau of --monitor."),
+        click.option("--class-weight", type=click.Choice(training.CLASS_WEIGHTS),
+                     help="balanced: weight each class n / (k * count) [study: none]."),
+        click.option("--seed", type=int, help="Seed of init, shuffling, dropout and augmentation [0]."),
+        click.option("--precision", type=click.Choice(training.PRECISIONS), help="[float32]"),
+        click.option("--augment/--no-augment", default=None, help="The study's augmentation of train images [on]."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     help="Validation fraction carved from train, for model selection [0.15]."),
+        click.option("--monitor", type=click.Choice(list(training.MONITORS)),
+                     help="Validation metric that picks the kept epoch [val_loss]."),
+        click.option("--distribute", type=click.Choice(training.DISTRIBUTES),
+                     help="mirrored: all local GPUs (else logical CPUs); multiworker: the TF_CONFIG cluster [none]."),
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                     help="A RunConfig JSON (a run's config.json, a tuning result); options given here override it."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _merge(base, update):
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def build_run_config(task, data_path=None, config_file=None, base=None, **options):
+    """The RunConfig for TASK: `base` (default: the study's), then --config FILE, then the options given.
+
+    Raises click.UsageError naming --config, the bad key or the bad value.
+    """
+    from cxrkeras import training
+    from cxrkeras.config import RunConfig, study_model_config, study_train_config
+
+    config = base or RunConfig(model=study_model_config(task), train=study_train_config(task))
+    source = "options"
+    if config_file:
+        source = f"--config {config_file}"
+        try:
+            with open(config_file) as f:
+                loaded = json.load(f)
+            if not isinstance(loaded, dict):
+                raise ValueError("expected a JSON object with data, model and train sections")
+            config = RunConfig.from_dict(_merge(config.to_dict(), loaded))
+        except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise click.UsageError(f"{source}: {e}")
+        if config.model.task != task:
+            raise click.UsageError(f"{source} is for task {config.model.task!r}, not {task!r}.")
+    for option, value in options.items():
+        if value is not None:
+            section, key = TRAIN_OPTION_FIELDS[option]
+            setattr(getattr(config, section), key, value)
+    if data_path is not None:
+        path = os.path.abspath(_dataset_source(data_path))
+        config.data.data_dir, config.data.manifest = ("", path) if os.path.isfile(path) else (path, "")
+    if not (config.data.data_dir or config.data.manifest):
+        raise click.UsageError("Missing option '--data' (a dataset folder or CSV manifest).")
+    try:
+        training.check_run_config(config)
+    except ValueError as e:
+        raise click.UsageError(f"{source}: {e}")
+    return config
+
+
+@main.command()
+@click.argument("task", type=click.Choice(["infected", "covid", "three-class"]), metavar="TASK")
+@click.option("--data", "data_path", type=click.Path(), help="Dataset folder (the study's layout) or CSV manifest.")
+@train_options
+@click.option("--name", help="Run name: the run dir is OUT/TASK/NAME [default: a timestamp].")
+@click.option("--out", default="saved_models", show_default=True, type=click.Path(file_okay=False),
+              help="Root of the run dirs.")
+@click.option("--resume", is_flag=True, help="Continue the run --name (default: the latest unfinished one) "
+              "from its last finished epoch, with its own config.json.")
+@click.option("--augment-on", type=click.Choice(["auto", "data", "model"]), default="auto", show_default=True,
+              help="Where augmentation runs: tf.data on the CPU, or inside the model (auto: model if a GPU is visible).")
+@click.option("--tensorboard", is_flag=True, help="Also write TensorBoard logs to RUN_DIR/logs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON (progress goes to stderr).")
+def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard, as_json, **options):
+    """Train the study's classifier for TASK: infected, covid or three-class.
+
+    Defaults are the study's: Adam 1e-3, batch 64, binary cross-entropy (sparse
+    categorical for three-class), 35 epochs (covid: 25, on infected images
+    only), augmentation on. The kept epoch (RUN_DIR/model.keras) is the best on
+    a validation split carved from train; test is never looked at. The run dir
+    also holds config.json, history.csv and curves.png. A run stopped at any
+    point (Ctrl-C, kill) continues with the same command plus --resume.
+    """
+    import contextlib
+    import sys
+
+    from cxrkeras import training
+    from cxrkeras.config import RunConfig
+
+    if resume:
+        if config_file:
+            raise click.UsageError("--config with --resume: a resumed run uses its own config.json.")
+        run_dir = os.path.join(out, task, name) if name else training.latest_unfinished_run(out, task)
+        if not run_dir or not os.path.exists(os.path.join(run_dir, training.CONFIG_FILE)):
+            where = run_dir or os.path.join(out, task)
+            raise click.UsageError(f"--resume: no run to resume in {where} (no {training.CONFIG_FILE}).")
+        base = RunConfig.load(os.path.join(run_dir, training.CONFIG_FILE))
+        run_config = build_run_config(task, data_path, base=base, **options)
+    else:
+        run_config = build_run_config(task, data_path, config_file, **options)
+        run_dir = training.run_dir_for(out, task, name)
+
+    resume_command = " ".join(
+        ["cxrkeras", "fit", task]
+        + (["--data", _quote(data_path)] if data_path else [])
+        + ["--out", _quote(out), "--name", _quote(os.path.basename(os.path.normpath(run_dir))), "--resume"]
+        + (["--tensorboard"] if tensorboard else [])
+    )
+    verbose = 1 if sys.stdout.isatty() and not as_json else 2
+    progress_to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    try:
+        with progress_to_stderr:
+            result = training.fit(
+                run_config, run_dir, resume=resume, verbose=verbose, augment_on=augment_on, tensorboard=tensorboard,
+                log=lambda message: click.echo(message, err=as_json),
+            )
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted. Nothing finished is lost; continue with:\n  {resume_command}", err=True)
+        raise SystemExit(130)
+    except (data_lib.DatasetError, training.RunDirError) as e:
+        raise click.ClickException(str(e))
+    except ValueError as e:  # settings that only fail with the data or devices at hand (batch size vs replicas)
+        raise click.UsageError(str(e))
+    if as_json:
+        _echo_json(result.to_dict())
+    else:
+        click.echo(result.summary())
+
+
+def _quote(value):
+    import shlex
+
+    return shlex.quote(str(value))
+
+
+# ---------------------------------------------------------------- evaluate and compare
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True))
+@click.option("--data", "data_path", required=True, type=click.Path(),
+              help="Dataset folder (the study's layout) or CSV manifest.")
+@click.option("--split", type=click.Choice(["test", "val", "validation"]), default="test", show_default=True,
+              help="test: test/; val: the release's small val/; validation: the split carved from train "
+              "(the run's val_fraction and seed).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where results go [default: MODEL_DIR/eval-SPLIT].")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Image for Grad-CAM (repeatable); the first also for the feature maps "
+              "[default: the split's first images].")
+@click.option("--task", type=click.Choice(["infected", "covid"]),
+              help="A binary model's task, when no config.json lies beside it.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="--split validation: fraction carved from train [the run's, else 0.15].")
+@click.option("--seed", type=int, help="--split validation: seed of the carve [the run's, else 0].")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
+def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, seed, batch_size, as_json):
+    """Evaluate MODEL (a .keras file or run dir: binary, three-class or cascade) on one split.
+
+    Prints the study's table (recall, precision, F1 per class; accuracy) and
+    writes metrics.json (also the confusion, per-class AUC, ECE, and for the
+    cascade its thresholds and stage accuracies), confusion_matrix.png,
+    roc.png, pr.png, calibration.png, grid.png (the release's val/ images,
+    the study's Figure 2.8.2), feature_maps.png (every second conv layer of
+    the covid classifier) and gradcam_*.png. For the covid task only infected
+    images are evaluated.
+    """
+    from cxrkeras import evaluation
+    from cxrkeras.models.cascade import ModelError
+
+    _dataset_source(data_path)
+    log = lambda message: click.echo(message, err=True)  # noqa: E731
+    try:
+        metrics = evaluation.evaluate_run(
+            model_path, data_path, split, out_dir, images=list(images) or None, task=task,
+            val_fraction=val_fraction, seed=seed, batch_size=batch_size, log=log,
+        )
+    except (data_lib.DatasetError, evaluation.EvaluationError, ModelError) as e:
+        raise click.ClickException(str(e))
+    if as_json:
+        _echo_json(metrics)
+        return
+    click.echo(f"{metrics['model']} on {split} ({metrics['n']} images, data {metrics['fingerprint']})")
+    click.echo(evaluation.format_report(metrics))
+    click.echo(f"wrote {len(metrics['files'])} files to {metrics['out_dir']}")
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--chart", "chart_path", type=click.Path(dir_okay=False), help="Also draw a bar chart (PNG) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def compare(results, chart_path, as_json):
+    """Side-by-side table of evaluations: one row per RESULTS (metrics.json or an eval dir).
+
+    Columns: F1 per class (normal, non-covid, covid) and accuracy, as in the study.
+    """
+    from cxrkeras import evaluation
+
+    try:
+        table = evaluation.compare(results)
+    except evaluation.EvaluationError as e:
+        raise click.ClickException(str(e))
+    if chart_path:
+        from cxrkeras import plots
+
+        plots.comparison_chart(table, chart_path)
+    if as_json:
+        _echo_json(table)
+        return
+    click.echo(evaluation.format_comparison(table))
+    if chart_path:
+        click.echo(f"wrote {chart_path}")
+
+
+# ---------------------------------------------------------------- cascade, export, predict
+
+
+class TargetRecall(click.ParamType):
+    """CLASS=RECALL, e.g. covid=0.95 -> {"covid": 0.95}."""
+
+    name = "CLASS=RECALL"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, dict):
+            return value
+        name, sep, number = str(value).partition("=")
+        name = name.strip()
+        try:
+            recall = float(number)
+        except ValueError:
+            recall = None
+        if not sep or name not in CLASSES or recall is None or not 0 < recall <= 1:
+            self.fail(
+                f"{value!r}: expected CLASS=RECALL with CLASS one of {', '.join(CLASSES)} "
+                f"and RECALL in (0, 1], e.g. covid=0.95.",
+                param,
+                ctx,
+            )
+        return {name: recall}
+
+
+def _model_errors():
+    """The errors that mean "this model or dataset can't be used as given" (-> exit 1)."""
+    from cxrkeras.export import ExportError
+    from cxrkeras.models.cascade import ModelError
+
+    return (ModelError, ExportError, data_lib.DatasetError)
+
+
+@main.command()
+@click.argument("run_infected")
+@click.argument("run_covid")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="The cascade folder to write.")
+@click.option(
+    "--target-recall",
+    "target",
+    type=TargetRecall(),
+    help="Pick thresholds on validation so CLASS reaches RECALL, e.g. covid=0.95.",
+)
+@click.option("--data", "data_source", help="Dataset to carve the validation split from [default: the runs' dataset].")
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="[default: the runs' setting, else 0.15]",
+)
+@click.option("--seed", type=int, help="Seed of the validation split [default: the runs' setting, else 0].")
+@click.option(
+    "--t-infected", type=click.FloatRange(0, 1), help="Infected threshold without --target-recall.  [default: 0.5]"
+)
+@click.option("--t-covid", type=click.FloatRange(0, 1), help="COVID threshold without --target-recall.  [default: 0.5]")
+@click.option("--json", "as_json", is_flag=True, help="Print the cascade record as JSON.")
+def cascade(run_infected, run_covid, out_dir, target, data_source, val_fraction, seed, t_infected, t_covid, as_json):
+    """Join two trained classifiers into the study's cascade, saved as OUT/model.keras.
+
+    RUN_INFECTED and RUN_COVID are run folders (or .keras files) of the normal
+    vs infected and the COVID vs non-COVID classifiers, in that order. The
+    cascade says normal if p_infected <= t_infected, else covid if
+    p_covid > t_covid, else non-covid. With --target-recall the thresholds are
+    picked on the validation split carved from train (never test): the most
+    accurate pair whose recall for CLASS reaches RECALL. OUT/cascade.json holds
+    the thresholds, the source runs and the false-negative / false-positive
+    trade-off table; OUT/threshold_tradeoff.png draws it.
+    """
+    from cxrkeras.thresholds import CASCADE_FILE, make_cascade
+
+    if target is not None and (t_infected is not None or t_covid is not None):
+        raise click.UsageError("--t-infected / --t-covid and --target-recall exclude each other.")
+    if target is None and (data_source or val_fraction is not None or seed is not None):
+        raise click.UsageError("--data, --val-fraction and --seed only apply with --target-recall.")
+    if data_source is not None:
+        _dataset_source(data_source)
+    try:
+        record = make_cascade(
+            run_infected,
+            run_covid,
+            out_dir,
+            target=target,
+            data=data_source,
+            val_fraction=val_fraction,
+            seed=seed,
+            t_infected=0.5 if t_infected is None else t_infected,
+            t_covid=0.5 if t_covid is None else t_covid,
+        )
+    except _model_errors() as e:
+        raise click.ClickException(str(e))
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    summary = {k: v for k, v in record.items() if k != "table"}
+    summary["model"] = os.path.join(out_dir, "model.keras")
+    summary["record"] = os.path.join(out_dir, CASCADE_FILE)
+    if as_json:
+        _echo_json(summary)
+        return
+    t = record["thresholds"]
+    click.echo(f"wrote {summary['model']} (t_infected={t['infected']:.2f}, t_covid={t['covid']:.2f})")
+    selection = record.get("selection")
+    if selection:
+        chosen, default, name = selection["chosen"], selection["default"], selection["class"]
+        status = "reached" if selection["reached"] else "NOT reached: closest shown"
+        click.echo(
+            f"{name} recall on validation {chosen['recall']:.3f} (target {selection['target_recall']:.3f}, {status}); "
+            f"FN {chosen['fn']}, FP {chosen['fp']}, accuracy {chosen['accuracy']:.3f}"
+        )
+        click.echo(
+            f"at 0.5 / 0.5: {name} recall {default['recall']:.3f}; FN {default['fn']}, FP {default['fp']}, "
+            f"accuracy {default['accuracy']:.3f}"
+        )
+        click.echo(f"trade-off: {summary['record']}, {record['plot']}")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL")
+@click.option(
+    "--out",
+    "base_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Base folder; the export goes to OUT/VERSION.",
+)
+@click.option(
+    "--task", type=click.Choice(["infected", "covid"]), help="Which classifier a binary model without config.json is."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the export's metadata as JSON.")
+def export(model_path, base_dir, task, as_json):
+    """Export MODEL as a TensorFlow Serving SavedModel in OUT/VERSION (1, then 2, 3, ...).
+
+    MODEL is a .keras file, a run folder or a cascade folder. Signatures:
+    `serving_default` takes encoded JPEG/PNG bytes (`images`, string [N]; the
+    REST API's {"b64": ...}) and decodes them in the graph; `predict_images`
+    takes float32 [N, 150, 150, 1] in [0, 1]. Both answer `probabilities`,
+    `class_id` and `class_name`; a cascade's thresholds are built in.
+    """
+    from cxrkeras import export as export_lib
+    from cxrkeras.models.cascade import TaskUnknownError
+
+    try:
+        version_dir = export_lib.export(model_path, base_dir, task=task)
+    except TaskUnknownError as e:
+        raise click.UsageError(f"{e} Pass --task infected or --task covid.")
+    except _model_errors() as e:
+        raise click.ClickException(str(e))
+    metadata = export_lib.read_metadata(version_dir)
+    if as_json:
+        _echo_json({"path": version_dir, **metadata})
+        return
+    thresholds = ", ".join(f"{k} {v:g}" for k, v in metadata["thresholds"].items()) or "argmax"
+    click.echo(
+        f"exported {metadata['kind']} model to {version_dir} (classes {', '.join(metadata['class_names'])}; "
+        f"thresholds: {thresholds}; signatures: serving_default, predict_images)"
+    )
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL")
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--task", type=click.Choice(["infected", "covid"]), help="Which classifier a binary model without config.json is."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
+def predict(model_path, images, batch_size, task, as_json):
+    """Classify image files with MODEL; one line per image, exit 1 if any failed.
+
+    MODEL is a .keras file, a run or cascade folder, or an exported SavedModel
+    (a version folder, or the base folder: its highest version). Each line:
+    path, class, probabilities. A file that is missing or does not decode gets
+    an error line naming it and why; the others are still classified.
+    """
+    from cxrkeras import predict as predict_lib
+    from cxrkeras.models.cascade import TaskUnknownError
+
+    try:
+        predictor = predict_lib.open_model(model_path, task=task)
+    except TaskUnknownError as e:
+        raise click.UsageError(f"{e} Pass --task infected or --task covid.")
+    except _model_errors() as e:
+        raise click.ClickException(str(e))
+    results = predict_lib.predict_files(predictor, list(images), batch_size)
+    if as_json:
+        _echo_json(results)
+    else:
+        for r in results:
+            if "error" in r:
+                click.echo(f"{r['path']}\terror: {r['error']}")
+            else:
+                probabilities = " ".join(f"{n}={p:.4f}" for n, p in r["probabilities"].items())
+                click.echo(f"{r['path']}\t{r['class']}\t{probabilities}")
+    if any("error" in r for r in results):
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()

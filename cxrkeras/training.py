@@ -1,0 +1,731 @@
+"""Training: compile, callbacks, fit, and the run directory a fit leaves behind.
+
+A run lives in `saved_models/TASK/NAME/`:
+
+    model.keras     the best epoch by the monitored validation metric (written atomically)
+    config.json     the RunConfig, data fingerprint included: all that rebuilds and retrains it
+    history.csv     one row per epoch (CSVLogger; appended on resume, never duplicated)
+    curves.png      train and validation loss and accuracy per epoch
+    state.json      best-so-far metric and epoch, and whether the run completed
+    backup/         BackupAndRestore's last finished epoch (deleted when the run completes)
+    skipped_files.txt   files that did not decode (only when there are any)
+    logs/           TensorBoard (only with `tensorboard=True`)
+
+Model selection uses the validation split carved from train, never test.
+A run killed at any moment (Ctrl-C, kill -9) continues with `fit(..., resume=True)`
+from its last finished epoch.
+"""
+
+import contextlib
+import copy
+import csv
+import importlib.util
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from cxrkeras import data as data_lib
+from cxrkeras.config import TASKS, RunConfig, check_task
+from cxrkeras.models import build_model  # also registers the classifiers' custom objects for loading
+
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine", "plateau")
+CLASS_WEIGHTS = ("none", "balanced")
+PRECISIONS = ("float32", "mixed_bfloat16")
+MONITORS = {"val_loss": "min", "val_accuracy": "max"}
+DISTRIBUTES = ("none", "mirrored", "multiworker")
+AUGMENT_ON = ("auto", "data", "model")
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "curves.png"
+STATE_FILE = "state.json"
+SKIPPED_FILE = "skipped_files.txt"
+BACKUP_DIR = "backup"
+LOGS_DIR = "logs"
+
+# Test hook, read by `fit`: SIGKILL this process at the end of epoch N (0-based), after
+# history.csv and model.keras are written but before the epoch's backup, the worst moment
+# for a kill. tests/test_training.py uses it to check that resume loses and repeats nothing.
+KILL_ENV = "CXRKERAS_TEST_KILL_AFTER_EPOCH"
+
+# Measured with benchmarks/train_speed.py on a 2-core CPU (see compile_model).
+DEFAULT_JIT_COMPILE = False
+DEFAULT_STEPS_PER_EXECUTION = 1
+
+
+class RunDirError(Exception):
+    """A run directory that cannot be used as asked: already there, nothing to resume, other settings or data."""
+
+
+# ---------------------------------------------------------------- checking settings
+
+
+def check_train_config(train):
+    """Raise ValueError naming the first bad training setting and its value."""
+    _require(_positive_int(train.epochs), "epochs", train.epochs, "expected a positive integer")
+    _require(_positive_int(train.batch_size), "batch_size", train.batch_size, "expected a positive integer")
+    _require(train.optimizer in OPTIMIZERS, "optimizer", train.optimizer, f"expected one of {list(OPTIMIZERS)}")
+    _require(_number(train.learning_rate) and train.learning_rate > 0, "learning_rate", train.learning_rate,
+             "expected a positive number")
+    _require(_number(train.weight_decay) and train.weight_decay >= 0, "weight_decay", train.weight_decay,
+             "expected a number >= 0")
+    _require(train.schedule in SCHEDULES, "schedule", train.schedule, f"expected one of {list(SCHEDULES)}")
+    _require(train.class_weight in CLASS_WEIGHTS, "class_weight", train.class_weight,
+             f"expected one of {list(CLASS_WEIGHTS)}")
+    _require(isinstance(train.seed, int) and not isinstance(train.seed, bool), "seed", train.seed,
+             "expected an integer")
+    _require(train.precision in PRECISIONS, "precision", train.precision, f"expected one of {list(PRECISIONS)}")
+    _require(train.monitor in MONITORS, "monitor", train.monitor, f"expected one of {list(MONITORS)}")
+    _require(train.distribute in DISTRIBUTES, "distribute", train.distribute, f"expected one of {list(DISTRIBUTES)}")
+
+
+def check_run_config(run_config):
+    """Raise ValueError naming the first bad setting of a RunConfig (data, model or train)."""
+    from cxrkeras.models import check_config
+
+    data = run_config.data
+    _require(bool(data.data_dir or data.manifest), "data_dir", data.data_dir, "expected a folder or a manifest")
+    _require(_number(data.val_fraction) and 0 < data.val_fraction < 1, "val_fraction", data.val_fraction,
+             "expected a fraction in (0, 1)")
+    check_config(run_config.model)
+    check_train_config(run_config.train)
+
+
+def _require(ok, name, value, expected):
+    if not ok:
+        raise ValueError(f"Invalid `{name}`; {expected}. Received: {name}={value!r}")
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---------------------------------------------------------------- compile
+
+
+def make_optimizer(name="adam", learning_rate=1e-3, weight_decay=0.0):
+    """A Keras optimizer; `learning_rate` may be a schedule; `weight_decay` is decoupled (AdamW-style)."""
+    classes = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+    if name not in classes:
+        raise ValueError(f"Unknown `optimizer`; expected one of {list(OPTIMIZERS)}. Received: optimizer={name!r}")
+    return classes[name](learning_rate=learning_rate, weight_decay=weight_decay or None)
+
+
+def learning_rate_for(train, steps_per_epoch):
+    """The constant rate, or a CosineDecay over the whole run for schedule="cosine"."""
+    if train.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=train.epochs * steps_per_epoch)
+    return train.learning_rate
+
+
+def loss_and_accuracy(task):
+    """The study's loss for `task` and the matching accuracy metric (named "accuracy")."""
+    if len(TASKS[check_task(task)]) == 2:
+        return keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
+    return keras.losses.SparseCategoricalCrossentropy(), keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+
+def compile_model(model, train, task, steps_per_epoch=1, jit_compile=None, steps_per_execution=None):
+    """Compile `model` with the training settings `train` (a TrainConfig) for `task`.
+
+    `steps_per_epoch` sizes the cosine schedule. `jit_compile` and
+    `steps_per_execution` default to DEFAULT_JIT_COMPILE (off) and
+    DEFAULT_STEPS_PER_EXECUTION (1), the fastest measured on a 2-core CPU
+    (benchmarks/train_speed.py): XLA trained 3-7x slower than TensorFlow's oneDNN
+    kernels there and recompiles for every new batch shape; more steps per
+    execution did not help beyond noise.
+    """
+    loss, accuracy = loss_and_accuracy(task)
+    optimizer = make_optimizer(train.optimizer, learning_rate_for(train, steps_per_epoch), train.weight_decay)
+    model.compile(
+        optimizer=optimizer,
+        loss=loss,
+        metrics=[accuracy],
+        jit_compile=DEFAULT_JIT_COMPILE if jit_compile is None else jit_compile,
+        steps_per_execution=steps_per_execution or DEFAULT_STEPS_PER_EXECUTION,
+    )
+    return model
+
+
+def balanced_class_weight(labels, num_classes):
+    """{class: n / (k * count_c)} from integer training labels (sklearn's "balanced")."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels, minlength=num_classes)
+    if (counts == 0).any():
+        missing = [int(c) for c in np.flatnonzero(counts == 0)]
+        raise data_lib.DatasetError(f"no training images of class index {missing}: cannot balance class weights.")
+    return {c: float(len(labels) / (num_classes * counts[c])) for c in range(num_classes)}
+
+
+# ---------------------------------------------------------------- distribution
+
+
+def make_strategy(name):
+    """None, a MirroredStrategy over the local GPUs (else the logical CPUs), or a MultiWorkerMirroredStrategy."""
+    if name == "none":
+        return None
+    import tensorflow as tf
+
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()  # the cluster comes from TF_CONFIG
+    raise ValueError(f"Unknown `distribute`; expected one of {list(DISTRIBUTES)}. Received: distribute={name!r}")
+
+
+def replica_batch_sizes(n_train, n_val, batch_size, replicas):
+    """The validation batch size under `replicas` replicas; raises ValueError/DatasetError when none works.
+
+    Keras and TensorFlow 2.21 fail on batches that split badly across replicas:
+    a replica left with no images, or a first batch that does not split evenly.
+    So under distribution the batch size must be a multiple of the replicas,
+    training keeps whole batches only (the few left-over images differ every
+    epoch, as the data is shuffled), and validation, which must see every image,
+    gets the largest batch size <= `batch_size` whose batches all split.
+    """
+    if replicas == 1:
+        return batch_size
+    if batch_size % replicas:
+        raise ValueError(
+            f"Invalid `batch_size` for {replicas} replicas; expected a multiple of {replicas}. "
+            f"Received: batch_size={batch_size}"
+        )
+    if n_train < batch_size:
+        raise data_lib.DatasetError(
+            f"{n_train} training images: fewer than one batch of {batch_size}, which distributed training needs."
+        )
+    for b in range(batch_size, 0, -replicas):
+        first, rest = min(b, n_val), (n_val % b if n_val > b else 0)
+        if first % replicas == 0 and (rest == 0 or rest >= replicas):
+            return b
+    raise data_lib.DatasetError(
+        f"{n_val} validation images cannot be split evenly over {replicas} replicas; "
+        f"use more data or a larger `val_fraction`."
+    )
+
+
+def _worker_dir(strategy, run_dir):
+    """The run dir for the chief; a private folder under it for the other workers of a multi-worker run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return run_dir
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    if task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief):
+        return run_dir
+    return os.path.join(run_dir, "workers", f"{task_type}-{task_id}")
+
+
+def default_augment_on():
+    """"model" when a GPU is visible (augment on the device), else "data" (in tf.data on the CPU)."""
+    import tensorflow as tf
+
+    return "model" if tf.config.list_physical_devices("GPU") else "data"
+
+
+# ---------------------------------------------------------------- files written atomically
+
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_model_atomic(model, path):
+    """Save `model` to `path` via a temp file in the same folder: `path` is always the old or the new whole model."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}.keras")  # Keras wants the .keras suffix
+    try:
+        keras.saving.save_model(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_json(path, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class BestModelCheckpoint(keras.callbacks.Callback):
+    """Save `model` (default: the trained model) atomically whenever `monitor` improves.
+
+    The best value and epoch live in a small JSON state file, written after the
+    model, so a resumed run never replaces a better model.keras with a worse one.
+    `model` lets a training wrapper (augmentation in the model) save the plain classifier.
+    """
+
+    def __init__(self, filepath, state_path, monitor="val_loss", model=None):
+        super().__init__()
+        if monitor not in MONITORS:
+            raise ValueError(f"Unknown `monitor`; expected one of {list(MONITORS)}. Received: monitor={monitor!r}")
+        self.filepath, self.state_path, self.monitor = filepath, state_path, monitor
+        self.mode = MONITORS[monitor]
+        self.target = model
+        self.best, self.best_epoch = None, None
+
+    def on_train_begin(self, logs=None):
+        state = read_json(self.state_path, {})
+        if state.get("monitor") == self.monitor and state.get("best") is not None:
+            self.best, self.best_epoch = state["best"], state["best_epoch"]
+
+    def improved(self, value):
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(float(value)) or not self.improved(float(value)):
+            return
+        save_model_atomic(self.target or self.model, self.filepath)
+        self.best, self.best_epoch = float(value), epoch
+        state = read_json(self.state_path, {})
+        state.update(monitor=self.monitor, best=self.best, best_epoch=epoch)
+        write_json_atomic(self.state_path, state)
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' BackupAndRestore with each file replaced atomically.
+
+    Stock BackupAndRestore writes its weights and its metadata JSON in place, so a
+    kill during a write can leave a file that does not load. Here each is written
+    to a temp file and moved into place; a kill leaves the previous or the new
+    backup. (A kill between the two moves leaves the new weights with the old epoch
+    count: that epoch is trained once more, and history.csv is trimmed to match.)
+    """
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        tmp = f"{self._weights_path}.tmp-{os.getpid()}.weights.h5"  # Keras wants the .weights.h5 suffix
+        try:
+            self.model.save_weights(tmp, overwrite=True)
+            os.replace(tmp, self._weights_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        write_json_atomic(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+
+
+class ThroughputMeter(keras.callbacks.Callback):
+    """Training images per second: the train part of each epoch (not validation).
+
+    The first epoch of a call also traces, compiles and decodes the images into
+    the cache, so it is left out when later epochs ran.
+    """
+
+    def __init__(self, images_per_epoch):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self.epoch_seconds, self._start = [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        self._stop()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._stop()
+
+    def _stop(self):
+        if self._start is not None:
+            self.epoch_seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+    @property
+    def epochs(self):
+        return len(self.epoch_seconds)
+
+    @property
+    def images_per_second(self):
+        timed = self.epoch_seconds[1:] or self.epoch_seconds
+        return len(timed) * self.images_per_epoch / sum(timed) if timed else 0.0
+
+
+class _KillAfterEpoch(keras.callbacks.Callback):
+    """See KILL_ENV."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- history
+
+
+def read_history(path):
+    """{column: [values]} from history.csv, one entry per epoch (the last row of an epoch wins)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_epoch = {}
+    for row in rows:
+        try:
+            by_epoch[int(row["epoch"])] = row
+        except (KeyError, TypeError, ValueError):
+            continue  # a row cut short by a kill
+    epochs = sorted(by_epoch)
+    columns = [c for c in (rows[0].keys() if rows else []) if c is not None]
+    history = {c: [] for c in columns}
+    for e in epochs:
+        for c in columns:
+            value = by_epoch[e].get(c)
+            history[c].append(int(value) if c == "epoch" else _float(value))
+    return history
+
+
+def _float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def truncate_history(path, epochs):
+    """Keep the header and the rows of epochs 0..epochs-1 (once each) in history.csv; returns rows kept."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    if not lines:
+        return 0
+    header, kept, seen = lines[0], [], set()
+    for line in lines[1:]:
+        first = line.split(",", 1)[0].strip()
+        if first.isdigit() and int(first) < epochs and int(first) not in seen and line.endswith("\n"):
+            seen.add(int(first))
+            kept.append(line)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        f.writelines([header] + kept)
+    os.replace(tmp, path)
+    return len(kept)
+
+
+# ---------------------------------------------------------------- fit
+
+
+@dataclass
+class FitResult:
+    """What a fit produced. Epochs count from 1 here; history.csv's `epoch` column counts from 0."""
+
+    run_dir: str
+    task: str
+    monitor: str
+    best_epoch: int  # 1-based; 0 when no epoch had a finite monitored value
+    best_metric: float
+    epochs: int  # the run's total epochs
+    epochs_run: int  # epochs trained by this call (fewer after a resume)
+    seconds: float  # wall time of this call's training
+    images_per_second: float  # training images per second (train steps only)
+    replicas: int
+    history: dict = field(default_factory=dict)  # {column: [per-epoch values]}, the whole run
+    skipped: list = field(default_factory=list)  # data.Problem for files that did not decode
+    skipped_file: str = ""  # where the list of skipped files is ("" when none)
+    completed: bool = True
+
+    def summary(self):
+        metric = f"{self.monitor} {self.best_metric:.4f}" if self.best_epoch else f"{self.monitor} n/a"
+        return (
+            f"best epoch {self.best_epoch}/{self.epochs} ({metric}); {self.epochs_run} epoch(s) in "
+            f"{_duration(self.seconds)}, {self.images_per_second:.0f} images/s"
+            f"{f' on {self.replicas} replicas' if self.replicas > 1 else ''}; run dir {self.run_dir}"
+        )
+
+    def to_dict(self):
+        return {
+            "run_dir": self.run_dir,
+            "task": self.task,
+            "monitor": self.monitor,
+            "best_epoch": self.best_epoch,
+            "best_metric": self.best_metric,
+            "epochs": self.epochs,
+            "epochs_run": self.epochs_run,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+            "replicas": self.replicas,
+            "completed": self.completed,
+            "skipped": len(self.skipped),
+            "skipped_file": self.skipped_file,
+            "history": self.history,
+        }
+
+
+def _duration(seconds):
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def run_dir_for(out, task, name=None):
+    """`out/TASK/NAME`; NAME defaults to a timestamp."""
+    return os.path.join(out, check_task(task), name or time.strftime("%Y%m%d-%H%M%S"))
+
+
+def latest_unfinished_run(out, task):
+    """The most recently touched run dir under `out/TASK` that has not completed, or None."""
+    root = os.path.join(out, task)
+    if not os.path.isdir(root):
+        return None
+    runs = []
+    for name in os.listdir(root):
+        run = os.path.join(root, name)
+        if os.path.exists(os.path.join(run, CONFIG_FILE)) and not read_json(os.path.join(run, STATE_FILE), {}).get(
+            "completed"
+        ):
+            runs.append((os.path.getmtime(run), run))
+    return max(runs)[1] if runs else None
+
+
+def config_differences(a, b, ignore=("train.epochs", "train.distribute")):
+    """Dotted keys whose values differ between two RunConfigs (minus `ignore`)."""
+    da, db = a.to_dict(), b.to_dict()
+    keys = []
+    for section in ("data", "model", "train"):
+        for k in sorted(set(da[section]) | set(db[section])):
+            key = f"{section}.{k}"
+            if key not in ignore and da[section].get(k) != db[section].get(k):
+                keys.append(key)
+    return keys
+
+
+def fit(
+    run_config,
+    run_dir,
+    resume=False,
+    verbose=1,
+    augment_on="auto",
+    tensorboard=False,
+    callbacks=(),
+    log=None,
+    jit_compile=None,
+):
+    """Train `run_config` into `run_dir` and return a FitResult.
+
+    resume: continue the run in `run_dir` from its last finished epoch (its
+        config.json must match `run_config`, except epochs and distribute).
+    augment_on: "data" (tf.data, on the CPU), "model" (a training-only wrapper
+        model, for accelerators) or "auto" (model when a GPU is visible).
+    log: called with one-line messages (skipped files, resume point).
+    Raises ValueError for bad settings, DatasetError for unusable data,
+    RunDirError for a run dir that is already there, or has nothing to resume,
+    or was started with other settings or data.
+    """
+    log = log or (lambda message: None)
+    cfg = copy.deepcopy(run_config)
+    check_run_config(cfg)
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"Unknown `augment_on`; expected one of {list(AUGMENT_ON)}. Received: augment_on={augment_on!r}")
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(
+            "`tensorboard=True` needs the tensorboard package (pip install tensorboard). Received: tensorboard=True"
+        )
+    task = cfg.model.task
+    config_path = os.path.join(run_dir, CONFIG_FILE)
+    state_path = os.path.join(run_dir, STATE_FILE)
+
+    # Data first: a bad dataset fails before anything is written.
+    splits = data_lib.load_splits(cfg.data.manifest or cfg.data.data_dir, cfg.data.val_fraction, cfg.data.seed)
+    train_paths, train_labels = data_lib.task_arrays(splits.train, task)
+    val_paths, val_labels = data_lib.task_arrays(splits.validation, task)
+    used = [s for s in splits.train + splits.validation if task != "covid" or s.label != "normal"]
+    cfg.fingerprint = data_lib.fingerprint(used)
+
+    if resume:
+        if not os.path.exists(config_path):
+            raise RunDirError(f"{run_dir}: no run to resume (no {CONFIG_FILE}).")
+        saved = RunConfig.load(config_path)
+        different = config_differences(saved, cfg)
+        if different:
+            raise RunDirError(f"{config_path}: the run was started with other settings: {', '.join(different)}.")
+        if saved.fingerprint and saved.fingerprint != cfg.fingerprint:
+            raise RunDirError(
+                f"{run_dir}: the training data changed since the run started "
+                f"(fingerprint {saved.fingerprint} -> {cfg.fingerprint})."
+            )
+        state = read_json(state_path, {})
+        if state.get("completed") and state.get("epochs", 0) >= cfg.train.epochs:
+            log(f"{run_dir}: the run already completed {state['epochs']} epochs; nothing to resume.")
+            return _result(cfg, run_dir, splits.problems, epochs_run=0, seconds=0.0, ips=0.0, replicas=1)
+    elif os.path.exists(config_path):
+        raise RunDirError(f"{run_dir}: a run is already there; resume it or pick another name.")
+
+    strategy = make_strategy(cfg.train.distribute)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    val_batch = replica_batch_sizes(len(train_paths), len(val_paths), cfg.train.batch_size, replicas)
+    if augment_on == "auto":
+        augment_on = default_augment_on()
+
+    os.makedirs(run_dir, exist_ok=True)
+    skipped_file = _write_skipped(run_dir, splits.problems)
+    if splits.problems:
+        log(f"skipped {len(splits.problems)} file(s) that do not decode; list in {skipped_file}")
+    _remove_temp_files(run_dir)
+    write_json_atomic(config_path, cfg.to_dict())
+    state = read_json(state_path, {}) if resume else {}
+    state.update(completed=False, epochs=cfg.train.epochs)
+    write_json_atomic(state_path, state)
+    work_dir = _worker_dir(strategy, run_dir) if strategy is not None else run_dir
+    os.makedirs(work_dir, exist_ok=True)
+
+    policy = keras.mixed_precision.global_policy()
+    try:
+        keras.utils.set_random_seed(cfg.train.seed)
+        data_augmenter = _augmenter(cfg) if augment_on == "data" else None  # float32: made before the policy
+        keras.mixed_precision.set_dtype_policy(cfg.train.precision)
+        batch = cfg.train.batch_size
+        steps_per_epoch = len(train_paths) // batch if replicas > 1 else math.ceil(len(train_paths) / batch)
+        train_ds = data_lib.make_dataset(
+            train_paths, train_labels, task, batch, shuffle=True, seed=cfg.train.seed,
+            augmenter=data_augmenter, cache=cfg.data.cache, image_size=cfg.data.image_size,
+        )
+        if replicas > 1:  # whole batches only: every replica gets the same share (see replica_batch_sizes)
+            import tensorflow as tf
+
+            train_ds = train_ds.filter(lambda x, y: tf.shape(x)[0] == batch)
+        val_ds = data_lib.make_dataset(
+            val_paths, val_labels, task, val_batch, cache=cfg.data.cache, image_size=cfg.data.image_size
+        )
+        class_weight = None
+        if cfg.train.class_weight == "balanced":
+            class_weight = balanced_class_weight(train_labels, len(TASKS[task]))
+
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            model = build_model(cfg.model)
+            trained = model
+            model_augmenter = _augmenter(cfg) if augment_on == "model" else None
+            if model_augmenter is not None:
+                # Augmentation inside a training-only wrapper; model.keras stays the plain classifier.
+                trained = keras.Sequential([keras.Input(model.input_shape[1:]), model_augmenter, model], name="training")
+            compile_model(trained, cfg.train, task, steps_per_epoch, jit_compile=jit_compile)
+
+        backup_dir = os.path.join(work_dir, BACKUP_DIR)
+        restored = read_json(os.path.join(backup_dir, "training_metadata.json"), {}).get("epoch", 0) if resume else 0
+        history_path = os.path.join(work_dir, HISTORY_FILE)
+        if resume:
+            truncate_history(history_path, restored)
+            log(f"resuming {run_dir} after epoch {restored} of {cfg.train.epochs}")
+        elif os.path.exists(history_path):
+            os.remove(history_path)
+
+        meter = ThroughputMeter(steps_per_epoch * batch if replicas > 1 else len(train_paths))
+        cbs = [
+            meter,
+            keras.callbacks.CSVLogger(history_path, append=True),
+            BestModelCheckpoint(
+                os.path.join(work_dir, MODEL_FILE), os.path.join(work_dir, STATE_FILE), cfg.train.monitor, model=model
+            ),
+        ]
+        if cfg.train.schedule == "plateau":
+            cbs.append(
+                keras.callbacks.ReduceLROnPlateau(
+                    monitor=cfg.train.monitor, mode=MONITORS[cfg.train.monitor], factor=0.5, patience=3, min_lr=1e-6
+                )
+            )
+        cbs += list(callbacks)
+        if os.environ.get(KILL_ENV):
+            cbs.append(_KillAfterEpoch(int(os.environ[KILL_ENV])))
+        cbs.append(AtomicBackupAndRestore(backup_dir))  # last: an epoch counts as done once all else is written
+        if tensorboard:
+            cbs.append(keras.callbacks.TensorBoard(os.path.join(work_dir, LOGS_DIR)))
+
+        start = time.perf_counter()
+        trained.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.train.epochs,
+            class_weight=class_weight,
+            callbacks=cbs,
+            verbose=verbose,
+            shuffle=False,  # the dataset shuffles itself
+        )
+        seconds = time.perf_counter() - start
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
+
+    state = read_json(os.path.join(work_dir, STATE_FILE), {})
+    state.update(completed=True, epochs=cfg.train.epochs)
+    write_json_atomic(os.path.join(work_dir, STATE_FILE), state)
+    result = _result(cfg, work_dir, splits.problems, meter.epochs, seconds, meter.images_per_second, replicas)
+    if result.history:
+        from cxrkeras import plots
+
+        plots.training_curves(result.history, os.path.join(work_dir, CURVES_FILE), best_epoch=result.best_epoch,
+                              title=f"{task} ({os.path.basename(os.path.normpath(run_dir))})")
+    return result
+
+
+def _augmenter(cfg):
+    from cxrkeras.augment import study_augmentation
+
+    return study_augmentation(seed=cfg.train.seed) if cfg.data.augment else None
+
+
+def _write_skipped(run_dir, problems):
+    path = os.path.join(run_dir, SKIPPED_FILE)
+    if not problems:
+        if os.path.exists(path):
+            os.remove(path)
+        return ""
+    with open(path, "w") as f:
+        f.writelines(f"{p}\n" for p in problems)
+    return path
+
+
+def _remove_temp_files(run_dir):
+    """Leftovers of a write that a kill interrupted (the files they were for are intact)."""
+    for folder in (run_dir, os.path.join(run_dir, BACKUP_DIR)):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if ".tmp-" in name:
+                    os.remove(os.path.join(folder, name))
+
+
+def _result(cfg, run_dir, problems, epochs_run, seconds, ips, replicas):
+    state = read_json(os.path.join(run_dir, STATE_FILE), {})
+    best_epoch = state.get("best_epoch")
+    skipped_file = os.path.join(run_dir, SKIPPED_FILE)
+    return FitResult(
+        run_dir=run_dir,
+        task=cfg.model.task,
+        monitor=cfg.train.monitor,
+        best_epoch=0 if best_epoch is None else best_epoch + 1,
+        best_metric=float(state.get("best", float("nan"))),
+        epochs=cfg.train.epochs,
+        epochs_run=epochs_run,
+        seconds=seconds,
+        images_per_second=ips,
+        replicas=replicas,
+        history=read_history(os.path.join(run_dir, HISTORY_FILE)),
+        skipped=list(problems),
+        skipped_file=skipped_file if os.path.exists(skipped_file) else "",
+        completed=bool(state.get("completed")),
+    )
