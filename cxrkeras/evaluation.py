@@ -177,10 +177,7 @@ def cascade_stages(model):
 
 def thresholds_dict(model):
     """A cascade's thresholds as {"t_infected": ..., "t_covid": ...}."""
-    values = cascade_lib.cascade_thresholds(model)
-    if isinstance(values, dict):
-        return {k: float(v) for k, v in values.items()}
-    t_infected, t_covid = values
+    t_infected, t_covid = cascade_lib.cascade_thresholds(model)
     return {"t_infected": float(t_infected), "t_covid": float(t_covid)}
 
 
@@ -359,17 +356,6 @@ def resolve_task(model, model_path, task=None):
     return "three-class" if found == "cascade" else found
 
 
-def _read_config(run_dir):
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise EvaluationError(f"{path}: not valid JSON ({e}).")
-
-
 def _check_split_present(data_dir, split, samples):
     if samples:
         return
@@ -426,7 +412,7 @@ def evaluate_run(
         raise EvaluationError(f"Unknown split {split!r}; expected one of {list(SPLIT_NAMES)}.")
     model_path = os.fspath(model_path)
     run_dir = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    config = _read_config(run_dir)
+    config = cascade_lib.run_config(model_path) or {}
     model = cascade_lib.load_model(model_path)
     kind = cascade_lib.model_kind(model)
     task = resolve_task(model, model_path, task)
