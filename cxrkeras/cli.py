@@ -346,7 +346,7 @@ def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, 
     images are evaluated.
     """
     from cxrkeras import evaluation
-    from cxrkeras.models.cascade import ModelError
+    from cxrkeras.runs import ModelError
 
     _dataset_source(data_path)
     log = lambda message: click.echo(message, err=True)  # noqa: E731
@@ -422,7 +422,7 @@ class TargetRecall(click.ParamType):
 def _model_errors():
     """The errors that mean "this model or dataset can't be used as given" (-> exit 1)."""
     from cxrkeras.export import ExportError
-    from cxrkeras.models.cascade import ModelError
+    from cxrkeras.runs import ModelError
 
     return (ModelError, ExportError, data_lib.DatasetError)
 
@@ -461,7 +461,8 @@ def cascade(run_infected, run_covid, out_dir, target, data_source, val_fraction,
     the thresholds, the source runs and the false-negative / false-positive
     trade-off table; OUT/threshold_tradeoff.png draws it.
     """
-    from cxrkeras.thresholds import CASCADE_FILE, make_cascade
+    from cxrkeras.runs import CASCADE_FILE, MODEL_FILE
+    from cxrkeras.thresholds import make_cascade
 
     if target is not None and (t_infected is not None or t_covid is not None):
         raise click.UsageError("--t-infected / --t-covid and --target-recall exclude each other.")
@@ -486,7 +487,7 @@ def cascade(run_infected, run_covid, out_dir, target, data_source, val_fraction,
     except ValueError as e:
         raise click.UsageError(str(e))
     summary = {k: v for k, v in record.items() if k != "table"}
-    summary["model"] = os.path.join(out_dir, "model.keras")
+    summary["model"] = os.path.join(out_dir, MODEL_FILE)
     summary["record"] = os.path.join(out_dir, CASCADE_FILE)
     if as_json:
         _echo_json(summary)
@@ -531,7 +532,7 @@ def export(model_path, base_dir, task, as_json):
     `class_id` and `class_name`; a cascade's thresholds are built in.
     """
     from cxrkeras import export as export_lib
-    from cxrkeras.models.cascade import TaskUnknownError
+    from cxrkeras.runs import TaskUnknownError
 
     try:
         version_dir = export_lib.export(model_path, base_dir, task=task)
@@ -567,7 +568,7 @@ def predict(model_path, images, batch_size, task, as_json):
     an error line naming it and why; the others are still classified.
     """
     from cxrkeras import predict as predict_lib
-    from cxrkeras.models.cascade import TaskUnknownError
+    from cxrkeras.runs import TaskUnknownError
 
     try:
         predictor = predict_lib.open_model(model_path, task=task)

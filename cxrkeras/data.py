@@ -106,7 +106,7 @@ def read_manifest(path):
 def check_image(path):
     """None when `path` decodes as a JPEG or PNG image, else the reason it does not."""
     if not path.lower().endswith(IMAGE_EXTENSIONS):
-        return f"not a .jpg, .jpeg or .png file"
+        return "not a .jpg, .jpeg or .png file"
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"

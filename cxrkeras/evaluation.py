@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from cxrkeras import data as data_lib
+from cxrkeras import runs
 from cxrkeras.config import CLASSES, TASKS, check_task
 from cxrkeras.models import cascade as cascade_lib
 from cxrkeras.models import conv_layer_names
@@ -347,7 +348,7 @@ def resolve_task(model, model_path, task=None):
     the builder's name ("covid_classifier"); EvaluationError when a binary
     model's task can't be told.
     """
-    found = cascade_lib.model_task(model, model_path, task)
+    found = runs.model_task(model, model_path, task)
     if found is None:
         raise EvaluationError(
             f"Can't tell whether binary model {model.name!r} at {model_path} is the infected or the covid "
@@ -412,8 +413,8 @@ def evaluate_run(
         raise EvaluationError(f"Unknown split {split!r}; expected one of {list(SPLIT_NAMES)}.")
     model_path = os.fspath(model_path)
     run_dir = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    config = cascade_lib.run_config(model_path) or {}
-    model = cascade_lib.load_model(model_path)
+    config = runs.run_config(model_path) or {}
+    model = runs.load_model(model_path)
     kind = cascade_lib.model_kind(model)
     task = resolve_task(model, model_path, task)
     class_names = class_names_for(kind, task)
@@ -520,8 +521,8 @@ def evaluate_run(
         files.append(plots.gradcam_figure(img, heat, out(name), caption))
         metrics["gradcam"].append({"image": path, "file": name, "model": explained.name, "layer": layer})
 
-    metrics["files"] = [os.path.basename(f) for f in files] + ["metrics.json"]
-    with open(out("metrics.json"), "w") as f:
+    metrics["files"] = [os.path.basename(f) for f in files] + [runs.METRICS_FILE]
+    with open(out(runs.METRICS_FILE), "w") as f:
         json.dump(metrics, f, indent=2)
     metrics["out_dir"] = out_dir
     return metrics
@@ -565,7 +566,7 @@ def load_metrics(path):
     """A metrics.json file, or the one inside an eval dir."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        path = os.path.join(path, "metrics.json")
+        path = os.path.join(path, runs.METRICS_FILE)
     if not os.path.isfile(path):
         raise EvaluationError(f"{path}: no such metrics file (run `cxrkeras evaluate` first).")
     try:
@@ -611,7 +612,7 @@ def compare(paths):
 def _row_name(metrics):
     model = (metrics.get("model") or metrics["path"]).rstrip(os.sep)
     base = os.path.basename(model)
-    if base == "model.keras":  # name a run dir's model after the run
+    if base == runs.MODEL_FILE:  # name a run dir's model after the run
         base = os.path.basename(os.path.dirname(model))
     return f"{base.removesuffix('.keras')} [{metrics.get('split', '?')}]"
 

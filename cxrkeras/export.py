@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 
+from cxrkeras import runs
 from cxrkeras.models import cascade as cascade_lib
 
 SIGNATURES = ("serving_default", "predict_images")
@@ -81,7 +82,7 @@ def read_metadata(version_dir):
 def describe(model, path=None, task=None):
     """What the export needs to know about `model`: kind, task, class names, thresholds, image size."""
     kind = cascade_lib.model_kind(model)
-    names = list(cascade_lib.class_names(model, path, task))
+    names = list(runs.class_names(model, path, task))
     if kind == "cascade":
         t_infected, t_covid = cascade_lib.cascade_thresholds(model)
         thresholds = {"infected": t_infected, "covid": t_covid}
@@ -91,7 +92,7 @@ def describe(model, path=None, task=None):
         thresholds = {}
     return {
         "kind": kind,
-        "task": cascade_lib.model_task(model, path, task),
+        "task": runs.model_task(model, path, task),
         "class_names": names,
         "thresholds": thresholds,
         "image_size": int(model.input_shape[1]),
@@ -207,7 +208,7 @@ def _cascade_record(path):
     if path is None:
         return None
     folder = path if os.path.isdir(path) else os.path.dirname(os.fspath(path))
-    candidate = os.path.join(folder, "cascade.json")
+    candidate = os.path.join(folder, runs.CASCADE_FILE)
     if not os.path.isfile(candidate):
         return None
     with open(candidate) as f:
@@ -219,5 +220,5 @@ def _cascade_record(path):
 
 def export(path, base_dir, task=None):
     """Load the model at `path` (.keras file, run or cascade folder) and export it; returns the version folder."""
-    model = cascade_lib.load_model(path)
+    model = runs.load_model(path)
     return export_model(model, base_dir, path=path, task=task)

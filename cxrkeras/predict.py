@@ -12,6 +12,7 @@ import numpy as np
 
 from cxrkeras import data as data_lib
 from cxrkeras import export as export_lib
+from cxrkeras import runs
 from cxrkeras.models import cascade as cascade_lib
 
 
@@ -20,8 +21,8 @@ class KerasPredictor:
 
     def __init__(self, path, task=None):
         self.path = path
-        self.model = cascade_lib.load_model(path)
-        self.class_names = tuple(cascade_lib.class_names(self.model, path, task))
+        self.model = runs.load_model(path)
+        self.class_names = tuple(runs.class_names(self.model, path, task))
         self.image_size = int(self.model.input_shape[1])
 
     def predict_bytes(self, contents, batch_size=64):
@@ -40,7 +41,7 @@ class SavedModelPredictor:
         self.path = path
         self.module = tf.saved_model.load(path)
         if "serving_default" not in self.module.signatures or not hasattr(self.module, "class_names"):
-            raise cascade_lib.ModelError(
+            raise runs.ModelError(
                 f"{path}: a SavedModel without cxrkeras' `serving_default` signature and class names; "
                 f"expected a folder written by `cxrkeras export`."
             )

@@ -13,25 +13,23 @@ import sys
 import numpy as np
 
 from cxrkeras import data as data_lib
+from cxrkeras import runs
 from cxrkeras.config import CLASSES
 from cxrkeras.models import cascade as cascade_lib
-from cxrkeras.models.cascade import choose_thresholds, parse_target  # noqa: F401  (re-exported)
 
-CASCADE_FILE = "cascade.json"
-PLOT_FILE = "threshold_tradeoff.png"
 
 
 def load_classifier(path, task):
     """The binary classifier for `task` ("infected" or "covid") at `path`; ModelError if it is another."""
-    model = cascade_lib.load_model(path)
+    model = runs.load_model(path)
     kind = cascade_lib.model_kind(model)
     if kind != "binary":
-        raise cascade_lib.ModelError(
+        raise runs.ModelError(
             f"{path}: a {kind} model; expected the binary {task} classifier (one sigmoid output)."
         )
-    found = cascade_lib.model_task(model, path)
+    found = runs.model_task(model, path)
     if found is not None and found != task:
-        raise cascade_lib.ModelError(
+        raise runs.ModelError(
             f"{path}: the {found} classifier given where the {task} classifier was expected "
             f"(are the two runs swapped? the order is RUN_INFECTED RUN_COVID)."
         )
@@ -44,7 +42,7 @@ def validation_settings(paths, data=None, val_fraction=None, seed=None):
     Warns on stderr when the two runs were split differently (one run's
     validation images were then another's training images).
     """
-    configs = [c.get("data", {}) for c in (cascade_lib.run_config(p) for p in paths) if c]
+    configs = [c.get("data", {}) for c in (runs.run_config(p) for p in paths) if c]
     splits = {(c.get("val_fraction"), c.get("seed")) for c in configs}
     if len(splits) > 1:
         settings = sorted(splits, key=str)
@@ -115,12 +113,102 @@ def make_cascade(
         record["selection"] = {k: v for k, v in selection.items() if k != "table"}
     model = cascade_lib.build_cascade(infected, covid, record["thresholds"]["infected"], record["thresholds"]["covid"])
     os.makedirs(out_dir, exist_ok=True)
-    model.save(os.path.join(out_dir, "model.keras"))
+    model.save(os.path.join(out_dir, runs.MODEL_FILE))
     if selection is not None:
         from cxrkeras import plots
 
-        record["plot"] = plots.threshold_tradeoff(selection, os.path.join(out_dir, PLOT_FILE))
+        record["plot"] = plots.threshold_tradeoff(selection, os.path.join(out_dir, runs.TRADEOFF_PLOT))
         record["table"] = selection["table"]
-    with open(os.path.join(out_dir, CASCADE_FILE), "w") as f:
+    with open(os.path.join(out_dir, runs.CASCADE_FILE), "w") as f:
         json.dump(record, f, indent=2)
     return record
+
+
+# ---------------------------------------------------------------- operating point
+
+
+def choose_thresholds(infected_probs, covid_probs, labels3, target, grid=None):
+    """Thresholds (t_infected, t_covid) that reach a target recall for one class, on validation data.
+
+    `infected_probs`, `covid_probs`: each classifier's p on the same images
+    (the covid classifier on all of them, as the cascade runs it); `labels3`:
+    class ids in CLASSES order; `target`: {class: recall}, e.g. {"covid": 0.95}.
+    Every pair of `grid` thresholds (default 0.05, 0.10, ..., 0.95) is scored;
+    among those whose recall reaches the target the most accurate wins (ties:
+    closest to the study's 0.5 / 0.5). If none reaches it, the highest recall
+    wins. Returns the choice, the study's 0.5 / 0.5 row, and the whole table
+    (recall of the class, its false negatives and false positives, accuracy).
+    """
+    name, recall_target = parse_target(target)
+    p_i = np.asarray(infected_probs, dtype="float64").reshape(-1)
+    p_c = np.asarray(covid_probs, dtype="float64").reshape(-1)
+    labels = np.asarray(labels3).reshape(-1).astype("int64")
+    if not len(p_i) == len(p_c) == len(labels) or len(labels) == 0:
+        raise ValueError(
+            f"`infected_probs`, `covid_probs` and `labels3` must have the same non-zero length. "
+            f"Received lengths: {len(p_i)}, {len(p_c)}, {len(labels)}"
+        )
+    if labels.min() < 0 or labels.max() > 2:
+        raise ValueError(f"`labels3` must be class ids 0, 1 or 2. Received values: {sorted(set(labels.tolist()))}")
+    k = CLASSES.index(name)
+    if not np.any(labels == k):
+        raise ValueError(f"No {name!r} images among the labels: its recall is undefined.")
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 4) if grid is None else np.asarray(grid, dtype="float64")
+    grid = np.unique(np.append(grid, 0.5))
+    ti, tc = np.meshgrid(grid, grid, indexing="ij")
+    ti, tc = ti.reshape(-1), tc.reshape(-1)
+    # decisions [pairs, N] by the study's rule
+    pred = np.where(p_i[None] <= ti[:, None], 0, np.where(p_c[None] > tc[:, None], 2, 1))
+    is_k, said_k = labels[None] == k, pred == k
+    fn = np.sum(is_k & ~said_k, axis=1)
+    fp = np.sum(~is_k & said_k, axis=1)
+    positives = int(np.sum(labels == k))
+    recall = (positives - fn) / positives
+    accuracy = np.mean(pred == labels[None], axis=1)
+    table = [
+        {
+            "t_infected": float(a),
+            "t_covid": float(b),
+            "recall": float(r),
+            "fn": int(n),
+            "fp": int(p),
+            "accuracy": float(c),
+        }
+        for a, b, r, n, p, c in zip(ti, tc, recall, fn, fp, accuracy)
+    ]
+    reached = recall >= recall_target - 1e-12
+    distance = np.abs(ti - 0.5) + np.abs(tc - 0.5)
+    if reached.any():
+        order = np.lexsort((distance, -accuracy, ~reached))
+    else:
+        order = np.lexsort((distance, -accuracy, -recall))
+    best = table[int(order[0])]
+    default = table[int(np.argmin(distance))]
+    return {
+        "class": name,
+        "target_recall": recall_target,
+        "reached": bool(reached.any()),
+        "t_infected": best["t_infected"],
+        "t_covid": best["t_covid"],
+        "chosen": best,
+        "default": default,
+        "images": int(len(labels)),
+        "positives": positives,
+        "table": table,
+    }
+
+
+def parse_target(target):
+    """("covid", 0.95) from {"covid": 0.95}; ValueError naming the bad part."""
+    if not isinstance(target, dict) or len(target) != 1:
+        raise ValueError(
+            f"`target` must be one {{class: recall}} pair, e.g. {{'covid': 0.95}}. Received: target={target!r}"
+        )
+    ((name, value),) = target.items()
+    if name not in CLASSES:
+        raise ValueError(
+            f"Unknown class {name!r} in `target`; expected one of {list(CLASSES)}. Received: target={target!r}"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 < value <= 1:
+        raise ValueError(f"The target recall must be in (0, 1]. Received: target={target!r}")
+    return name, float(value)

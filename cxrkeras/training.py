@@ -20,7 +20,6 @@ import contextlib
 import copy
 import csv
 import importlib.util
-import json
 import math
 import os
 import signal
@@ -32,6 +31,24 @@ import numpy as np
 
 from cxrkeras import data as data_lib
 from cxrkeras.config import TASKS, RunConfig, check_task
+from cxrkeras.files import (
+    read_json,
+    remove_temp_files,
+    save_model_atomic,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+from cxrkeras.runs import (
+    BACKUP_DIR,
+    CONFIG_FILE,
+    CURVES_FILE,
+    HISTORY_FILE,
+    LOGS_DIR,
+    MODEL_FILE,
+    SKIPPED_FILE,
+    STATE_FILE,
+)
 from cxrkeras.models import build_model  # also registers the classifiers' custom objects for loading
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -42,14 +59,6 @@ MONITORS = {"val_loss": "min", "val_accuracy": "max"}
 DISTRIBUTES = ("none", "mirrored", "multiworker")
 AUGMENT_ON = ("auto", "data", "model")
 
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "history.csv"
-CURVES_FILE = "curves.png"
-STATE_FILE = "state.json"
-SKIPPED_FILE = "skipped_files.txt"
-BACKUP_DIR = "backup"
-LOGS_DIR = "logs"
 
 # Test hook, read by `fit`: SIGKILL this process at the end of epoch N (0-based), after
 # history.csv and model.keras are written but before the epoch's backup, the worst moment
@@ -236,37 +245,6 @@ def default_augment_on():
     return "model" if tf.config.list_physical_devices("GPU") else "data"
 
 
-# ---------------------------------------------------------------- files written atomically
-
-
-def write_json_atomic(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_model_atomic(model, path):
-    """Save `model` to `path` via a temp file in the same folder: `path` is always the old or the new whole model."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}.keras")  # Keras wants the .keras suffix
-    try:
-        keras.saving.save_model(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_json(path, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
 # ---------------------------------------------------------------- callbacks
 
 
@@ -320,13 +298,8 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
-        tmp = f"{self._weights_path}.tmp-{os.getpid()}.weights.h5"  # Keras wants the .weights.h5 suffix
-        try:
-            self.model.save_weights(tmp, overwrite=True)
-            os.replace(tmp, self._weights_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        # Keras wants the .weights.h5 suffix
+        write_atomic(self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True), ".weights.h5")
         write_json_atomic(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
 
 
@@ -424,10 +397,7 @@ def truncate_history(path, epochs):
         if first.isdigit() and int(first) < epochs and int(first) not in seen and line.endswith("\n"):
             seen.add(int(first))
             kept.append(line)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.writelines([header] + kept)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join([header] + kept))
     return len(kept)
 
 
@@ -701,12 +671,8 @@ def _write_skipped(run_dir, problems):
 
 
 def _remove_temp_files(run_dir):
-    """Leftovers of a write that a kill interrupted (the files they were for are intact)."""
     for folder in (run_dir, os.path.join(run_dir, BACKUP_DIR)):
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if ".tmp-" in name:
-                    os.remove(os.path.join(folder, name))
+        remove_temp_files(folder)
 
 
 def _result(cfg, run_dir, problems, epochs_run, seconds, ips, replicas):

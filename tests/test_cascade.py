@@ -17,18 +17,15 @@ from cxrkeras.models import build_model
 from cxrkeras.models.cascade import (
     CascadeDecision,
     ModelError,
-    TaskUnknownError,
     build_cascade,
     cascade_thresholds,
-    choose_thresholds,
-    class_names,
-    load_model,
     model_kind,
-    model_task,
     predict,
     predict_classes,
     predict_probabilities,
 )
+from cxrkeras.runs import TaskUnknownError, class_names, load_model, model_task
+from cxrkeras.thresholds import choose_thresholds
 
 TINY = {
     "infected": ModelConfig(task="infected", blocks=2, filters=[4, 8], dense_units=8),

@@ -12,7 +12,8 @@ from cxrkeras.cli import main
 from cxrkeras.config import CLASSES, ModelConfig, RunConfig
 from cxrkeras.data import load_images
 from cxrkeras.models import build_model
-from cxrkeras.models.cascade import build_cascade, load_model, predict
+from cxrkeras.models.cascade import build_cascade, predict
+from cxrkeras.runs import load_model
 from cxrkeras.synth import synth_image
 
 TINY = {

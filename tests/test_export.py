@@ -16,7 +16,8 @@ from cxrkeras.cli import main
 from cxrkeras.config import ModelConfig, RunConfig
 from cxrkeras.data import load_images
 from cxrkeras.models import build_model
-from cxrkeras.models.cascade import TaskUnknownError, build_cascade, load_model, predict
+from cxrkeras.models.cascade import build_cascade, predict
+from cxrkeras.runs import TaskUnknownError, load_model
 from cxrkeras.synth import synth_image
 
 TINY = {

@@ -18,7 +18,6 @@ from cxrkeras.models.cascade import (
     CascadeDecision,
     build_cascade,
     cascade_thresholds,
-    load_model,
     model_kind,
 )
 
@@ -40,7 +39,6 @@ __all__ = [
     "check_config",
     "conv_layer_names",
     "last_conv_layer_name",
-    "load_model",
     "model_kind",
     "num_outputs",
 ]

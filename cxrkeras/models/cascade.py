@@ -1,4 +1,4 @@
-"""The study's cascade as one Keras model, and loading and predicting with any saved classifier.
+"""The study's cascade as one Keras model, model kinds, and predicting with any classifier.
 
 cascade(image) = {"probabilities": [1 - p_i, p_i (1 - p_c), p_i p_c], "class_id": rule}
 with p_i = infected_classifier(image), p_c = covid_classifier(image), classes in
@@ -9,14 +9,10 @@ else covid if p_c > t_c, else non-covid. The thresholds live in the
 Written with keras.ops only (no TensorFlow import), so any backend runs it.
 """
 
-import json
-import os
-
 import keras
 import numpy as np
 from keras import ops
 
-from cxrkeras.config import CLASSES, TASKS, check_task
 
 KINDS = ("binary", "three-class", "cascade")
 SUBMODELS = {"infected": "infected_classifier", "covid": "covid_classifier"}
@@ -24,10 +20,6 @@ SUBMODELS = {"infected": "infected_classifier", "covid": "covid_classifier"}
 
 class ModelError(ValueError):
     """A model that cannot be used as given: the message names the path or model and what was expected."""
-
-
-class TaskUnknownError(ModelError):
-    """A binary model whose task (infected or covid) can't be told: the caller must name it."""
 
 
 # ---------------------------------------------------------------- the model
@@ -123,88 +115,6 @@ def model_kind(model):
     )
 
 
-# ---------------------------------------------------------------- loading
-
-
-def model_file(path):
-    """The `.keras` file for `path`: the file itself, or DIR/model.keras of a run or cascade dir."""
-    path = os.fspath(path)
-    if os.path.isfile(path) and path.endswith(".keras"):
-        return path
-    candidate = os.path.join(path, "model.keras")
-    if os.path.isdir(path) and os.path.isfile(candidate):
-        return candidate
-    if not os.path.exists(path):
-        problem = "no such file or folder"
-    elif os.path.isdir(path):
-        problem = "folder without model.keras"
-    else:
-        problem = "not a .keras file"
-    raise ModelError(
-        f"{path}: {problem}; expected a .keras file, or a run or cascade folder holding model.keras."
-    )
-
-
-def load_model(path):
-    """A saved classifier or cascade (uncompiled) from a `.keras` file or a folder holding model.keras."""
-    filename = model_file(path)
-    try:
-        return keras.saving.load_model(filename, compile=False)
-    except Exception as e:  # a corrupt zip, an unknown layer: keras raises many types
-        raise ModelError(f"{filename}: does not load as a Keras model ({type(e).__name__}: {e}).") from e
-
-
-def run_config(path):
-    """The run's config.json as a dict (beside a .keras file or in a run folder), or None."""
-    path = os.fspath(path)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    candidate = os.path.join(folder, "config.json")
-    if not os.path.isfile(candidate):
-        return None
-    with open(candidate) as f:
-        return json.load(f)
-
-
-def model_task(model, path=None, task=None):
-    """The task a model was trained for: "infected", "covid", "three-class" or "cascade".
-
-    From, in order: `task` (given by the user), the run's config.json beside
-    `path`, the model's outputs (cascade, three-class), and the name the
-    builders give binary models ("infected_classifier", "covid_classifier").
-    None when a binary model's task can't be told.
-    """
-    kind = model_kind(model)
-    if task is not None:
-        check_task(task)
-    if kind == "cascade":
-        found = "cascade"
-    elif kind == "three-class":
-        found = "three-class"
-    else:
-        config = run_config(path) if path is not None else None
-        found = ((config or {}).get("model") or {}).get("task")
-        if found is None:
-            found = {v: k for k, v in SUBMODELS.items()}.get(model.name)
-    if task is not None and found not in (None, task):
-        raise ModelError(f"`task` {task!r} does not match the model{_at(path)}, a {found!r} model.")
-    return task or found
-
-
-def class_names(model, path=None, task=None):
-    """The model's class names in output order."""
-    found = model_task(model, path, task)
-    if found is None:
-        raise TaskUnknownError(
-            f"Can't tell whether the binary model{_at(path)} is the infected or the covid classifier "
-            f"(no config.json beside it): pass its task ('infected' or 'covid')."
-        )
-    return CLASSES if found == "cascade" else TASKS[found]
-
-
-def _at(path):
-    return f" at {os.fspath(path)}" if path is not None else ""
-
-
 # ---------------------------------------------------------------- predicting
 
 
@@ -251,93 +161,3 @@ def predict_classes(model, probabilities):
     if kind == "binary":
         return (probabilities[:, 1] > 0.5).astype("int64")
     return np.argmax(probabilities, axis=-1).astype("int64")
-
-
-# ---------------------------------------------------------------- operating point
-
-
-def choose_thresholds(infected_probs, covid_probs, labels3, target, grid=None):
-    """Thresholds (t_infected, t_covid) that reach a target recall for one class, on validation data.
-
-    `infected_probs`, `covid_probs`: each classifier's p on the same images
-    (the covid classifier on all of them, as the cascade runs it); `labels3`:
-    class ids in CLASSES order; `target`: {class: recall}, e.g. {"covid": 0.95}.
-    Every pair of `grid` thresholds (default 0.05, 0.10, ..., 0.95) is scored;
-    among those whose recall reaches the target the most accurate wins (ties:
-    closest to the study's 0.5 / 0.5). If none reaches it, the highest recall
-    wins. Returns the choice, the study's 0.5 / 0.5 row, and the whole table
-    (recall of the class, its false negatives and false positives, accuracy).
-    """
-    name, recall_target = parse_target(target)
-    p_i = np.asarray(infected_probs, dtype="float64").reshape(-1)
-    p_c = np.asarray(covid_probs, dtype="float64").reshape(-1)
-    labels = np.asarray(labels3).reshape(-1).astype("int64")
-    if not len(p_i) == len(p_c) == len(labels) or len(labels) == 0:
-        raise ValueError(
-            f"`infected_probs`, `covid_probs` and `labels3` must have the same non-zero length. "
-            f"Received lengths: {len(p_i)}, {len(p_c)}, {len(labels)}"
-        )
-    if labels.min() < 0 or labels.max() > 2:
-        raise ValueError(f"`labels3` must be class ids 0, 1 or 2. Received values: {sorted(set(labels.tolist()))}")
-    k = CLASSES.index(name)
-    if not np.any(labels == k):
-        raise ValueError(f"No {name!r} images among the labels: its recall is undefined.")
-    grid = np.round(np.arange(0.05, 0.951, 0.05), 4) if grid is None else np.asarray(grid, dtype="float64")
-    grid = np.unique(np.append(grid, 0.5))
-    ti, tc = np.meshgrid(grid, grid, indexing="ij")
-    ti, tc = ti.reshape(-1), tc.reshape(-1)
-    # decisions [pairs, N] by the study's rule
-    pred = np.where(p_i[None] <= ti[:, None], 0, np.where(p_c[None] > tc[:, None], 2, 1))
-    is_k, said_k = labels[None] == k, pred == k
-    fn = np.sum(is_k & ~said_k, axis=1)
-    fp = np.sum(~is_k & said_k, axis=1)
-    positives = int(np.sum(labels == k))
-    recall = (positives - fn) / positives
-    accuracy = np.mean(pred == labels[None], axis=1)
-    table = [
-        {
-            "t_infected": float(a),
-            "t_covid": float(b),
-            "recall": float(r),
-            "fn": int(n),
-            "fp": int(p),
-            "accuracy": float(c),
-        }
-        for a, b, r, n, p, c in zip(ti, tc, recall, fn, fp, accuracy)
-    ]
-    reached = recall >= recall_target - 1e-12
-    distance = np.abs(ti - 0.5) + np.abs(tc - 0.5)
-    if reached.any():
-        order = np.lexsort((distance, -accuracy, ~reached))
-    else:
-        order = np.lexsort((distance, -accuracy, -recall))
-    best = table[int(order[0])]
-    default = table[int(np.argmin(distance))]
-    return {
-        "class": name,
-        "target_recall": recall_target,
-        "reached": bool(reached.any()),
-        "t_infected": best["t_infected"],
-        "t_covid": best["t_covid"],
-        "chosen": best,
-        "default": default,
-        "images": int(len(labels)),
-        "positives": positives,
-        "table": table,
-    }
-
-
-def parse_target(target):
-    """("covid", 0.95) from {"covid": 0.95}; ValueError naming the bad part."""
-    if not isinstance(target, dict) or len(target) != 1:
-        raise ValueError(
-            f"`target` must be one {{class: recall}} pair, e.g. {{'covid': 0.95}}. Received: target={target!r}"
-        )
-    ((name, value),) = target.items()
-    if name not in CLASSES:
-        raise ValueError(
-            f"Unknown class {name!r} in `target`; expected one of {list(CLASSES)}. Received: target={target!r}"
-        )
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 < value <= 1:
-        raise ValueError(f"The target recall must be in (0, 1]. Received: target={target!r}")
-    return name, float(value)

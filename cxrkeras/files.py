@@ -1,0 +1,64 @@
+"""Writing files a user keeps: always through a temporary name in the same folder and a rename.
+
+A reader (or a kill at any moment) sees the old whole file or the new whole
+file, never half of one; a leftover temporary file carries `.tmp-` in its name.
+"""
+
+import json
+import os
+
+TMP_MARK = ".tmp-"
+
+
+def temp_path(path, suffix=""):
+    """A temporary name beside `path` (same folder, so the rename is atomic); `suffix` keeps an extension."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}{TMP_MARK}{os.getpid()}{suffix}")
+
+
+def write_atomic(path, write, suffix=""):
+    """Call `write(temp_path)`, then move the result onto `path`; the temp file never outlives a failure."""
+    tmp = temp_path(path, suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_text_atomic(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write_atomic(path, write)
+
+
+def write_json_atomic(path, obj):
+    return write_text_atomic(path, json.dumps(obj, indent=2))
+
+
+def save_model_atomic(model, path):
+    """Save a Keras model to `path` (.keras): `path` is always the old or the new whole model."""
+    import keras
+
+    return write_atomic(path, lambda tmp: keras.saving.save_model(model, tmp), suffix=".keras")
+
+
+def read_json(path, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+def remove_temp_files(folder):
+    """Leftovers of writes that a kill interrupted (the files they were for are intact)."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if TMP_MARK in name:
+                os.remove(os.path.join(folder, name))

@@ -1,0 +1,115 @@
+"""A run directory and a saved model: file names, loading, and what a model is (its task and class names).
+
+One place for the names of the files a run, a cascade or an evaluation leaves
+behind, and for reading them back: `load_model` (a .keras file or a folder
+holding model.keras), `run_config` (the config.json beside it), `model_task`
+and `class_names`.
+"""
+
+import json
+import os
+
+import keras
+
+from cxrkeras.config import CLASSES, TASKS, check_task
+from cxrkeras.models.cascade import SUBMODELS, ModelError, model_kind
+
+# A training run: saved_models/TASK/NAME/
+MODEL_FILE = "model.keras"  # the best epoch (a run), or the cascade (a cascade folder)
+CONFIG_FILE = "config.json"  # the RunConfig that made the run
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "curves.png"
+STATE_FILE = "state.json"
+SKIPPED_FILE = "skipped_files.txt"
+BACKUP_DIR = "backup"
+LOGS_DIR = "logs"
+# A cascade folder
+CASCADE_FILE = "cascade.json"
+TRADEOFF_PLOT = "threshold_tradeoff.png"
+# An evaluation folder
+METRICS_FILE = "metrics.json"
+
+
+class TaskUnknownError(ModelError):
+    """A binary model whose task (infected or covid) can't be told: the caller must name it."""
+
+
+
+
+def model_file(path):
+    """The `.keras` file for `path`: the file itself, or DIR/model.keras of a run or cascade dir."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".keras"):
+        return path
+    candidate = os.path.join(path, MODEL_FILE)
+    if os.path.isdir(path) and os.path.isfile(candidate):
+        return candidate
+    if not os.path.exists(path):
+        problem = "no such file or folder"
+    elif os.path.isdir(path):
+        problem = "folder without model.keras"
+    else:
+        problem = "not a .keras file"
+    raise ModelError(
+        f"{path}: {problem}; expected a .keras file, or a run or cascade folder holding model.keras."
+    )
+
+
+def load_model(path):
+    """A saved classifier or cascade (uncompiled) from a `.keras` file or a folder holding model.keras."""
+    filename = model_file(path)
+    try:
+        return keras.saving.load_model(filename, compile=False)
+    except Exception as e:  # a corrupt zip, an unknown layer: keras raises many types
+        raise ModelError(f"{filename}: does not load as a Keras model ({type(e).__name__}: {e}).") from e
+
+
+def run_config(path):
+    """The run's config.json as a dict (beside a .keras file or in a run folder), or None."""
+    path = os.fspath(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    candidate = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(candidate):
+        return None
+    with open(candidate) as f:
+        return json.load(f)
+
+
+def model_task(model, path=None, task=None):
+    """The task a model was trained for: "infected", "covid", "three-class" or "cascade".
+
+    From, in order: `task` (given by the user), the run's config.json beside
+    `path`, the model's outputs (cascade, three-class), and the name the
+    builders give binary models ("infected_classifier", "covid_classifier").
+    None when a binary model's task can't be told.
+    """
+    kind = model_kind(model)
+    if task is not None:
+        check_task(task)
+    if kind == "cascade":
+        found = "cascade"
+    elif kind == "three-class":
+        found = "three-class"
+    else:
+        config = run_config(path) if path is not None else None
+        found = ((config or {}).get("model") or {}).get("task")
+        if found is None:
+            found = {v: k for k, v in SUBMODELS.items()}.get(model.name)
+    if task is not None and found not in (None, task):
+        raise ModelError(f"`task` {task!r} does not match the model{_at(path)}, a {found!r} model.")
+    return task or found
+
+
+def class_names(model, path=None, task=None):
+    """The model's class names in output order."""
+    found = model_task(model, path, task)
+    if found is None:
+        raise TaskUnknownError(
+            f"Can't tell whether the binary model{_at(path)} is the infected or the covid classifier "
+            f"(no config.json beside it): pass its task ('infected' or 'covid')."
+        )
+    return CLASSES if found == "cascade" else TASKS[found]
+
+
+def _at(path):
+    return f" at {os.fspath(path)}" if path is not None else ""
