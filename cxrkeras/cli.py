@@ -18,7 +18,7 @@ import sys
 
 import click
 
-from cxrkeras.config import CLASSES
+from cxrkeras.config import CLASSES, DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 
 
 class Group(click.Group):
@@ -42,12 +42,10 @@ def os_error_message(error):
     """"PATH: reason" for an OSError (the path as the error names it; both paths of a failed rename)."""
     reason = error.strerror or str(error)
     paths = [p for p in (error.filename, error.filename2) if p is not None]
-    where = " -> ".join(_printable(os.fsdecode(p)) for p in paths)
+    from cxrkeras.data import printable
+
+    where = " -> ".join(printable(os.fsdecode(p)) for p in paths)
     return f"{where}: {reason}" if where else reason
-
-
-def _printable(path):
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 class QuietImport(importlib.abc.MetaPathFinder):
@@ -114,9 +112,9 @@ def _echo_json(obj):
 @click.option(
     "--max-pixels",
     type=click.IntRange(1),
-    envvar="CXRKERAS_MAX_PIXELS",
-    help="Refuse images whose header declares more pixels than this, before decoding them "
-    "[env CXRKERAS_MAX_PIXELS; default 50,000,000].",
+    envvar=MAX_PIXELS_ENV,
+    help=f"Refuse images whose header declares more pixels than this, before decoding them "
+    f"[env {MAX_PIXELS_ENV}; default {DEFAULT_MAX_PIXELS:,}].",
 )
 def main(verbose, max_pixels):
     """Chest X-ray classification with Keras 3: normal, infected non-COVID, infected COVID.
@@ -126,7 +124,7 @@ def main(verbose, max_pixels):
     synthetic dataset, or point `--data` at a folder in the study's layout.
     """
     if max_pixels is not None:
-        os.environ["CXRKERAS_MAX_PIXELS"] = str(max_pixels)  # read by cxrkeras.data.max_pixels
+        os.environ[MAX_PIXELS_ENV] = str(max_pixels)  # read by cxrkeras.data.max_pixels
     # TensorFlow's C++ log (its errors too: Python exceptions carry what matters) only with --verbose.
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose else "3"
     quiet = not verbose and "tensorflow" not in sys.modules

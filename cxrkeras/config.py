@@ -15,6 +15,9 @@ TASKS = {
     "three-class": CLASSES,
 }
 IMAGE_SIZE = 150
+# The largest image accepted, in pixels declared by its header (cxrkeras.data.max_pixels reads the variable).
+MAX_PIXELS_ENV = "CXRKERAS_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 50_000_000  # 7071 x 7071; a chest X-ray is rarely above 3000 x 3000
 
 # The values each training setting takes (TrainConfig below; checked by training.check_train_config).
 OPTIMIZERS = ("adam", "sgd", "rmsprop")

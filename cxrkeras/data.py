@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxrkeras.config import CLASSES, IMAGE_SIZE, TASKS, check_task
+from cxrkeras.config import CLASSES, DEFAULT_MAX_PIXELS, IMAGE_SIZE, MAX_PIXELS_ENV, TASKS, check_task
 
 SPLITS = ("train", "val", "test")
 CLASS_DIRS = {"normal": "normal", "non-covid": "infected/non-covid", "covid": "infected/covid"}
@@ -133,8 +133,6 @@ IMAGE_FORMATS = {  # leading bytes -> format; those tf.io.decode_image reads wit
     b"GIF89a": "GIF",
     b"BM": "BMP",
 }
-MAX_PIXELS_ENV = "CXRKERAS_MAX_PIXELS"
-DEFAULT_MAX_PIXELS = 50_000_000  # 7071 x 7071; a chest X-ray is rarely above 3000 x 3000
 CACHE_ENV = "CXRKERAS_CACHE_DIR"
 CHECK_VERSION = 1  # bump when `check_image` changes what it accepts: cached verdicts are then redone
 

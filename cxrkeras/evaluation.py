@@ -363,8 +363,10 @@ def _checked_images(paths):
 
 
 def output_name(prefix, stem, suffix=".png", limit=120):
-    """`prefix + stem + suffix`, the stem cut and tagged with a short hash of it when the name would pass
-    `limit` bytes (file systems allow 255): names made from users' file names always fit."""
+    """`prefix + stem + suffix`, always at most `limit` bytes (file systems allow 255).
+
+    A longer stem (from a user's file name) is cut and tagged with a short hash of the whole stem.
+    """
     name = f"{prefix}{stem}{suffix}"
     if len(name.encode()) <= limit:
         return name

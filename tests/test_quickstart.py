@@ -39,15 +39,16 @@ def test_the_readme_plan_is_what_this_test_runs():
                         ["predict", "saved_models/cascade"]]
 
 
-def test_the_quickstart_classifiers_learn_in_their_first_epochs(tmp_path, monkeypatch):
-    """The README's data and fits, stopped early: out of the "always infected" plateau by epoch 4 of 12 (3 of 10)."""
+def test_the_quickstart_infected_classifier_learns_in_its_first_epochs(tmp_path, monkeypatch):
+    """The README's data and infected fit, stopped at epoch 4 of 12: out of the "always infected" plateau.
+
+    (The covid fit is the slower one to run; the whole command, covid included, is the slow test below.)
+    """
     monkeypatch.chdir(tmp_path)
-    synth, fit_infected, fit_covid = readme_plan()[:3]
-    run_plan([synth, fit_infected + ["--epochs", "4"], fit_covid + ["--epochs", "3"]])  # the last --epochs wins
+    synth, fit_infected = readme_plan()[:2]
+    run_plan([synth, fit_infected + ["--epochs", "4"]])  # the last --epochs wins
     infected = val_accuracy("saved_models/infected/quickstart")
-    covid = val_accuracy("saved_models/covid/quickstart")
     assert len(infected) == 4 and max(infected) >= 0.95, infected  # always "infected" scores 0.67
-    assert len(covid) == 3 and max(covid) >= 0.95, covid  # always one class scores 0.5
 
 
 @pytest.mark.slow  # the whole first command: about 2 minutes on 2 cores
@@ -56,6 +57,6 @@ def test_the_readme_first_command_learns_early(tmp_path, monkeypatch):
     run_plan(readme_plan())
     infected = val_accuracy("saved_models/infected/quickstart")
     covid = val_accuracy("saved_models/covid/quickstart")
-    assert max(infected[:4]) >= 0.95 and max(covid[:6]) >= 0.95, (infected, covid)
+    assert max(infected[:4]) >= 0.95 and max(covid[:3]) >= 0.95, (infected, covid)
     metrics = json.loads(open("saved_models/cascade-quickstart/eval-test/metrics.json").read())
     assert metrics["accuracy"] >= 0.95, metrics["confusion"]
