@@ -2,21 +2,103 @@
 
 Misuse of a command -> click.UsageError (exit 2); a failure at run time ->
 click.ClickException (exit 1) with a message naming the thing and what was expected.
+`Group` turns what any command meets from the operating system (a read-only
+folder, a full disk, a name too long) into one line, and Ctrl-C into one line.
+Nothing heavy is imported at start-up: `cxrkeras --help` and argument errors
+never load TensorFlow, and its C++ start-up lines stay off the terminal
+unless --verbose.
 """
 
+import errno
+import importlib.abc
+import importlib.util
 import json
 import os
+import sys
 
 import click
 
-from cxrkeras import data as data_lib
-from cxrkeras.config import CLASSES
+from cxrkeras.config import CLASSES, DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
+
+
+class Group(click.Group):
+    """A click group whose commands end in one line on an OSError (exit 1) or Ctrl-C (exit 130)."""
+
+    group_class = type  # subgroups (`data`) are Groups too
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.errno == errno.EPIPE:  # click quietens a closed pipe (`| head`) itself
+                raise
+            raise click.ClickException(os_error_message(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            raise SystemExit(130) from None
+
+
+def os_error_message(error):
+    """"PATH: reason" for an OSError (the path as the error names it; both paths of a failed rename)."""
+    reason = error.strerror or str(error)
+    paths = [p for p in (error.filename, error.filename2) if p is not None]
+    from cxrkeras.data import printable
+
+    where = " -> ".join(printable(os.fsdecode(p)) for p in paths)
+    return f"{where}: {reason}" if where else reason
+
+
+class QuietImport(importlib.abc.MetaPathFinder):
+    """At the first import of module `name`, send file descriptor 2 to /dev/null until the import is done.
+
+    For TensorFlow: its C++ code prints start-up lines (absl's "All log
+    messages before absl::InitializeLog()", CPU instruction and oneDNN
+    notices, CUDA plugin registration on GPU builds) straight to fd 2 while it
+    loads, and not all of them heed TF_CPP_MIN_LOG_LEVEL. Whichever command
+    imports TensorFlow first (through Keras or directly), the import is quiet.
+    """
+
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)  # once: later finders see the real import
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+            self.loader.exec_module(module)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    def __getattr__(self, name):  # resource readers and the like: the real loader's
+        return getattr(self.loader, name)
 
 
 def _dataset_source(path):
     """A folder or a CSV manifest that exists, or a UsageError naming it."""
+    from cxrkeras.data import EXPECTED_LAYOUT
+
     if not os.path.exists(path):
-        raise click.UsageError(f"{path}: no such folder or manifest.\n{data_lib.EXPECTED_LAYOUT}")
+        raise click.UsageError(f"{path}: no such folder or manifest.\n{EXPECTED_LAYOUT}")
     return path
 
 
@@ -24,15 +106,30 @@ def _echo_json(obj):
     click.echo(json.dumps(obj, indent=2))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cxrkeras")
-def main():
+@click.option("--verbose", is_flag=True, help="Also show TensorFlow's own start-up and log lines.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    envvar=MAX_PIXELS_ENV,
+    help=f"Refuse images whose header declares more pixels than this, before decoding them "
+    f"[env {MAX_PIXELS_ENV}; default {DEFAULT_MAX_PIXELS:,}].",
+)
+def main(verbose, max_pixels):
     """Chest X-ray classification with Keras 3: normal, infected non-COVID, infected COVID.
 
     The study's cascade of two binary CNNs (normal vs infected, then COVID vs
     non-COVID), as a tool. Start with `cxrkeras data synth DIR` for a small
     synthetic dataset, or point `--data` at a folder in the study's layout.
     """
+    if max_pixels is not None:
+        os.environ[MAX_PIXELS_ENV] = str(max_pixels)  # read by cxrkeras.data.max_pixels
+    # TensorFlow's C++ log (its errors too: Python exceptions carry what matters) only with --verbose.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose else "3"
+    quiet = not verbose and "tensorflow" not in sys.modules
+    if quiet and not any(isinstance(finder, QuietImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, QuietImport("tensorflow"))
 
 
 # ---------------------------------------------------------------- data
@@ -48,7 +145,7 @@ def data():
 @click.option("--per-class", type=click.IntRange(1), default=40, show_default=True, help="Train images per class.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def synth(out_dir, per_class, seed):
-    """Write a small synthetic dataset in the study's layout to OUT_DIR.
+    """Write a small synthetic dataset in the study's layout to OUT_DIR (a new or empty folder).
 
     Train, val and test splits of 150x150 grayscale JPEGs with class-dependent
     structure (clear lungs; one dense consolidation; peripheral patches in
@@ -57,8 +154,21 @@ def synth(out_dir, per_class, seed):
     from cxrkeras.synth import write_synthetic_dataset
 
     counts = {"train": per_class, "val": max(1, per_class // 5), "test": max(1, per_class * 3 // 10)}
-    n = write_synthetic_dataset(out_dir, counts, seed=seed)
+    try:
+        n = write_synthetic_dataset(out_dir, counts, seed=seed)
+    except FileExistsError as e:
+        raise click.UsageError(str(e))
     click.echo(f"wrote {n} images to {out_dir}")
+
+
+def _readable_samples(source):
+    """(samples training can read, problems) of SOURCE, or a ClickException for an unusable layout."""
+    from cxrkeras import data as data_lib
+
+    try:
+        return data_lib.check_samples(data_lib.find_samples(source))
+    except data_lib.DatasetError as e:
+        raise click.ClickException(str(e))
 
 
 @data.command()
@@ -70,27 +180,28 @@ def stats(source, out_dir, dedupe, as_json):
     """Count images per split and class; draw the study's three distribution charts.
 
     SOURCE is a folder in the study's layout or a CSV manifest (path,label[,split]).
+    Only files that training can read are counted; the others are counted
+    apart (`cxrkeras data check` lists them).
     """
+    from cxrkeras import data as data_lib
     from cxrkeras import plots
 
-    try:
-        samples = data_lib.find_samples(source)
-    except data_lib.DatasetError as e:
-        raise click.ClickException(str(e))
+    samples, problems = _readable_samples(source)
     counts = data_lib.class_counts(samples)
     if dedupe:
-        counts["train-dedup"] = data_lib.class_counts(data_lib.deduplicate([s for s in samples if s.split == "train"]))[
-            "train"
-        ]
+        train = data_lib.deduplicate([s for s in samples if s.split == "train"])
+        counts["train-dedup"] = data_lib.class_counts(train)["train"]
     out_dir = out_dir or "stats"
     os.makedirs(out_dir, exist_ok=True)
     charts = plots.distribution_charts(counts, out_dir)
     if as_json:
-        _echo_json({"counts": counts, "charts": charts})
+        _echo_json({"counts": counts, "not_images": len(problems), "charts": charts})
         return
     click.echo(f"{'split':<12}" + "".join(f"{c:>11}" for c in CLASSES) + f"{'total':>9}")
     for split, c in counts.items():
         click.echo(f"{split:<12}" + "".join(f"{c[k]:>11}" for k in CLASSES) + f"{sum(c.values()):>9}")
+    if problems:
+        click.echo(f"not counted: {len(problems)} file(s) that are not readable images (see `cxrkeras data check`)")
     click.echo("charts: " + ", ".join(charts))
 
 
@@ -100,13 +211,19 @@ def stats(source, out_dir, dedupe, as_json):
 def check(source, as_json):
     """List every problem of a dataset; exit 1 when there is any.
 
-    Checks the layout (split and class folders, empty classes) and decodes
-    every file: truncated, empty, non-image or wrongly named files are listed
-    with the reason. Training skips such files; this command finds them first.
+    Checks the layout (split and class folders, empty classes) and reads every
+    file the way training does: JPEG, PNG, BMP or GIF judged by content, the
+    size its header declares against --max-pixels, then TensorFlow's decoder.
+    Folders, empty, non-image, truncated or corrupt files and file names that
+    are not UTF-8 are listed with the reason; training skips them. Verdicts
+    are cached by path, size and modification time, so a second check is quick.
     """
+    from cxrkeras import data as data_lib
+
     good, problems = data_lib.check_dataset(source)
     if as_json:
-        _echo_json({"images": len(good), "problems": [{"path": p.path, "reason": p.reason} for p in problems]})
+        listed = [{"path": data_lib.printable(p.path), "reason": p.reason} for p in problems]
+        _echo_json({"images": len(good), "problems": listed})
     else:
         for p in problems:
             click.echo(str(p))
@@ -125,14 +242,14 @@ def preview(source, out_path, n_images, draws, seed):
     """Draw train images beside augmented versions of them (PNG), to see what augmentation does."""
     import numpy as np
 
+    from cxrkeras import data as data_lib
     from cxrkeras import plots
     from cxrkeras.augment import study_augmentation
 
-    try:
-        good, _ = data_lib.check_samples(data_lib.find_samples(source))
-    except data_lib.DatasetError as e:
-        raise click.ClickException(str(e))
+    good, _ = _readable_samples(source)
     train = [s for s in good if s.split == "train"]
+    if not train:
+        raise click.ClickException(f"{source}: no readable train images to preview.")
     picks = np.random.default_rng(seed).choice(len(train), size=min(n_images, len(train)), replace=False)
     chosen = [train[i] for i in sorted(picks)]
     originals = data_lib.load_images([s.path for s in chosen])
@@ -164,26 +281,26 @@ TRAIN_OPTION_FIELDS = {
 
 def train_options(command):
     """The training-setting options (each overrides the study's default or --config), for any command that trains."""
-    from cxrkeras import training
+    from cxrkeras import config as settings
 
     options = [
         click.option("--epochs", type=click.IntRange(1), help="Epochs [study: 35; covid 25]."),
         click.option("--batch-size", type=click.IntRange(1), help="Batch size [study: 64]."),
-        click.option("--optimizer", type=click.Choice(training.OPTIMIZERS), help="[study: adam]"),
+        click.option("--optimizer", type=click.Choice(settings.OPTIMIZERS), help="[study: adam]"),
         click.option("--learning-rate", type=click.FloatRange(0, min_open=True), help="[study: 1e-3]"),
         click.option("--weight-decay", type=click.FloatRange(0), help="Decoupled weight decay [study: 0]."),
-        click.option("--schedule", type=click.Choice(training.SCHEDULES),
+        click.option("--schedule", type=click.Choice(settings.SCHEDULES),
                      help="Learning rate: constant, cosine decay over the run, or halved on a plateau of --monitor."),
-        click.option("--class-weight", type=click.Choice(training.CLASS_WEIGHTS),
+        click.option("--class-weight", type=click.Choice(settings.CLASS_WEIGHTS),
                      help="balanced: weight each class n / (k * count) [study: none]."),
         click.option("--seed", type=int, help="Seed of init, shuffling, dropout and augmentation [0]."),
-        click.option("--precision", type=click.Choice(training.PRECISIONS), help="[float32]"),
+        click.option("--precision", type=click.Choice(settings.PRECISIONS), help="[float32]"),
         click.option("--augment/--no-augment", default=None, help="The study's augmentation of train images [on]."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Validation fraction carved from train, for model selection [0.15]."),
-        click.option("--monitor", type=click.Choice(list(training.MONITORS)),
+        click.option("--monitor", type=click.Choice(list(settings.MONITORS)),
                      help="Validation metric that picks the kept epoch [val_loss]."),
-        click.option("--distribute", type=click.Choice(training.DISTRIBUTES),
+        click.option("--distribute", type=click.Choice(settings.DISTRIBUTES),
                      help="mirrored: all local GPUs (else logical CPUs); multiworker: the TF_CONFIG cluster [none]."),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                      help="A RunConfig JSON (a run's config.json, a tuning result); options given here override it."),
@@ -266,6 +383,7 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
 
     from cxrkeras import training
     from cxrkeras.config import RunConfig
+    from cxrkeras.data import DatasetError
 
     if resume:
         if config_file:
@@ -274,7 +392,10 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
         if not run_dir or not os.path.exists(os.path.join(run_dir, training.CONFIG_FILE)):
             where = run_dir or os.path.join(out, task)
             raise click.UsageError(f"--resume: no run to resume in {where} (no {training.CONFIG_FILE}).")
-        base = RunConfig.load(os.path.join(run_dir, training.CONFIG_FILE))
+        try:
+            base = RunConfig.load(os.path.join(run_dir, training.CONFIG_FILE))
+        except ValueError as e:
+            raise click.ClickException(str(e))
         run_config = build_run_config(task, data_path, base=base, **options)
     else:
         run_config = build_run_config(task, data_path, config_file, **options)
@@ -297,7 +418,7 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
     except KeyboardInterrupt:
         click.echo(f"\nInterrupted. Nothing finished is lost; continue with:\n  {resume_command}", err=True)
         raise SystemExit(130)
-    except (data_lib.DatasetError, training.RunDirError) as e:
+    except (DatasetError, training.RunDirError) as e:
         raise click.ClickException(str(e))
     except ValueError as e:  # settings that only fail with the data or devices at hand (batch size vs replicas)
         raise click.UsageError(str(e))
@@ -328,7 +449,7 @@ def _quote(value):
               help="Image for Grad-CAM (repeatable); the first also for the feature maps "
               "[default: the split's first images].")
 @click.option("--task", type=click.Choice(["infected", "covid"]),
-              help="A binary model's task, when no config.json lies beside it.")
+              help="A binary model's task, when it does not say (older files) and has no config.json.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="--split validation: fraction carved from train [the run's, else 0.15].")
 @click.option("--seed", type=int, help="--split validation: seed of the carve [the run's, else 0].")
@@ -346,7 +467,7 @@ def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, 
     images are evaluated.
     """
     from cxrkeras import evaluation
-    from cxrkeras.runs import ModelError
+    from cxrkeras.runs import TaskUnknownError
 
     _dataset_source(data_path)
     log = lambda message: click.echo(message, err=True)  # noqa: E731
@@ -355,7 +476,9 @@ def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, 
             model_path, data_path, split, out_dir, images=list(images) or None, task=task,
             val_fraction=val_fraction, seed=seed, batch_size=batch_size, log=log,
         )
-    except (data_lib.DatasetError, evaluation.EvaluationError, ModelError) as e:
+    except TaskUnknownError as e:
+        raise click.UsageError(f"{e} Pass --task infected or --task covid.")
+    except (*_model_errors(), evaluation.EvaluationError) as e:
         raise click.ClickException(str(e))
     if as_json:
         _echo_json(metrics)
@@ -421,10 +544,11 @@ class TargetRecall(click.ParamType):
 
 def _model_errors():
     """The errors that mean "this model or dataset can't be used as given" (-> exit 1)."""
+    from cxrkeras.data import DatasetError
     from cxrkeras.export import ExportError
     from cxrkeras.runs import ModelError
 
-    return (ModelError, ExportError, data_lib.DatasetError)
+    return (ModelError, ExportError, DatasetError)
 
 
 @main.command()
@@ -448,8 +572,11 @@ def _model_errors():
     "--t-infected", type=click.FloatRange(0, 1), help="Infected threshold without --target-recall.  [default: 0.5]"
 )
 @click.option("--t-covid", type=click.FloatRange(0, 1), help="COVID threshold without --target-recall.  [default: 0.5]")
+@click.option("--overwrite", is_flag=True, help="Replace the model already in OUT (refused without it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the cascade record as JSON.")
-def cascade(run_infected, run_covid, out_dir, target, data_source, val_fraction, seed, t_infected, t_covid, as_json):
+def cascade(
+    run_infected, run_covid, out_dir, target, data_source, val_fraction, seed, t_infected, t_covid, overwrite, as_json
+):
     """Join two trained classifiers into the study's cascade, saved as OUT/model.keras.
 
     RUN_INFECTED and RUN_COVID are run folders (or .keras files) of the normal
@@ -459,7 +586,9 @@ def cascade(run_infected, run_covid, out_dir, target, data_source, val_fraction,
     picked on the validation split carved from train (never test): the most
     accurate pair whose recall for CLASS reaches RECALL. OUT/cascade.json holds
     the thresholds, the source runs and the false-negative / false-positive
-    trade-off table; OUT/threshold_tradeoff.png draws it.
+    trade-off table; OUT/threshold_tradeoff.png draws it. A folder that
+    already holds a model (a classifier's run, an older cascade) is refused
+    unless --overwrite; every file is written under a temporary name first.
     """
     from cxrkeras.runs import CASCADE_FILE, MODEL_FILE
     from cxrkeras.thresholds import make_cascade
@@ -481,6 +610,7 @@ def cascade(run_infected, run_covid, out_dir, target, data_source, val_fraction,
             seed=seed,
             t_infected=0.5 if t_infected is None else t_infected,
             t_covid=0.5 if t_covid is None else t_covid,
+            overwrite=overwrite,
         )
     except _model_errors() as e:
         raise click.ClickException(str(e))
@@ -519,7 +649,9 @@ def cascade(run_infected, run_covid, out_dir, target, data_source, val_fraction,
     help="Base folder; the export goes to OUT/VERSION.",
 )
 @click.option(
-    "--task", type=click.Choice(["infected", "covid"]), help="Which classifier a binary model without config.json is."
+    "--task",
+    type=click.Choice(["infected", "covid"]),
+    help="Which classifier a binary model is, when it does not say (older files) and has no config.json.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the export's metadata as JSON.")
 def export(model_path, base_dir, task, as_json):
@@ -556,7 +688,9 @@ def export(model_path, base_dir, task, as_json):
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option(
-    "--task", type=click.Choice(["infected", "covid"]), help="Which classifier a binary model without config.json is."
+    "--task",
+    type=click.Choice(["infected", "covid"]),
+    help="Which classifier a binary model is, when it does not say (older files) and has no config.json.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
 def predict(model_path, images, batch_size, task, as_json):

@@ -15,6 +15,17 @@ TASKS = {
     "three-class": CLASSES,
 }
 IMAGE_SIZE = 150
+# The largest image accepted, in pixels declared by its header (cxrkeras.data.max_pixels reads the variable).
+MAX_PIXELS_ENV = "CXRKERAS_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 50_000_000  # 7071 x 7071; a chest X-ray is rarely above 3000 x 3000
+
+# The values each training setting takes (TrainConfig below; checked by training.check_train_config).
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine", "plateau")
+CLASS_WEIGHTS = ("none", "balanced")
+PRECISIONS = ("float32", "mixed_bfloat16")
+MONITORS = {"val_loss": "min", "val_accuracy": "max"}  # and which way is better
+DISTRIBUTES = ("none", "mirrored", "multiworker")
 
 
 def check_task(task):
@@ -108,13 +119,21 @@ class RunConfig:
         )
 
     def save(self, path):
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        from cxrkeras.files import write_json_atomic
+
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path):
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """The RunConfig in a JSON file; ValueError naming the file when it is not one."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = json.load(f)
+            if not isinstance(loaded, dict):
+                raise ValueError("expected a JSON object with data, model and train sections")
+            return cls.from_dict(loaded)
+        except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{path}: not a run config ({e}).") from None
 
 
 def _fill(cls, values):

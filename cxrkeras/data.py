@@ -1,29 +1,30 @@
 """Datasets: find images, check them, deduplicate, split, and feed them through tf.data.
 
 Path of a batch: files -> `find_samples` (folder layout or CSV manifest) ->
-`check_samples` (drops files that do not decode) -> `carve_validation` (dedupe,
-stratified, seeded) -> `task_arrays` (labels for one task) -> `make_dataset`
-(decode, cache, shuffle, batch, augment, prefetch).
+`check_samples` (drops, and lists with the reason, every file that training's
+own decoder would not read: `check_image`) -> `carve_validation` (dedupe,
+stratified, seeded; every class must be there) -> `task_arrays` (labels for
+one task) -> `make_dataset` (decode, cache, shuffle, batch, augment, prefetch).
 """
 
 import csv
 import hashlib
+import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
-from cxrkeras.config import CLASSES, IMAGE_SIZE, TASKS, check_task
+from cxrkeras.config import CLASSES, DEFAULT_MAX_PIXELS, IMAGE_SIZE, MAX_PIXELS_ENV, TASKS, check_task
 
 SPLITS = ("train", "val", "test")
 CLASS_DIRS = {"normal": "normal", "non-covid": "infected/non-covid", "covid": "infected/covid"}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 EXPECTED_LAYOUT = """expected layout:
-  DIR/train/normal/*.jpg|png
-  DIR/train/infected/non-covid/*.jpg|png
-  DIR/train/infected/covid/*.jpg|png
+  DIR/train/normal/*.jpg|png|bmp|gif
+  DIR/train/infected/non-covid/*.jpg|png|bmp|gif
+  DIR/train/infected/covid/*.jpg|png|bmp|gif
   (and the same under DIR/val/ and DIR/test/ where those splits exist)
 or a CSV manifest with columns path,label[,split] (label: normal, non-covid or covid)"""
 
@@ -45,17 +46,19 @@ class Problem:
     reason: str
 
     def __str__(self):
-        return f"{self.path}: {self.reason}"
+        return f"{printable(self.path)}: {self.reason}"
 
 
 # ---------------------------------------------------------------- finding files
 
 
 def find_samples(source, splits=None):
-    """All images under `source`: a folder in the study's layout or a CSV manifest.
+    """Every entry under `source`: a folder in the study's layout or a CSV manifest.
 
     `splits` limits the folder splits that must exist (default: those present,
-    `train` required). Raises DatasetError naming the missing path.
+    `train` required). Each entry of a class folder becomes a Sample, whatever
+    it is: `check_samples` then tells the images from the rest. Raises
+    DatasetError naming the missing path.
     """
     source = os.fspath(source)
     if os.path.isfile(source):
@@ -72,7 +75,7 @@ def find_samples(source, splits=None):
             folder = os.path.join(source, split, sub)
             if not os.path.isdir(folder):
                 raise DatasetError(f"{folder}: missing class folder.\n{EXPECTED_LAYOUT}")
-            names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+            names = sorted(os.listdir(folder))
             if not names:
                 raise DatasetError(f"{folder}: empty class folder (no images).\n{EXPECTED_LAYOUT}")
             samples += [Sample(os.path.join(folder, n), label, split) for n in names]
@@ -81,13 +84,15 @@ def find_samples(source, splits=None):
 
 def read_manifest(path):
     """Samples from a CSV with a header `path,label[,split]`; relative paths are relative to the CSV."""
-    root = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _manifest_rows(path)
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise DatasetError(f"{path}: a manifest needs a header with columns path,label[,split].")
+    root = os.path.dirname(os.path.abspath(path))
     samples = []
     for line, row in enumerate(rows, start=2):
+        for column in ("path", "label"):
+            if not (row.get(column) or "").strip():
+                raise DatasetError(f"{path}:{line}: missing {column!r} cell; expected path,label[,split].")
         label, split = row["label"].strip(), (row.get("split") or "train").strip()
         if label not in CLASSES:
             raise DatasetError(f"{path}:{line}: label {label!r}; expected one of {list(CLASSES)}.")
@@ -100,44 +105,246 @@ def read_manifest(path):
     return samples
 
 
-# ---------------------------------------------------------------- checking files
-
-
-def check_image(path):
-    """None when `path` decodes as a JPEG or PNG image, else the reason it does not."""
-    if not path.lower().endswith(IMAGE_EXTENSIONS):
-        return "not a .jpg, .jpeg or .png file"
+def _manifest_rows(path):
+    with open(path, "rb") as f:
+        kind = sniff_format(f.read(16))
+    if kind is not None:
+        raise DatasetError(f"{path}: a {kind} image; expected a dataset folder or a CSV manifest.\n{EXPECTED_LAYOUT}")
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        with Image.open(path) as im:
-            if im.format not in ("JPEG", "PNG"):
-                return f"{im.format} image; expected JPEG or PNG"
-            im.load()
-    except OSError as e:  # PIL raises UnidentifiedImageError / OSError for bad data
-        return f"does not decode as an image ({e})"
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{path}: not a CSV manifest ({e}).\n{EXPECTED_LAYOUT}") from None
+
+
+# ---------------------------------------------------------------- checking files
+#
+# One judge for every file: `check_image` tells whether training can read it
+# and, if not, why. It decides by content (leading bytes), reads the declared
+# size from the header (Pillow, nothing decoded) against the pixel limit, then
+# decodes with `decode_pixels`, the very function training and export use. A
+# new format is one more entry in IMAGE_FORMATS and in `declared_size`'s
+# readers (and, if TensorFlow cannot decode it, a branch in `decode_pixels`).
+
+IMAGE_FORMATS = {  # leading bytes -> format; those tf.io.decode_image reads with a float dtype
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+}
+CACHE_ENV = "CXRKERAS_CACHE_DIR"
+CHECK_VERSION = 1  # bump when `check_image` changes what it accepts: cached verdicts are then redone
+
+
+def sniff_format(head):
+    """The image format that `head` (a file's first bytes) starts with, or None."""
+    for magic, kind in IMAGE_FORMATS.items():
+        if head.startswith(magic):
+            return kind
     return None
 
 
-def check_samples(samples):
-    """(good samples, problems): every file that does not decode is a Problem naming it and why."""
+def max_pixels():
+    """The pixel limit: $CXRKERAS_MAX_PIXELS (`cxrkeras --max-pixels`), else DEFAULT_MAX_PIXELS."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise DatasetError(f"${MAX_PIXELS_ENV}={value!r}: expected a positive whole number of pixels.")
+    return int(value)
+
+
+def printable(path):
+    """`path` for messages and reports: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def declared_size(file, kind):
+    """(width, height) from the header of a `kind` image in an open binary `file`, nothing decoded.
+
+    The format's Pillow reader is called directly: `Image.open` would first
+    apply Pillow's own decompression-bomb limit, and ours (`max_pixels`) is
+    the one that applies here.
+    """
+    from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin
+
+    readers = {
+        "JPEG": JpegImagePlugin.JpegImageFile,
+        "PNG": PngImagePlugin.PngImageFile,
+        "GIF": GifImagePlugin.GifImageFile,
+        "BMP": BmpImagePlugin.BmpImageFile,
+    }
+    file.seek(0)
+    return readers[kind](file).size
+
+
+def check_image(path, limit=None):
+    """None when training can read the image file at `path`, else the reason it cannot.
+
+    Accepts what `decode_pixels` decodes (JPEG, PNG, BMP, GIF's first frame;
+    8 or 16 bits; gray, RGB, RGBA or CMYK) from 1x1 up to `limit` pixels
+    (default: `max_pixels()`), judged by content, not by the file's name.
+    """
+    limit = limit or max_pixels()
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (TensorFlow cannot open it): rename the file"
+    if not os.path.isfile(path):
+        if os.path.isdir(path):
+            return "a folder, not an image file"
+        return "not a regular file" if os.path.exists(path) else "no such file"
+    try:
+        with open(path, "rb") as f:
+            kind = sniff_format(f.read(16))
+            if f.tell() == 0:
+                return "empty file (0 bytes)"
+            if kind is None:
+                return "not an image: JPEG, PNG, BMP or GIF expected (judged by content, not by name)"
+            try:
+                width, height = declared_size(f, kind)
+            except (SyntaxError, ValueError, OSError) as e:  # Pillow's readers raise SyntaxError for a bad header
+                return f"does not decode as {kind} (its header: {e})"
+            if width * height > limit:
+                return (
+                    f"{kind} declares {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
+                    f"(raise it with --max-pixels or ${MAX_PIXELS_ENV})"
+                )
+            f.seek(0)
+            contents = f.read()
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return decode_problem(contents, kind)
+
+
+def decode_problem(contents, kind):
+    """None when `decode_pixels` reads `contents`, else TensorFlow's reason."""
+    import tensorflow as tf
+
+    try:
+        shape = decode_pixels(tf.constant(contents)).shape
+    except tf.errors.OpError as e:
+        return f"does not decode as {kind} ({_op_message(e)})"
+    if shape[0] < 1 or shape[1] < 1:
+        return f"{kind} decodes to an empty {shape[0]}x{shape[1]} image"
+    return None
+
+
+def _op_message(error):
+    """TensorFlow's error message without its op and device decorations."""
+    text = error.message.splitlines()[0] if error.message else type(error).__name__
+    text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:\w+\].*$", "", text)
+
+
+def check_samples(samples, limit=None):
+    """(good samples, problems): each file training cannot read is a Problem naming it and why.
+
+    Verdicts are remembered by path, size and modification time (see
+    `CheckCache`), so checking a dataset again only reads what changed.
+    """
+    limit = limit or max_pixels()
+    cache = CheckCache.for_samples(samples, limit)
     good, problems = [], []
     for s in samples:
-        reason = check_image(s.path)
+        reason = cache.verdict(s.path, lambda path: check_image(path, limit))
         if reason:
             problems.append(Problem(s.path, reason))
         else:
             good.append(s)
+    cache.save()
     return good, problems
 
 
-def check_dataset(source):
-    """Every problem of a dataset: layout errors and files that do not decode."""
+def class_problems(good, source):
+    """A Problem for each class with no readable train image (training needs every class)."""
+    have = {s.label for s in good if s.split == "train"}
+    return [
+        Problem(os.fspath(source), f"no readable train images of class {label!r}")
+        for label in CLASSES
+        if label not in have
+    ]
+
+
+def check_dataset(source, limit=None):
+    """(readable samples, problems): layout errors, files training cannot read, classes left empty."""
     try:
         samples = find_samples(source)
     except DatasetError as e:
         return [], [Problem(os.fspath(source), str(e))]
-    return check_samples(samples)
+    good, problems = check_samples(samples, limit)
+    return good, problems + class_problems(good, source)
+
+
+class CheckCache:
+    """Verdicts of `check_image`, by path, size and modification time, in a JSON file per dataset.
+
+    The file lives in $CXRKERAS_CACHE_DIR (default ~/.cache/cxrkeras) and is
+    named after the folder holding the samples; it is kept only for the same
+    pixel limit, check version and TensorFlow version. A cache that cannot be
+    read or written is ignored: it only saves time.
+    """
+
+    def __init__(self, path, stamp):
+        self.path, self.stamp = path, stamp
+        self.entries, self.used, self.changed = {}, {}, False
+        try:
+            with open(path, encoding="utf-8") as f:
+                stored = json.load(f)
+            if stored.get("stamp") == stamp:
+                self.entries = stored["files"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+
+    @classmethod
+    def for_samples(cls, samples, limit):
+        folders = [os.path.dirname(os.path.abspath(s.path)) for s in samples]
+        root = os.path.commonpath(folders) if folders else ""
+        name = hashlib.sha256(os.fsencode(root)).hexdigest()[:16]
+        base = os.environ.get(CACHE_ENV) or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cxrkeras"
+        )
+        stamp = f"check {CHECK_VERSION}; max_pixels {limit}; tensorflow {_tensorflow_version()}"
+        return cls(os.path.join(base, f"checked-{name}.json"), stamp)
+
+    def verdict(self, path, check):
+        """The cached reason (or None) for `path` if it is unchanged, else `check(path)` remembered."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return check(path)
+        key, stat = os.path.abspath(path), [st.st_size, st.st_mtime_ns]
+        entry = self.entries.get(key)
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stat:
+            self.used[key] = entry
+            return entry[2]
+        reason = check(path)
+        self.used[key] = stat + [reason]
+        self.changed = True
+        return reason
+
+    def save(self):
+        if not self.changed and len(self.used) == len(self.entries):
+            return
+        from cxrkeras.files import write_json_atomic
+
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            write_json_atomic(self.path, {"stamp": self.stamp, "files": self.used})
+        except OSError:
+            pass
+
+
+def _tensorflow_version():
+    import importlib.metadata
+
+    for name in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 # ---------------------------------------------------------------- splitting
@@ -170,9 +377,23 @@ def carve_validation(train, fraction=0.15, seed=0):
         group = [s for s in unique if s.label == label]
         order = rng.permutation(len(group))
         n_val = int(round(fraction * len(group)))
+        if not group:
+            raise DatasetError(f"no readable train images of class {label!r}.")
+        if n_val == 0 or n_val == len(group):
+            raise DatasetError(
+                f"class {label!r} has {len(group)} readable, distinct train image(s): too few to carve a "
+                f"validation split of {fraction} (at least {_fewest_to_split(fraction)} needed)."
+            )
         held += [group[i] for i in sorted(order[:n_val])]
         keep += [group[i] for i in sorted(order[n_val:])]
     return keep, held
+
+
+def _fewest_to_split(fraction):
+    n = 2
+    while not 0 < round(fraction * n) < n:
+        n += 1
+    return n
 
 
 def task_arrays(samples, task):
@@ -221,7 +442,11 @@ class Splits:
 def load_splits(source, val_fraction=0.15, seed=0):
     """Find, check and split a dataset. Files that do not decode are left out and listed in `problems`."""
     good, problems = check_samples(find_samples(source))
-    train, validation = carve_validation([s for s in good if s.split == "train"], val_fraction, seed)
+    try:
+        train, validation = carve_validation([s for s in good if s.split == "train"], val_fraction, seed)
+    except DatasetError as e:
+        skipped = f" {len(problems)} file(s) were skipped as unreadable: see `cxrkeras data check`." if problems else ""
+        raise DatasetError(f"{os.fspath(source)}: {e}{skipped}") from None
     by_split = {sp: [s for s in good if s.split == sp] for sp in ("val", "test")}
     return Splits(train, validation, by_split["val"], by_split["test"], problems)
 
@@ -229,14 +454,27 @@ def load_splits(source, val_fraction=0.15, seed=0):
 # ---------------------------------------------------------------- tf.data
 
 
+def decode_pixels(contents):
+    """Encoded image bytes -> [height, width, channels] float32 in [0, 1]: how training reads a file.
+
+    JPEG (also CMYK, which TensorFlow's libjpeg turns into RGB), PNG (8 or 16
+    bits), BMP and GIF (its first frame). `check_image` runs this on every
+    file before training, so a file that fails here is skipped, never met
+    mid-epoch.
+    """
+    import tensorflow as tf
+
+    return tf.io.decode_image(contents, channels=0, dtype=tf.float32, expand_animations=False)
+
+
 def decode_image(contents, image_size=IMAGE_SIZE):
-    """Encoded JPEG/PNG bytes (8- or 16-bit; gray, RGB or RGBA; any size) -> [size, size, 1] float32 in [0, 1].
+    """Encoded image bytes (any size; gray, gray+alpha, RGB or RGBA) -> [size, size, 1] float32 in [0, 1].
 
     Plain TensorFlow ops, so the same function runs in tf.data and inside an exported SavedModel.
     """
     import tensorflow as tf
 
-    image = tf.io.decode_image(contents, channels=0, dtype=tf.float32, expand_animations=False)
+    image = decode_pixels(contents)
     channels = tf.shape(image)[-1]
     image = tf.cond(channels >= 3, lambda: tf.image.rgb_to_grayscale(image[..., :3]), lambda: image[..., :1])
     image = tf.image.resize(image, (image_size, image_size), antialias=True)

@@ -13,6 +13,7 @@ Grad-CAM uses `tf.GradientTape` (evaluation runs on the TensorFlow backend);
 everything else is backend-agnostic.
 """
 
+import hashlib
 import json
 import os
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from cxrkeras import data as data_lib
 from cxrkeras import runs
-from cxrkeras.config import CLASSES, TASKS, check_task
+from cxrkeras.files import write_json_atomic
 from cxrkeras.models import cascade as cascade_lib
 from cxrkeras.models import conv_layer_names
 
@@ -38,48 +39,31 @@ class EvaluationError(Exception):
 # ---------------------------------------------------------------- metrics from arrays
 
 
-def class_names_for(kind, task=None):
-    """Class names of a model's outputs: the three classes, or the two of a binary `task`."""
-    if kind in ("cascade", "three-class"):
-        return list(CLASSES)
-    if task is None:
-        raise EvaluationError("A binary model needs its `task` (infected or covid). Received: task=None")
-    if check_task(task) == "three-class":
-        raise EvaluationError(f"A binary model cannot have task 'three-class'. Received: task={task!r}")
-    return list(TASKS[task])
-
-
-def confusion_matrix(labels, predictions, num_classes):
-    """[num_classes, num_classes] counts; rows are true classes, columns predicted ones."""
-    cm = np.zeros((num_classes, num_classes), dtype="int64")
-    np.add.at(cm, (np.asarray(labels, "int64"), np.asarray(predictions, "int64")), 1)
-    return cm
-
-
 def classification_table(labels, predictions, class_names):
     """The study's table: per-class recall, precision, F1 and support; overall accuracy; the confusion.
 
-    A class never predicted has precision 0; a class absent from `labels` has recall 0.
+    scikit-learn's metrics, with 0 where a ratio is undefined: a class never
+    predicted has precision 0, a class absent from `labels` recall 0.
     """
-    cm = confusion_matrix(labels, predictions, len(class_names))
-    true_counts, pred_counts, hits = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
-    per_class = {}
-    for i, name in enumerate(class_names):
-        recall = hits[i] / true_counts[i] if true_counts[i] else 0.0
-        precision = hits[i] / pred_counts[i] if pred_counts[i] else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {
-            "recall": float(recall),
-            "precision": float(precision),
-            "f1": float(f1),
-            "support": int(true_counts[i]),
-        }
-    n = int(cm.sum())
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    classes = list(range(len(class_names)))
+    labels, predictions = np.asarray(labels, "int64"), np.asarray(predictions, "int64")
+    cm = confusion_matrix(labels, predictions, labels=classes)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=classes, zero_division=0.0
+    )
+    per_class = {
+        name: {"recall": float(recall[i]), "precision": float(precision[i]), "f1": float(f1[i]),
+               "support": int(support[i])}
+        for i, name in enumerate(class_names)
+    }
+    n, correct = int(cm.sum()), int(np.trace(cm))
     return {
         "classes": list(class_names),
         "per_class": per_class,
-        "accuracy": float(hits.sum() / n) if n else 0.0,
-        "correct": int(hits.sum()),
+        "accuracy": correct / n if n else 0.0,
+        "correct": correct,
         "n": n,
         "confusion": cm.tolist(),
     }
@@ -191,13 +175,14 @@ def predict(model, images, batch_size=64):
 def evaluate(model, images, labels, task=None, class_names=None, batch_size=64):
     """Predict `images` and return every metric against `labels` (class indices), as a dict.
 
-    `task` names a binary model's task (infected or covid); `class_names`
-    overrides the names of its outputs. For the cascade the result also holds
-    its thresholds and the study's stage accuracies, the covid stage measured
-    by its covid classifier alone on the truly infected images.
+    `task` names a binary model's task (infected or covid) when the model
+    does not say; `class_names` overrides the names of its outputs. For the
+    cascade the result also holds its thresholds and the study's stage
+    accuracies, the covid stage measured by its covid classifier alone on the
+    truly infected images.
     """
     kind = cascade_lib.model_kind(model)
-    class_names = list(class_names or class_names_for(kind, task))
+    class_names = list(class_names or runs.class_names(model, task=task))
     images = np.asarray(images, dtype="float32")
     probabilities, predictions = predict(model, images, batch_size)
     return _metrics(model, kind, images, np.asarray(labels), probabilities, predictions, class_names, batch_size)
@@ -341,32 +326,18 @@ def feature_model(model, kind):
 # ---------------------------------------------------------------- a run on a dataset
 
 
-def resolve_task(model, model_path, task=None):
-    """The data task of a model: "three-class" for the cascade and three-class models, else its binary task.
-
-    From `task` (the user's), the run's config.json beside `model_path`, or
-    the builder's name ("covid_classifier"); EvaluationError when a binary
-    model's task can't be told.
-    """
-    found = runs.model_task(model, model_path, task)
-    if found is None:
-        raise EvaluationError(
-            f"Can't tell whether binary model {model.name!r} at {model_path} is the infected or the covid "
-            f"classifier (no config.json beside it): pass --task infected or --task covid."
-        )
-    return "three-class" if found == "cascade" else found
-
-
-def _check_split_present(data_dir, split, samples):
-    if samples:
-        return
-    folder = "train" if split == "validation" else split
-    if os.path.isdir(data_dir):
-        path = os.path.join(data_dir, folder)
-        if not os.path.isdir(path):
-            raise data_lib.DatasetError(f"{path}: missing split folder; cannot evaluate split {split!r}.")
-        raise data_lib.DatasetError(f"{path}: no usable images for split {split!r}.")
-    raise data_lib.DatasetError(f"{data_dir}: the manifest has no {folder!r} images; cannot evaluate split {split!r}.")
+def _split_samples(data_dir, split, val_fraction, seed):
+    """(Splits, the evaluated split's samples); DatasetError naming a missing split folder."""
+    data_dir = os.fspath(data_dir)
+    folder = os.path.join(data_dir, "train" if split == "validation" else split)
+    if os.path.isdir(data_dir) and not os.path.isdir(folder):  # fail before checking every image
+        raise data_lib.DatasetError(f"{folder}: missing split folder; cannot evaluate split {split!r}.")
+    splits = data_lib.load_splits(data_dir, val_fraction, seed)
+    samples = splits.get(split)
+    if not samples:
+        where = folder if os.path.isdir(data_dir) else f"{data_dir}: the manifest's {split!r} split"
+        raise data_lib.DatasetError(f"{where}: no readable images; cannot evaluate split {split!r}.")
+    return splits, samples
 
 
 def _task_samples(samples, task):
@@ -380,6 +351,29 @@ def _default_gradcam_picks(labels, n=GRADCAM_DEFAULT_IMAGES):
     for rank in range(max((len(w) for w in by_class), default=0)):
         order += [int(w[rank]) for w in by_class if rank < len(w)]
     return order[:n]
+
+
+def _checked_images(paths):
+    """`paths` (the user's --image files), or DatasetError naming the first that training could not read."""
+    for path in paths:
+        reason = data_lib.check_image(os.fspath(path))
+        if reason:
+            raise data_lib.DatasetError(f"{data_lib.printable(os.fspath(path))}: {reason}.")
+    return [os.fspath(p) for p in paths]
+
+
+def output_name(prefix, stem, suffix=".png", limit=120):
+    """`prefix + stem + suffix`, always at most `limit` bytes (file systems allow 255).
+
+    A longer stem (from a user's file name) is cut and tagged with a short hash of the whole stem.
+    """
+    name = f"{prefix}{stem}{suffix}"
+    if len(name.encode()) <= limit:
+        return name
+    tag = hashlib.sha256(stem.encode()).hexdigest()[:8]
+    room = limit - len(f"{prefix}-{tag}{suffix}".encode())
+    cut = stem.encode()[:room].decode("utf-8", "ignore")
+    return f"{prefix}{cut}-{tag}{suffix}"
 
 
 def evaluate_run(
@@ -397,48 +391,40 @@ def evaluate_run(
     """Evaluate a saved model on one split; write metrics.json and every figure into `out_dir`.
 
     `model_path` is a .keras file or a run dir (binary, three-class or
-    cascade). `split`: "validation" (carved from train with the run's
-    val_fraction and seed, else `val_fraction` / `seed`, else 0.15 / 0), "val"
-    (the release's val/) or "test". `images`: image paths for the feature
-    maps (the first) and Grad-CAM (all); default: the split's first image for
-    the feature maps and the first image of each class in turn (4 in all) for
-    Grad-CAM. Grad-CAM explains the predicted class; for the cascade it is
-    the Grad-CAM of the stage that decided (`explained_model`). The grid is
-    always the release's val/ split (skipped, with a note, without one).
+    cascade); images are read at the model's own input size. `split`:
+    "validation" (carved from train with the run's val_fraction and seed,
+    else `val_fraction` / `seed`, else 0.15 / 0), "val" (the release's val/)
+    or "test". `images`: image paths for the feature maps (the first) and
+    Grad-CAM (all); default: the split's first image for the feature maps and
+    the first image of each class in turn (4 in all) for Grad-CAM. metrics.json
+    is written before any figure, so a figure that fails loses no numbers.
     Returns the metrics dict (also saved), with "files" listing what was written.
     """
-    from cxrkeras import plots
-
     if split not in SPLIT_NAMES:
         raise EvaluationError(f"Unknown split {split!r}; expected one of {list(SPLIT_NAMES)}.")
     model_path = os.fspath(model_path)
     run_dir = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    config = runs.run_config(model_path) or {}
     model = runs.load_model(model_path)
     kind = cascade_lib.model_kind(model)
-    task = resolve_task(model, model_path, task)
-    class_names = class_names_for(kind, task)
-    data_config = config.get("data") or {}
-    if val_fraction is None:
-        val_fraction = data_config.get("val_fraction", 0.15)
-    if seed is None:
-        seed = data_config.get("seed", 0)
+    class_names = list(runs.class_names(model, model_path, task))
+    task = runs.data_task(model, model_path, task)
+    data_config = (runs.run_config(model_path) or {}).get("data") or {}
+    val_fraction = data_config.get("val_fraction", 0.15) if val_fraction is None else val_fraction
+    seed = data_config.get("seed", 0) if seed is None else seed
 
-    folder = os.path.join(os.fspath(data_dir), "train" if split == "validation" else split)
-    if os.path.isdir(data_dir) and not os.path.isdir(folder):  # fail before checking every image
-        raise data_lib.DatasetError(f"{folder}: missing split folder; cannot evaluate split {split!r}.")
-    splits = data_lib.load_splits(data_dir, val_fraction, seed)
-    samples = _task_samples(splits.get(split), task)
-    _check_split_present(data_dir, split, splits.get(split))
+    splits, samples = _split_samples(data_dir, split, val_fraction, seed)
+    samples = _task_samples(samples, task)
     if not samples:
         raise data_lib.DatasetError(f"{data_dir}: split {split!r} has no infected images for the covid task.")
-    paths, labels = data_lib.task_arrays(splits.get(split), task)
+    chosen = _checked_images(images) if images else None
+    paths, labels = data_lib.task_arrays(samples, task)
     out_dir = out_dir or os.path.join(run_dir, f"eval-{split}")
     os.makedirs(out_dir, exist_ok=True)
     if splits.problems:
         log(f"skipped {len(splits.problems)} file(s) that do not decode (see `cxrkeras data check`)")
 
-    x = data_lib.load_images(paths)
+    size = int(model.input_shape[1])
+    x = data_lib.load_images(paths, size)
     probabilities, predictions = predict(model, x, batch_size)
     metrics = {
         "model": os.path.abspath(model_path),
@@ -451,81 +437,99 @@ def evaluate_run(
     }
     if split == "validation":
         metrics["validation"] = {"val_fraction": val_fraction, "seed": seed}
+    metrics_path = os.path.join(out_dir, runs.METRICS_FILE)
+    write_json_atomic(metrics_path, {**metrics, "files": [runs.METRICS_FILE]})  # the numbers first
 
-    files = []
-    out = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    curves = one_vs_rest_curves(probabilities, labels, class_names)
     title = f"{os.path.basename(run_dir)} on {split} (n={len(labels)})"
-    confusion = np.asarray(metrics["confusion"])
-    files.append(plots.confusion_matrix_figure(confusion, class_names, out("confusion_matrix.png"), title))
-    files.append(plots.roc_figure(curves["roc"], out("roc.png"), f"ROC, one-vs-rest: {title}"))
-    files.append(plots.pr_figure(curves["pr"], out("pr.png"), f"Precision-recall, one-vs-rest: {title}"))
-    bins = reliability_bins(probabilities, labels)
-    files.append(plots.reliability_figure(bins, metrics["ece"], out("calibration.png"), title))
-
-    # The study's Figure 2.8.2: the release's own val/ images with true and predicted labels.
+    files = _metric_figures(metrics, probabilities, labels, class_names, out_dir, title)
     grid = _task_samples(splits.val, task)[:GRID_SIZE]
-    if grid:
-        grid_paths, grid_labels = data_lib.task_arrays(grid, task)
-        grid_images = data_lib.load_images(grid_paths)
-        grid_probs, grid_preds = predict(model, grid_images, batch_size)
-        k = int((grid_preds == grid_labels).sum())
-        metrics["grid"] = {"correct": k, "n": len(grid_labels)}
-        files.append(
-            plots.prediction_grid(
-                grid_images,
-                [class_names[i] for i in grid_labels],
-                [class_names[i] for i in grid_preds],
-                grid_probs[np.arange(len(grid_preds)), grid_preds],
-                out("grid.png"),
-                f"val/: {k}/{len(grid_labels)} correct ({100 * k / len(grid_labels):.1f}%)",
-            )
-        )
-    else:
-        metrics["grid"] = None
+    metrics["grid"], grid_files = _grid_figure(model, grid, task, class_names, size, batch_size, out_dir)
+    if not grid:
         log(f"no grid.png: {data_dir} has no val/ images for task {task!r}")
-
-    # The images to explain: given paths, else picks from the split.
-    truth = dict(zip(paths, labels))
-    if images:
-        chosen = [os.fspath(p) for p in images]
-        missing = [p for p in chosen if not os.path.isfile(p)]
-        if missing:
-            raise data_lib.DatasetError(f"{missing[0]}: no such image file.")
-        feature_path, gradcam_paths = chosen[0], chosen
-    else:
-        feature_path = paths[0]
-        gradcam_paths = [paths[i] for i in _default_gradcam_picks(labels)]
-
-    # The study's Figures 3.4.x: every second conv layer of the covid classifier.
-    sub = feature_model(model, kind)
-    image = data_lib.load_images([feature_path])[0]
-    maps = feature_maps(sub, image)
-    caption = f"{sub.name}: every second conv layer, {os.path.basename(feature_path)}"
-    files.append(plots.feature_map_figure(image, maps, out("feature_maps.png"), caption, FEATURE_CHANNELS))
-
-    chosen_images = data_lib.load_images(gradcam_paths)
-    chosen_probs, chosen_preds = predict(model, chosen_images, batch_size)
-    metrics["gradcam"] = []
-    for i, (path, img, pred) in enumerate(zip(gradcam_paths, chosen_images, chosen_preds)):
-        explained, class_index = explained_model(model, kind, int(pred))
-        layer = gradcam_layer(explained)
-        heat = grad_cam(explained, img, layer, class_index)
-        true = class_names[truth[path]] if path in truth else "?"
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name = f"gradcam_{i:02d}_{stem if true == '?' or stem.startswith(true) else f'{true}-{stem}'}.png"
-        caption = (
-            f"{os.path.basename(path)}: true {true}, predicted {class_names[pred]} "
-            f"({chosen_probs[i, pred]:.2f})\nGrad-CAM of {explained.name}/{layer}"
-        )
-        files.append(plots.gradcam_figure(img, heat, out(name), caption))
-        metrics["gradcam"].append({"image": path, "file": name, "model": explained.name, "layer": layer})
+    files += grid_files
+    feature_path = chosen[0] if chosen else paths[0]
+    gradcam_paths = chosen or [paths[i] for i in _default_gradcam_picks(labels)]
+    files.append(_feature_map_figure(model, kind, feature_path, size, out_dir))
+    truth = {p: class_names[k] for p, k in zip(paths, labels)}
+    metrics["gradcam"], gradcam_files = _gradcam_figures(
+        model, kind, gradcam_paths, truth, class_names, size, batch_size, out_dir
+    )
+    files += gradcam_files
 
     metrics["files"] = [os.path.basename(f) for f in files] + [runs.METRICS_FILE]
-    with open(out(runs.METRICS_FILE), "w") as f:
-        json.dump(metrics, f, indent=2)
+    write_json_atomic(metrics_path, metrics)
     metrics["out_dir"] = out_dir
     return metrics
+
+
+def _metric_figures(metrics, probabilities, labels, class_names, out_dir, title):
+    """confusion_matrix.png, roc.png, pr.png and calibration.png."""
+    from cxrkeras import plots
+
+    out = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    curves = one_vs_rest_curves(probabilities, labels, class_names)
+    bins = reliability_bins(probabilities, labels)
+    return [
+        plots.confusion_matrix_figure(np.asarray(metrics["confusion"]), class_names, out("confusion_matrix.png"), title),
+        plots.roc_figure(curves["roc"], out("roc.png"), f"ROC, one-vs-rest: {title}"),
+        plots.pr_figure(curves["pr"], out("pr.png"), f"Precision-recall, one-vs-rest: {title}"),
+        plots.reliability_figure(bins, metrics["ece"], out("calibration.png"), title),
+    ]
+
+
+def _grid_figure(model, grid, task, class_names, size, batch_size, out_dir):
+    """The study's Figure 2.8.2 (the release's val/ images, true and predicted labels): (summary, files)."""
+    from cxrkeras import plots
+
+    if not grid:
+        return None, []
+    paths, labels = data_lib.task_arrays(grid, task)
+    images = data_lib.load_images(paths, size)
+    probabilities, predictions = predict(model, images, batch_size)
+    k = int((predictions == labels).sum())
+    path = plots.prediction_grid(
+        images,
+        [class_names[i] for i in labels],
+        [class_names[i] for i in predictions],
+        probabilities[np.arange(len(predictions)), predictions],
+        os.path.join(out_dir, "grid.png"),
+        f"val/: {k}/{len(labels)} correct ({100 * k / len(labels):.1f}%)",
+    )
+    return {"correct": k, "n": len(labels)}, [path]
+
+
+def _feature_map_figure(model, kind, path, size, out_dir):
+    """The study's Figures 3.4.x: every second conv layer of the covid classifier, for one image."""
+    from cxrkeras import plots
+
+    sub = feature_model(model, kind)
+    image = data_lib.load_images([path], size)[0]
+    caption = f"{sub.name}: every second conv layer, {os.path.basename(path)}"
+    out = os.path.join(out_dir, "feature_maps.png")
+    return plots.feature_map_figure(image, feature_maps(sub, image), out, caption, FEATURE_CHANNELS)
+
+
+def _gradcam_figures(model, kind, paths, truth, class_names, size, batch_size, out_dir):
+    """Grad-CAM of the predicted class (the deciding stage of a cascade) for each image: (records, files)."""
+    from cxrkeras import plots
+
+    images = data_lib.load_images(paths, size)
+    probabilities, predictions = predict(model, images, batch_size)
+    records, files = [], []
+    for i, (path, image, prediction) in enumerate(zip(paths, images, predictions)):
+        explained, class_index = explained_model(model, kind, int(prediction))
+        layer = gradcam_layer(explained)
+        heat = grad_cam(explained, image, layer, class_index)
+        true = truth.get(path, "?")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name = output_name(f"gradcam_{i:02d}_", stem if true == "?" or stem.startswith(true) else f"{true}-{stem}")
+        caption = (
+            f"{os.path.basename(path)}: true {true}, predicted {class_names[prediction]} "
+            f"({probabilities[i, prediction]:.2f})\nGrad-CAM of {explained.name}/{layer}"
+        )
+        files.append(plots.gradcam_figure(image, heat, os.path.join(out_dir, name), caption))
+        records.append({"image": path, "file": name, "model": explained.name, "layer": layer})
+    return records, files
 
 
 # ---------------------------------------------------------------- printing and comparing

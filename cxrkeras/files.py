@@ -4,24 +4,34 @@ A reader (or a kill at any moment) sees the old whole file or the new whole
 file, never half of one; a leftover temporary file carries `.tmp-` in its name.
 """
 
+import hashlib
 import json
 import os
 
 TMP_MARK = ".tmp-"
+NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
 
 
 def temp_path(path, suffix=""):
     """A temporary name beside `path` (same folder, so the rename is atomic); `suffix` keeps an extension."""
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}{TMP_MARK}{os.getpid()}{suffix}")
+    tail = f"{TMP_MARK}{os.getpid()}{suffix}"
+    if len(f".{name}{tail}".encode()) > NAME_MAX:  # a long name that fits must not fail for its temp name
+        name = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return os.path.join(folder, f".{name}{tail}")
 
 
 def write_atomic(path, write, suffix=""):
-    """Call `write(temp_path)`, then move the result onto `path`; the temp file never outlives a failure."""
+    """Call `write(temp_path)`, then move the result onto `path`; the temp file never outlives a failure.
+
+    An OSError (full disk, read-only folder, name too long) is raised again naming `path`, not the temp name.
+    """
     tmp = temp_path(path, suffix)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

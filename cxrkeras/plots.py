@@ -8,11 +8,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cxrkeras.files import write_atomic  # noqa: E402
 
-def _save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+def _save(fig, path, tight=True):
+    """Write `fig` as a PNG at `path` through a temporary name (a reader never sees half a figure)."""
+    try:
+        if tight:
+            fig.tight_layout()
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -259,9 +265,7 @@ def feature_map_figure(image, maps, path, title=None, channels=16):
         axes[r, 0].set_ylabel(f"{name}\n{fmap.shape[0]}x{fmap.shape[1]}x{fmap.shape[-1]}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight=False)
 
 
 def gradcam_figure(image, heatmap, path, title=""):

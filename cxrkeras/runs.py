@@ -12,6 +12,7 @@ import os
 import keras
 
 from cxrkeras.config import CLASSES, TASKS, check_task
+from cxrkeras.models import task_info
 from cxrkeras.models.cascade import SUBMODELS, ModelError, model_kind
 
 # A training run: saved_models/TASK/NAME/
@@ -32,8 +33,6 @@ METRICS_FILE = "metrics.json"
 
 class TaskUnknownError(ModelError):
     """A binary model whose task (infected or covid) can't be told: the caller must name it."""
-
-
 
 
 def model_file(path):
@@ -65,50 +64,82 @@ def load_model(path):
 
 
 def run_config(path):
-    """The run's config.json as a dict (beside a .keras file or in a run folder), or None."""
+    """The run's config.json as a dict (beside a .keras file or in a run folder), or None.
+
+    Raises ModelError naming the file when it is there but not a JSON object.
+    """
     path = os.fspath(path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     candidate = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(candidate):
         return None
-    with open(candidate) as f:
-        return json.load(f)
+    try:
+        with open(candidate, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelError(f"{candidate}: not a run's config.json (not valid JSON: {e}).") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{candidate}: not a run's config.json (expected a JSON object).")
+    return config
 
 
 def model_task(model, path=None, task=None):
     """The task a model was trained for: "infected", "covid", "three-class" or "cascade".
 
-    From, in order: `task` (given by the user), the run's config.json beside
-    `path`, the model's outputs (cascade, three-class), and the name the
-    builders give binary models ("infected_classifier", "covid_classifier").
-    None when a binary model's task can't be told.
+    From, in order: the model's outputs (cascade, three-class), what the
+    model says of itself (its `TaskInfo` layer), the run's config.json beside
+    `path` (models saved before TaskInfo), and the name the builders give
+    binary models ("infected_classifier", "covid_classifier"). `task`, given
+    by the user, must agree with what was found, and names a binary model
+    that nothing else tells. None when a binary model's task can't be told.
     """
     kind = model_kind(model)
     if task is not None:
         check_task(task)
+    info = task_info(model)
     if kind == "cascade":
         found = "cascade"
+    elif info is not None:
+        found = info.task
     elif kind == "three-class":
         found = "three-class"
     else:
-        config = run_config(path) if path is not None else None
-        found = ((config or {}).get("model") or {}).get("task")
-        if found is None:
-            found = {v: k for k, v in SUBMODELS.items()}.get(model.name)
+        found = _config_task(path) or {v: k for k, v in SUBMODELS.items()}.get(model.name)
     if task is not None and found not in (None, task):
         raise ModelError(f"`task` {task!r} does not match the model{_at(path)}, a {found!r} model.")
     return task or found
 
 
-def class_names(model, path=None, task=None):
-    """The model's class names in output order."""
+def _config_task(path):
+    config = run_config(path) if path is not None else None
+    model_section = (config or {}).get("model")
+    return model_section.get("task") if isinstance(model_section, dict) else None
+
+
+def known_task(model, path=None, task=None):
+    """`model_task`, or TaskUnknownError when a binary model's task can't be told."""
     found = model_task(model, path, task)
     if found is None:
         raise TaskUnknownError(
             f"Can't tell whether the binary model{_at(path)} is the infected or the covid classifier "
-            f"(no config.json beside it): pass its task ('infected' or 'covid')."
+            f"(it does not say, and no config.json lies beside it): pass its task ('infected' or 'covid')."
         )
-    return CLASSES if found == "cascade" else TASKS[found]
+    return found
+
+
+def class_names(model, path=None, task=None):
+    """The model's class names in output order: its own (TaskInfo), else its task's."""
+    found = known_task(model, path, task)
+    if found == "cascade":
+        return CLASSES
+    info = task_info(model)
+    return tuple(info.class_names) if info is not None else TASKS[found]
+
+
+def data_task(model, path=None, task=None):
+    """The task whose labels a model is scored on: "three-class" for a cascade, else its own task."""
+    found = known_task(model, path, task)
+    return "three-class" if found == "cascade" else found
 
 
 def _at(path):

@@ -6,7 +6,6 @@ on test. The cascade folder holds model.keras, cascade.json (thresholds,
 source runs, the choice and its trade-off table) and threshold_tradeoff.png.
 """
 
-import json
 import os
 import sys
 
@@ -15,8 +14,8 @@ import numpy as np
 from cxrkeras import data as data_lib
 from cxrkeras import runs
 from cxrkeras.config import CLASSES
+from cxrkeras.files import save_model_atomic, write_json_atomic
 from cxrkeras.models import cascade as cascade_lib
-
 
 
 def load_classifier(path, task):
@@ -58,11 +57,14 @@ def validation_settings(paths, data=None, val_fraction=None, seed=None):
 
 
 def validation_probabilities(infected_model, covid_model, source, val_fraction=0.15, seed=0, batch_size=64):
-    """(p_infected [N], p_covid [N], labels3 [N]) on the validation split carved from train of `source`."""
+    """(p_infected [N], p_covid [N], labels3 [N]) on the validation split carved from train of `source`.
+
+    Images are read at the classifiers' input size.
+    """
     splits = data_lib.load_splits(source, val_fraction, seed)
     if not splits.validation:
         raise data_lib.DatasetError(f"{source}: the validation split is empty (val_fraction={val_fraction}).")
-    images = data_lib.load_images([s.path for s in splits.validation])
+    images = data_lib.load_images([s.path for s in splits.validation], int(infected_model.input_shape[1]))
     labels = np.asarray([CLASSES.index(s.label) for s in splits.validation], dtype="int64")
     p_i = infected_model.predict(images, batch_size=batch_size, verbose=0)[:, 0]
     p_c = covid_model.predict(images, batch_size=batch_size, verbose=0)[:, 0]
@@ -79,13 +81,17 @@ def make_cascade(
     seed=None,
     t_infected=0.5,
     t_covid=0.5,
+    overwrite=False,
 ):
     """Build and save a cascade folder; returns the record written to cascade.json.
 
     With `target` (e.g. {"covid": 0.95}) the thresholds are chosen on the
     validation split of `data` (default: the runs' dataset, split with their
     val_fraction and seed); otherwise `t_infected` / `t_covid` are used.
+    A folder that already holds a model is refused (ModelError) unless
+    `overwrite`; every file is written through a temporary name and a rename.
     """
+    check_out_dir(out_dir, overwrite)
     infected = load_classifier(infected_path, "infected")
     covid = load_classifier(covid_path, "covid")
     record = {
@@ -113,15 +119,27 @@ def make_cascade(
         record["selection"] = {k: v for k, v in selection.items() if k != "table"}
     model = cascade_lib.build_cascade(infected, covid, record["thresholds"]["infected"], record["thresholds"]["covid"])
     os.makedirs(out_dir, exist_ok=True)
-    model.save(os.path.join(out_dir, runs.MODEL_FILE))
+    save_model_atomic(model, os.path.join(out_dir, runs.MODEL_FILE))
     if selection is not None:
         from cxrkeras import plots
 
         record["plot"] = plots.threshold_tradeoff(selection, os.path.join(out_dir, runs.TRADEOFF_PLOT))
         record["table"] = selection["table"]
-    with open(os.path.join(out_dir, runs.CASCADE_FILE), "w") as f:
-        json.dump(record, f, indent=2)
+    write_json_atomic(os.path.join(out_dir, runs.CASCADE_FILE), record)
     return record
+
+
+def check_out_dir(out_dir, overwrite=False):
+    """Refuse (ModelError) a cascade folder that is a file, or that holds a model, unless `overwrite`."""
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise runs.ModelError(f"{out_dir}: a file; expected a folder for the cascade.")
+    existing = os.path.join(out_dir, runs.MODEL_FILE)
+    if os.path.exists(existing) and not overwrite:
+        raise runs.ModelError(
+            f"{existing}: a model is already there (a classifier's run or an older cascade?); "
+            f"pick another --out, or pass --overwrite to replace it."
+        )
 
 
 # ---------------------------------------------------------------- operating point

@@ -30,7 +30,17 @@ import keras
 import numpy as np
 
 from cxrkeras import data as data_lib
-from cxrkeras.config import TASKS, RunConfig, check_task
+from cxrkeras.config import (
+    CLASS_WEIGHTS,
+    DISTRIBUTES,
+    MONITORS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    TASKS,
+    RunConfig,
+    check_task,
+)
 from cxrkeras.files import (
     read_json,
     remove_temp_files,
@@ -51,12 +61,6 @@ from cxrkeras.runs import (
 )
 from cxrkeras.models import build_model  # also registers the classifiers' custom objects for loading
 
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
-SCHEDULES = ("constant", "cosine", "plateau")
-CLASS_WEIGHTS = ("none", "balanced")
-PRECISIONS = ("float32", "mixed_bfloat16")
-MONITORS = {"val_loss": "min", "val_accuracy": "max"}
-DISTRIBUTES = ("none", "mirrored", "multiworker")
 AUGMENT_ON = ("auto", "data", "model")
 
 

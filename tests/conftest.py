@@ -3,10 +3,17 @@ import os
 import keras
 import pytest
 
+from cxrkeras.data import CACHE_ENV
 from cxrkeras.synth import write_synthetic_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_DATASET = os.path.join(ROOT, "..", "shared", "cxr-dataset")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_check_cache(tmp_path_factory):
+    """Checked-file verdicts go to a folder of this session, not the user's ~/.cache."""
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("check-cache"))
 
 
 @pytest.fixture(autouse=True)

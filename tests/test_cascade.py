@@ -1,5 +1,6 @@
 """The cascade model: formula, decision rule, thresholds through save/load, operating point, `cascade` command."""
 
+import errno
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from cxrkeras.models.cascade import (
     predict_classes,
     predict_probabilities,
 )
-from cxrkeras.runs import TaskUnknownError, class_names, load_model, model_task
+from cxrkeras.runs import TaskUnknownError, class_names, load_model, model_task, run_config
 from cxrkeras.thresholds import choose_thresholds
 
 TINY = {
@@ -151,8 +152,15 @@ def test_predict_probabilities_per_kind():
     np.testing.assert_array_equal(predict_classes(three, probabilities), probabilities.argmax(axis=1))
 
 
+def older_binary_model(name):
+    """A binary classifier without a TaskInfo layer, as models saved before it (or made elsewhere) are."""
+    inputs = keras.Input((150, 150, 1))
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="predictions")(keras.layers.Flatten()(inputs))
+    return keras.Model(inputs, outputs, name=name)
+
+
 def test_model_task_from_config_name_or_argument(tmp_path):
-    model = tiny("infected")
+    model = older_binary_model("infected_classifier")
     assert model_task(model) == "infected"  # the builder's name
     model.name = "renamed"
     assert model_task(model) is None
@@ -164,6 +172,20 @@ def test_model_task_from_config_name_or_argument(tmp_path):
     with pytest.raises(ModelError, match="does not match"):
         model_task(model, tmp_path, task="infected")
     assert class_names(tiny("three-class")) == CLASSES
+
+
+def test_a_model_says_what_it_is_wherever_its_file_goes(tmp_path):
+    """A covid classifier saved into an infected run's folder is still the covid classifier."""
+    RunConfig(model=ModelConfig(task="infected")).save(tmp_path / "config.json")
+    model = tiny("covid")
+    model.name = "renamed"  # neither the folder nor the name tells
+    model.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path)
+    assert model_task(loaded, tmp_path) == "covid"
+    assert class_names(loaded, tmp_path) == ("non-covid", "covid")
+    with pytest.raises(ModelError, match="`task` 'infected' does not match the model"):
+        class_names(loaded, tmp_path, task="infected")
+    assert loaded.count_params() == model.count_params()  # the TaskInfo layer has no weights
 
 
 # ---------------------------------------------------------------- operating point
@@ -282,6 +304,49 @@ def test_cascade_command_rejects_bad_target_recall(runs, tmp_path, value):
     result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--target-recall", value)
     assert result.exit_code == 2
     assert "Invalid value for '--target-recall'" in result.output and repr(value) in result.output
+
+
+def test_cascade_command_refuses_a_folder_holding_a_model(runs, tmp_path):
+    result = run("cascade", runs["infected"], runs["covid"], "--out", runs["infected"])
+    assert result.exit_code == 1
+    assert f"Error: {runs['infected'] / 'model.keras'}: a model is already there" in result.output
+    assert model_kind(load_model(runs["infected"])) == "binary"  # the classifier's run is untouched
+    out = tmp_path / "cascade"
+    assert run("cascade", runs["infected"], runs["covid"], "--out", out).exit_code == 0
+    result = run("cascade", runs["infected"], runs["covid"], "--out", out, "--t-covid", "0.7")
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    result = run("cascade", runs["infected"], runs["covid"], "--out", out, "--t-covid", "0.7", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert cascade_thresholds(load_model(out)) == (0.5, 0.7)
+    assert sorted(os.listdir(out)) == ["cascade.json", "model.keras"]  # no temporary file left behind
+
+
+def test_cascade_command_on_a_full_disk_is_one_line_and_leaves_no_half_model(runs, tmp_path, monkeypatch):
+    """Simulated: keras' save writes part of the file, then raises ENOSPC, as a disk filling mid-write does."""
+
+    def full_disk(model, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.saving, "save_model", full_disk)
+    out = tmp_path / "cascade"
+    result = run("cascade", runs["infected"], runs["covid"], "--out", out)
+    assert result.exit_code == 1
+    assert result.output == f"Error: {out / 'model.keras'}: No space left on device\n"
+    assert os.listdir(out) == []
+
+
+def test_corrupt_config_beside_a_model_is_a_one_line_error(runs, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(runs["covid"], folder)
+    (folder / "config.json").write_text('{"model": {"task": "covid"')
+    with pytest.raises(ModelError, match=r"config.json: not a run's config.json \(not valid JSON"):
+        run_config(folder)
+    result = run("cascade", runs["infected"], folder, "--out", tmp_path / "c", "--target-recall", "covid=0.9")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {folder / 'config.json'}: not a run's config.json")
+    assert len(result.output.splitlines()) == 1
 
 
 def test_cascade_command_usage_errors(runs, tmp_path):

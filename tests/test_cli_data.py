@@ -70,7 +70,7 @@ def test_check_lists_every_problem(synthetic_dataset, tmp_path):
     (root / "test/infected/covid/empty.png").write_bytes(b"")
     result = run("data", "check", root)
     assert result.exit_code == 1
-    assert f"{root / 'val/normal/broken.jpg'}: does not decode" in result.output
+    assert f"{root / 'val/normal/broken.jpg'}: does not decode as JPEG" in result.output
     assert f"{root / 'test/infected/covid/empty.png'}: empty file" in result.output
     assert "48 images decode; 2 problem(s)." in result.output
     report = json.loads(run("data", "check", root, "--json").output)

@@ -1,9 +1,12 @@
+import errno
 import json
 import os
 import shutil
 
+import keras
 import pytest
 from click.testing import CliRunner
+from images import png_declaring
 
 from cxrkeras.cli import main
 from cxrkeras.config import DataConfig, ModelConfig, RunConfig
@@ -91,12 +94,18 @@ def test_validation_split_uses_the_runs_carve_and_image_option(models, synthetic
     assert len([p for p in os.listdir(metrics["out_dir"]) if p.startswith("gradcam_")]) == 1
 
 
+def older_binary_model(name):
+    """A binary CNN without the TaskInfo layer (saved before it existed, or made elsewhere)."""
+    inputs = keras.Input((150, 150, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="predictions")(x), name=name)
+
+
 def test_binary_model_without_config_needs_task(synthetic_dataset, tmp_path):
-    model = tiny("infected")
-    model.name = "my_model"  # not a builder name: nothing tells its task
-    model.save(tmp_path / "m.keras")
+    older_binary_model("my_model").save(tmp_path / "m.keras")  # nothing tells its task
     result = run("evaluate", tmp_path / "m.keras", "--data", synthetic_dataset, "--split", "val")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # as from `export` and `predict`: a usage error
     assert "--task infected or --task covid" in result.output
     result = run("evaluate", tmp_path / "m.keras", "--data", synthetic_dataset, "--split", "val",
                  "--task", "infected", "--out", tmp_path / "e")
@@ -135,3 +144,57 @@ def test_compare_rejects_a_file_that_is_not_metrics(tmp_path):
     (tmp_path / "x.json").write_text('{"a": 1}')
     result = run("compare", tmp_path / "x.json")
     assert result.exit_code == 1 and "not a cxrkeras metrics file" in result.output
+
+
+def test_models_of_another_input_size_are_evaluated_at_their_size(synthetic_dataset, tmp_path):
+    small = {task: build_model(ModelConfig(task=task, blocks=2, filters=[4, 8], dense_units=8, image_size=64))
+             for task in ("infected", "covid")}
+    for task, model in small.items():
+        (tmp_path / task).mkdir()
+        model.save(tmp_path / task / "model.keras")
+        config = RunConfig(data=DataConfig(data_dir=synthetic_dataset, val_fraction=0.3), model=ModelConfig(task=task))
+        config.save(tmp_path / task / "config.json")
+    result = run("cascade", tmp_path / "infected", tmp_path / "covid", "--out", tmp_path / "c",
+                 "--target-recall", "covid=0.9")
+    assert result.exit_code == 0, result.output
+    result = run("evaluate", tmp_path / "c", "--data", synthetic_dataset, "--split", "val", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["n"] == 9
+
+
+def test_long_image_names_give_output_names_that_fit(models, synthetic_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, data)
+    long_name = "covid-" + "x" * 240 + ".jpg"  # 250 bytes: legal, but gradcam_00_...png would not be
+    shutil.move(data / "test/infected/covid/covid-0000.jpg", data / "test/infected/covid" / long_name)
+    out = tmp_path / "eval"
+    image = data / "test/infected/covid" / long_name
+    result = run("evaluate", models["covid"], "--data", data, "--split", "test", "--out", out, "--image", image)
+    assert result.exit_code == 0, result.output
+    (gradcam,) = [name for name in os.listdir(out) if name.startswith("gradcam_")]
+    assert len(gradcam.encode()) <= 120 and gradcam.startswith("gradcam_00_covid-xxx") and gradcam.endswith(".png")
+    assert json.loads((out / "metrics.json").read_text())["gradcam"][0]["file"] == gradcam
+
+
+def test_metrics_are_written_before_the_figures(models, synthetic_dataset, tmp_path, monkeypatch):
+    from cxrkeras import plots
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "eval" / "roc.png"))
+
+    monkeypatch.setattr(plots, "roc_figure", no_room)  # simulated: the disk fills at the second figure
+    out = tmp_path / "eval"
+    result = run("evaluate", models["three-class"], "--data", synthetic_dataset, "--split", "test", "--out", out)
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == f"Error: {out / 'roc.png'}: No space left on device"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 9 and set(metrics["per_class"]) == {"normal", "non-covid", "covid"}
+
+
+def test_an_image_the_decoder_refuses_is_named(models, synthetic_dataset, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(20000, 20000))
+    result = run("evaluate", models["covid"], "--data", synthetic_dataset, "--split", "val", "--image", bomb,
+                 "--out", tmp_path / "e")
+    assert result.exit_code == 1
+    assert f"Error: {bomb}: PNG declares 20000x20000 = 400,000,000 pixels, over the limit" in result.output

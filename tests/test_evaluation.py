@@ -6,6 +6,7 @@ from cxrkeras import evaluation
 from cxrkeras.config import CLASSES, ModelConfig
 from cxrkeras.models import build_model
 from cxrkeras.models.cascade import build_cascade, predict_probabilities
+from cxrkeras.runs import TaskUnknownError
 
 # The study's cascade on the test split (reference.md): rows true normal / non-covid / covid.
 STUDY_CONFUSION = np.array([[207, 3, 24], [6, 230, 6], [1, 21, 117]])
@@ -191,10 +192,13 @@ def test_evaluate_a_cascade_reports_thresholds_and_both_stages():
     assert sum(m["per_class"][c]["support"] for c in CLASSES) == 9
 
 
-def test_evaluate_a_binary_model_needs_its_task():
-    model = tiny_model("covid")
+def test_evaluate_a_binary_model_that_does_not_say_needs_its_task():
     images = np.zeros((2, 48, 48, 1), "float32")
-    with pytest.raises(evaluation.EvaluationError, match="task"):
-        evaluation.evaluate(model, images, [0, 1])
-    m = evaluation.evaluate(model, images, [0, 1], task="covid")
+    m = evaluation.evaluate(tiny_model("covid"), images, [0, 1])  # a built model says what it is
     assert m["classes"] == ["non-covid", "covid"] and m["kind"] == "binary"
+    inputs = keras.Input((48, 48, 1))
+    silent = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inputs)))
+    with pytest.raises(TaskUnknownError, match="pass its task"):
+        evaluation.evaluate(silent, images, [0, 1])
+    m = evaluation.evaluate(silent, images, [0, 1], task="infected")
+    assert m["classes"] == ["normal", "infected"]

@@ -9,13 +9,14 @@ import keras
 import numpy as np
 import pytest
 
-from cxrkeras.config import ModelConfig, RunConfig, study_model_config
+from cxrkeras.config import TASKS, ModelConfig, RunConfig, study_model_config
 from cxrkeras.models import (
     TorchUniform,
     build_model,
     build_study_model,
     conv_layer_names,
     last_conv_layer_name,
+    task_info,
 )
 
 
@@ -207,3 +208,15 @@ def test_saved_model_reloads_with_identical_predictions(task, tmp_path):
 def test_bad_config_values_are_named(changes, shown):
     with pytest.raises(ValueError, match=re.escape(shown)):
         build_model(ModelConfig(**changes))
+
+
+@pytest.mark.parametrize("task", ["infected", "covid", "three-class"])
+def test_a_saved_classifier_carries_its_task_and_class_names(task, tmp_path):
+    config = dataclasses.replace(study_model_config(task), blocks=2, filters=[4, 8], dense_units=8)
+    model = build_model(config)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    info = task_info(loaded)
+    assert (info.task, info.class_names) == (task, TASKS[task])
+    assert not info.weights
+    np.testing.assert_allclose(predict(loaded, images(1, 150)), predict(model, images(1, 150)), atol=1e-6)

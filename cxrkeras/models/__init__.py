@@ -1,18 +1,20 @@
 """The classifiers: `build_model(config)` for any `ModelConfig`, `build_study_model(task)`.
 
-Importing this package registers `TorchUniform`, so `keras.saving.load_model`
-reloads saved classifiers; `CUSTOM_OBJECTS` is there for code that prefers to
-pass them explicitly.
+Importing this package registers `TorchUniform`, `TaskInfo` and
+`CascadeDecision`, so `keras.saving.load_model` reloads saved classifiers;
+`CUSTOM_OBJECTS` is there for code that prefers to pass them explicitly.
 """
 
 from cxrkeras.models.blocks import TorchUniform
 from cxrkeras.models.classifiers import (
+    TaskInfo,
     build_model,
     build_study_model,
     check_config,
     conv_layer_names,
     last_conv_layer_name,
     num_outputs,
+    task_info,
 )
 from cxrkeras.models.cascade import (
     CascadeDecision,
@@ -26,11 +28,14 @@ CUSTOM_OBJECTS = {
     "cxrkeras>TorchUniform": TorchUniform,
     "CascadeDecision": CascadeDecision,
     "cxrkeras>CascadeDecision": CascadeDecision,
+    "TaskInfo": TaskInfo,
+    "cxrkeras>TaskInfo": TaskInfo,
 }
 
 __all__ = [
     "CUSTOM_OBJECTS",
     "CascadeDecision",
+    "TaskInfo",
     "TorchUniform",
     "build_model",
     "build_cascade",
@@ -41,4 +46,5 @@ __all__ = [
     "last_conv_layer_name",
     "model_kind",
     "num_outputs",
+    "task_info",
 ]

@@ -5,7 +5,9 @@
 "residual" (the covid classifier): input BatchNorm -> 2 stem convs -> MaxPool 3
 -> N x [residual block -> MaxPool 2] -> Flatten -> Dropout -> Dense ReLU
 -> Dropout -> Dense.
-The models take raw pixels in [0, 1] and are returned uncompiled.
+The models take raw pixels in [0, 1] and are returned uncompiled. Each carries
+its task and class names in a weightless `TaskInfo` layer, so a saved model
+says what it is wherever its file goes.
 """
 
 import keras
@@ -20,7 +22,7 @@ def build_model(config):
     """An uncompiled classifier for `config` (a `cxrkeras.config.ModelConfig`)."""
     check_config(config)
     inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
-    x = inputs
+    x = TaskInfo(config.task, name="task_info")(inputs)
     if config.input_norm:
         x = blocks.batch_norm("input_norm")(x)
     if config.arch == "plain":
@@ -30,6 +32,37 @@ def build_model(config):
     outputs = head(x, config)
     name = config.task.replace("-", "_") + "_classifier"
     return keras.Model(inputs, outputs, name=name)
+
+
+@keras.saving.register_keras_serializable(package="cxrkeras")
+class TaskInfo(keras.layers.Identity):
+    """Passes the image through unchanged; its config holds the model's task and class names.
+
+    No weights (parameter counts stay the study's) and no computation: it is
+    there so `.keras` save/load, and so exports, carry what the model is.
+    """
+
+    def __init__(self, task, class_names=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.task = check_task(task)
+        self.class_names = tuple(class_names or TASKS[task])
+        if len(self.class_names) != len(TASKS[task]):
+            raise ValueError(
+                f"`class_names` must name the {len(TASKS[task])} classes of task {task!r}. "
+                f"Received: class_names={list(self.class_names)}"
+            )
+
+    def get_config(self):
+        return {**super().get_config(), "task": self.task, "class_names": list(self.class_names)}
+
+
+def task_info(model):
+    """The `TaskInfo` layer of a classifier built here, or None (models saved before it existed)."""
+    for layer in model.layers:
+        if isinstance(layer, TaskInfo):
+            return layer
+    return None
 
 
 def build_study_model(task):
