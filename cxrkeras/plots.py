@@ -312,6 +312,9 @@ def study_curves(curves, path, title=None):
         for label, history in curves:
             values = history.get(key) or []
             ax.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+        losses = [v for _, h in curves for v in (h.get(key) or []) if key.endswith("loss") and v > 0]
+        if losses and max(losses) > 100 * min(losses):  # a diverging value would flatten the others
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(name)

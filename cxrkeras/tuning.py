@@ -396,17 +396,19 @@ class StudyTuner(keras_tuner.Tuner):
         hp, trial_dir = trial.hyperparameters, self.get_trial_dir(trial.trial_id)
         for old in glob.glob(os.path.join(trial_dir, "execution*.csv")):
             os.remove(old)  # a trial that runs again (after a kill) starts its history over
-        write_json_atomic(os.path.join(trial_dir, TRIAL_CONFIG_FILE), self.hypermodel.config(hp).to_dict())
-        epochs = {}
+        config, epochs = self.hypermodel.config(hp), {}
         if "tuner/epochs" in hp.values:  # Hyperband: this round's epochs, after the last round's
             epochs = dict(epochs=hp.values["tuner/epochs"], initial_epoch=hp.values["tuner/initial_epoch"])
+            config.train.epochs = epochs["epochs"]
+        write_json_atomic(os.path.join(trial_dir, TRIAL_CONFIG_FILE), config.to_dict())
         checkpoint = tuner_utils.SaveBestEpoch(
             self.oracle.objective, self._get_checkpoint_fname(trial.trial_id))
         results = []
         for execution in range(self.executions_per_trial):
             self.hypermodel.execution = execution
             model = self._try_build(hp)  # clears the Keras session first: memory stays flat across trials
-            if "tuner/trial_id" in hp.values:
+            if "tuner/trial_id" in hp.values:  # optimizer built first, so its state loads too
+                model.optimizer.build(model.trainable_variables)
                 model.load_weights(self._get_checkpoint_fname(hp.values["tuner/trial_id"]))
             callbacks = [tuner_utils.TunerCallback(self, trial), checkpoint] + self._kill_hook(trial)
             history = os.path.join(trial_dir, f"execution{execution}.csv")
@@ -431,7 +433,8 @@ class StudyTuner(keras_tuner.Tuner):
     def _progress_line(self, trial, seconds):
         number = int(trial.trial_id) + 1
         of = f"/{self.planned}" if self.planned else ""
-        values = ", ".join(f"{k}={v}" for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/"))
+        values = ", ".join(f"{k}={_value(v)}" for k, v in trial.hyperparameters.values.items()
+                           if not k.startswith("tuner/"))
         objective = self.oracle.objective.name
         if trial.score is not None and math.isfinite(trial.score):
             outcome = f"{objective} {trial.score:.4f}"
@@ -675,7 +678,7 @@ def read_trials(project_dir):
             "status": state.get("status"),
             "values": {k: v for k, v in ((state.get("hyperparameters") or {}).get("values") or {}).items()
                        if not k.startswith("tuner/")},
-            "score": state.get("score"),
+            "score": state.get("score") if _finite(state.get("score")) else None,  # JSON has no NaN
             "history": mean_history(histories),
             "seconds": (read_json(os.path.join(trial_dir, TRIAL_RUN_FILE), {}) or {}).get("seconds"),
             "config": os.path.join(trial_dir, TRIAL_CONFIG_FILE),

@@ -192,7 +192,7 @@ def test_real_dataset_short_fit_learns(real_dataset, tmp_path):
 
 
 def test_a_full_disk_during_fit_is_one_line_and_the_run_resumes(tmp_path, dataset_with_a_broken_file, monkeypatch):
-    out, real_write_atomic = str(tmp_path), training.write_atomic
+    out, real_write_atomic = str(tmp_path / "runs"), training.write_atomic
     writes = []
 
     def disk_full_at_the_second_backup(path, write, suffix=""):
@@ -202,8 +202,10 @@ def test_a_full_disk_during_fit_is_one_line_and_the_run_resumes(tmp_path, datase
         return real_write_atomic(path, write, suffix)
 
     monkeypatch.setattr(training, "write_atomic", disk_full_at_the_second_backup)
+    small = _config_file(tmp_path, "small", {"data": {"image_size": 48}, "model": {
+        "blocks": 2, "filters": [4, 8], "dense_units": 8, "image_size": 48}})
     args = ["fit", "infected", "--data", dataset_with_a_broken_file, "--epochs", "3", "--batch-size", "16",
-            "--out", out, "--name", "full"]
+            "--config", small, "--out", out, "--name", "full"]
     result = CliRunner().invoke(main, args)
     run_dir = os.path.join(out, "infected", "full")
     assert result.exit_code == 1, result.output

@@ -19,6 +19,14 @@ def tiny_model():
     return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="predictions")(inputs))
 
 
+def small_run_config(data_dir, **train):
+    """tiny_run_config with a two-block classifier on 48x48 images: a fit is mostly Keras' start-up."""
+    config = tiny_run_config(data_dir, **train)
+    config.model.blocks, config.model.filters, config.model.dense_units = 2, [4, 8], 8
+    config.model.image_size = config.data.image_size = 48
+    return config
+
+
 def tiny_run_config(data_dir, task="infected", **train):
     train_cfg = study_train_config(task)
     train_cfg.epochs, train_cfg.batch_size = 1, 16
@@ -208,14 +216,14 @@ def assert_history_agrees_with_the_model(run_dir, data_dir):
 
 def test_a_finished_run_extends_with_more_epochs(synthetic_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
-    first = training.fit(tiny_run_config(synthetic_dataset), run_dir, verbose=0)
+    first = training.fit(small_run_config(synthetic_dataset), run_dir, verbose=0)
     assert first.completed and training.epochs_done(run_dir) == 1
     state_path = os.path.join(run_dir, "state.json")
     training.write_json_atomic(state_path, {**json.load(open(state_path)), "completed": False})  # killed before
-    again = training.fit(tiny_run_config(synthetic_dataset), run_dir, resume=True, verbose=0)  # the final state
+    again = training.fit(small_run_config(synthetic_dataset), run_dir, resume=True, verbose=0)  # the final state
     assert again.completed and again.epochs_run == 0 and again.history == first.history
     messages = []
-    extended = training.fit(tiny_run_config(synthetic_dataset, epochs=3), run_dir, resume=True, verbose=0,
+    extended = training.fit(small_run_config(synthetic_dataset, epochs=3), run_dir, resume=True, verbose=0,
                             log=messages.append)
     assert f"resuming {run_dir} after epoch 1 of 3" in messages
     assert extended.epochs_run == 2 and extended.history["epoch"] == [0, 1, 2]
@@ -226,7 +234,7 @@ def test_a_finished_run_extends_with_more_epochs(synthetic_dataset, tmp_path):
 
 def test_a_fit_that_failed_before_its_first_epoch_is_retried_in_place(synthetic_dataset, tmp_path, monkeypatch):
     run_dir = str(tmp_path / "run")
-    config = tiny_run_config(synthetic_dataset)
+    config = small_run_config(synthetic_dataset)
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError("no room for the model")
@@ -243,7 +251,7 @@ def test_a_fit_that_failed_before_its_first_epoch_is_retried_in_place(synthetic_
     with pytest.raises(MemoryError):
         training.fit(config, failed_resume, verbose=0)
     monkeypatch.undo()
-    other_data = tiny_run_config(str(tmp_path / "other"))
+    other_data = small_run_config(str(tmp_path / "other"))
     write_synthetic_dataset(tmp_path / "other", {"train": 8, "val": 2, "test": 2}, seed=3)
     result = training.fit(other_data, failed_resume, resume=True, verbose=0)  # nothing trained yet: data may change
     assert result.completed and result.history["epoch"] == [0]
@@ -275,9 +283,10 @@ def test_augmentation_inside_the_model_saves_the_plain_classifier(synthetic_data
 
 def test_fit_refuses_a_run_dir_that_is_there_and_a_resume_with_other_settings(synthetic_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
-    os.makedirs(run_dir)
+    os.makedirs(os.path.join(run_dir, "backup"))
     config = tiny_run_config(synthetic_dataset)
     config.save(os.path.join(run_dir, "config.json"))
+    training.write_json_atomic(os.path.join(run_dir, "backup", "training_metadata.json"), {"epoch": 1, "batch": 0})
     with pytest.raises(training.RunDirError, match="already there"):
         training.fit(config, run_dir, verbose=0)
     other = tiny_run_config(synthetic_dataset, learning_rate=0.01)
