@@ -724,5 +724,94 @@ def predict(model_path, images, batch_size, task, as_json):
         raise SystemExit(1)
 
 
+# ---------------------------------------------------------------- tune
+
+TUNERS = ("grid", "random", "hyperband", "bayesian")  # cxrkeras.tuning.TUNERS (not imported: it loads TensorFlow)
+
+
+@main.command()
+@click.argument("task", type=click.Choice(["infected", "covid", "three-class"]), metavar="TASK")
+@click.option("--study", default="joint", show_default=True,
+              help="A study in tuning/: depth, batch-size, optimizer, learning-rate, weight-decay, augmentation "
+              "(the study's one-factor experiments), joint (all of them); or a TOML file of your own.")
+@click.option("--data", "data_path", type=click.Path(), help="Dataset folder or CSV manifest (not with --summary).")
+@train_options
+@click.option("--tuner", type=click.Choice(TUNERS), help="[the study's: grid for one factor, random for joint]")
+@click.option("--max-trials", type=click.IntRange(1), help="Trials to run at most [grid: all; the study's].")
+@click.option("--executions-per-trial", type=click.IntRange(1), default=1, show_default=True,
+              help="Trainings per trial, each from its own seed; the trial's score is their mean.")
+@click.option("--name", help="Project name: the project is OUT/TASK/NAME [default: the study's name].")
+@click.option("--out", default=os.path.join("saved_models", "tune"), show_default=True,
+              type=click.Path(file_okay=False), help="Root of the tuning projects.")
+@click.option("--augment-on", type=click.Choice(["auto", "data", "model"]), default="auto", show_default=True,
+              help="Where augmentation runs: tf.data on the CPU, or inside the model (auto: model if a GPU is visible).")
+@click.option("--summary", is_flag=True, help="Print the project's trials, best first, and stop (no search).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (progress goes to stderr).")
+def tune(task, study, data_path, config_file, tuner, max_trials, executions_per_trial, name, out, augment_on,
+         summary, as_json, **options):
+    """Search hyperparameters of TASK's classifier with keras-tuner; rerun the same command to resume.
+
+    The other settings stay at the study's defaults, or at what --config and the
+    training options set (e.g. --epochs 5 --precision mixed_bfloat16). Each
+    trial trains on the validation split carved from train and is scored by
+    --monitor (val_loss by default); test is never looked at. One line per
+    trial: its values, score, the best so far, the time left. The project
+    (OUT/TASK/NAME) keeps every trial; at the end it holds results.md (the
+    table), study.png (loss and accuracy per epoch, one line per value) and
+    best_config.json, which `cxrkeras fit TASK --config` trains.
+
+    Distributed: one chief (KERASTUNER_TUNER_ID=chief) and workers (tuner0,
+    tuner1, ...) run this same command on a shared --out, with
+    KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT set to the chief's address.
+    """
+    import contextlib
+    import sys
+
+    from cxrkeras import tuning
+    from cxrkeras.data import DatasetError
+
+    try:
+        spec = tuning.load_study(study)
+    except tuning.StudyError as e:
+        raise click.UsageError(f"--study: {e}")
+    project_dir = tuning.project_dir_for(out, task, name or spec.name)
+    if summary:
+        try:
+            result = tuning.summarize(project_dir)
+        except tuning.TuneError as e:
+            raise click.ClickException(str(e))
+        return _echo_tune(result, as_json)
+    base = build_run_config(task, data_path, config_file, **options)
+    progress_to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    try:
+        with progress_to_stderr:
+            result = tuning.tune(spec, base, project_dir, tuner, max_trials, executions_per_trial, augment_on,
+                                 log=lambda message: click.echo(message, err=as_json))
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted. Finished trials are kept; the same command resumes the search.", err=True)
+        raise SystemExit(130)
+    except (tuning.TuneError, DatasetError) as e:
+        raise click.ClickException(str(e))
+    except ValueError as e:  # a study or a value the config refuses, a tuner without --max-trials
+        raise click.UsageError(str(e))
+    if result is not None:  # a distributed worker leaves the results to the chief
+        _echo_tune(result, as_json)
+
+
+def _echo_tune(result, as_json):
+    from cxrkeras import tuning
+
+    if as_json:
+        return _echo_json(result)
+    click.echo(f"{result['task']} / {result['study']} ({result['tuner']}): {len(result['trials'])} trial(s) in "
+               f"{result['project']}, best first by {result['objective']}")
+    click.echo(tuning.format_table(result))
+    if result["best_config"]:
+        click.echo(f"best config: {result['best_config']} (train it: cxrkeras fit {result['task']} --data DIR "
+                   f"--config {_quote(result['best_config'])})")
+    if result.get("figure"):
+        click.echo(f"figure: {result['figure']}")
+
+
 if __name__ == "__main__":
     main()

@@ -301,3 +301,29 @@ def comparison_chart(table, path):
     ax.set_title("F1 per class and accuracy")
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
+
+
+def study_curves(curves, path, title=None):
+    """A tuning study's figure (the study's Figures 1.2.x, 2.x): train and validation loss and accuracy
+    per epoch, one line per value (or trial) in every panel.
+
+    `curves` is [(label, history)], each history mapping history.csv's columns to per-epoch values.
+    """
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), squeeze=False)
+    panels = [("loss", "train loss"), ("val_loss", "validation loss"),
+              ("accuracy", "train accuracy"), ("val_accuracy", "validation accuracy")]
+    for ax, (key, name) in zip(axes.flat, panels):
+        for label, history in curves:
+            values = history.get(key) or []
+            ax.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+        losses = [v for _, h in curves for v in (h.get(key) or []) if key.endswith("loss") and v > 0]
+        if losses and max(losses) > 100 * min(losses):  # a diverging value would flatten the others
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

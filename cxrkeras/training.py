@@ -1,4 +1,10 @@
-"""Training: compile, callbacks, fit, and the run directory a fit leaves behind.
+"""Training: data, model and callbacks for a config, fit, and the run directory a fit leaves behind.
+
+`fit` is made of small functions that `cxrkeras.tuning` (and anything else that
+trains) calls too: `load_task_data` and `make_datasets` (data for a config),
+`build_and_compile` (model, augmentation placement, precision), `run_callbacks`
+(the callbacks of a run dir), and `check_run_dir` / `start_run` / `finish_run`
+(the run-dir bookkeeping).
 
 A run lives in `saved_models/TASK/NAME/`:
 
@@ -6,14 +12,16 @@ A run lives in `saved_models/TASK/NAME/`:
     config.json     the RunConfig, data fingerprint included: all that rebuilds and retrains it
     history.csv     one row per epoch (CSVLogger; appended on resume, never duplicated)
     curves.png      train and validation loss and accuracy per epoch
-    state.json      best-so-far metric and epoch, and whether the run completed
-    backup/         BackupAndRestore's last finished epoch (deleted when the run completes)
+    state.json      best metric and epoch, whether the run completed (and a staged best, see BestModelCheckpoint)
+    backup/         the last finished epoch: weights, optimizer state, epoch count (kept, so a run can be extended)
+    model.pending.keras  a best epoch not yet committed (only between an epoch's end and its backup)
     skipped_files.txt   files that did not decode (only when there are any)
     logs/           TensorBoard (only with `tensorboard=True`)
 
 Model selection uses the validation split carved from train, never test.
-A run killed at any moment (Ctrl-C, kill -9) continues with `fit(..., resume=True)`
-from its last finished epoch.
+A run killed at any moment (Ctrl-C, kill -9, a full disk) continues with
+`fit(..., resume=True)` after its last finished epoch, and its model.keras,
+state.json and history.csv always describe the same epochs.
 """
 
 import contextlib
@@ -22,6 +30,7 @@ import csv
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -68,6 +77,8 @@ AUGMENT_ON = ("auto", "data", "model")
 # history.csv and model.keras are written but before the epoch's backup, the worst moment
 # for a kill. tests/test_training.py uses it to check that resume loses and repeats nothing.
 KILL_ENV = "CXRKERAS_TEST_KILL_AFTER_EPOCH"
+
+BACKUP_METADATA = "training_metadata.json"  # BackupAndRestore's epoch count, in BACKUP_DIR
 
 # Measured with benchmarks/train_speed.py on a 2-core CPU (see compile_model).
 DEFAULT_JIT_COMPILE = False
@@ -172,14 +183,111 @@ def compile_model(model, train, task, steps_per_epoch=1, jit_compile=None, steps
     return model
 
 
-def balanced_class_weight(labels, num_classes):
-    """{class: n / (k * count_c)} from integer training labels (sklearn's "balanced")."""
+def balanced_class_weight(labels, class_names):
+    """{class index: n / (k * count)} from integer training labels: scikit-learn's "balanced" weights.
+
+    Raises DatasetError naming a class with no training images (no weight balances it).
+    """
+    from sklearn.utils.class_weight import compute_class_weight
+
     labels = np.asarray(labels)
-    counts = np.bincount(labels, minlength=num_classes)
-    if (counts == 0).any():
-        missing = [int(c) for c in np.flatnonzero(counts == 0)]
-        raise data_lib.DatasetError(f"no training images of class index {missing}: cannot balance class weights.")
-    return {c: float(len(labels) / (num_classes * counts[c])) for c in range(num_classes)}
+    counts = np.bincount(labels, minlength=len(class_names))
+    missing = [class_names[c] for c in np.flatnonzero(counts == 0)]
+    if missing:
+        raise data_lib.DatasetError(f"no training images of class {missing}: cannot balance class weights.")
+    weights = compute_class_weight("balanced", classes=np.arange(len(class_names)), y=labels)
+    return {c: float(w) for c, w in enumerate(weights)}
+
+
+# ---------------------------------------------------------------- data and model for a config
+
+
+@dataclass
+class TaskData:
+    """The files a config trains on: train and validation (carved from train) paths and labels."""
+
+    train_paths: list
+    train_labels: list
+    val_paths: list
+    val_labels: list
+    fingerprint: str  # of the files used (`data.fingerprint`); a resumed run checks it
+    problems: list  # data.Problem for files skipped because they do not decode
+
+
+def load_task_data(cfg):
+    """Find, check and split `cfg.data` for `cfg.model.task`; raises DatasetError for unusable data."""
+    task = cfg.model.task
+    splits = data_lib.load_splits(cfg.data.manifest or cfg.data.data_dir, cfg.data.val_fraction, cfg.data.seed)
+    train_paths, train_labels = data_lib.task_arrays(splits.train, task)
+    val_paths, val_labels = data_lib.task_arrays(splits.validation, task)
+    used = [s for s in splits.train + splits.validation if task != "covid" or s.label != "normal"]
+    return TaskData(train_paths, train_labels, val_paths, val_labels, data_lib.fingerprint(used), splits.problems)
+
+
+@dataclass
+class Datasets:
+    """tf.data pipelines for one fit, and what sizes the schedule and the throughput."""
+
+    train: object
+    val: object
+    images_per_epoch: int
+    class_weight: dict = None
+
+
+def steps_per_epoch(cfg, n_train, replicas=1):
+    """Training steps per epoch; whole batches only under distribution (see replica_batch_sizes)."""
+    batch = cfg.train.batch_size
+    return n_train // batch if replicas > 1 else math.ceil(n_train / batch)
+
+
+def make_datasets(cfg, data, augment_on="data", replicas=1, val_batch=None):
+    """Train (shuffled, seeded, augmented when `augment_on` is "data") and validation pipelines for `cfg`."""
+    task, batch = cfg.model.task, cfg.train.batch_size
+    augmenter = augmenter_for(cfg) if augment_on == "data" else None
+    train = data_lib.make_dataset(
+        data.train_paths, data.train_labels, task, batch, shuffle=True, seed=cfg.train.seed,
+        augmenter=augmenter, cache=cfg.data.cache, image_size=cfg.data.image_size,
+    )
+    if replicas > 1:  # whole batches only: every replica gets the same share (see replica_batch_sizes)
+        import tensorflow as tf
+
+        train = train.filter(lambda x, y: tf.shape(x)[0] == batch)
+    val = data_lib.make_dataset(
+        data.val_paths, data.val_labels, task, val_batch or batch, cache=cfg.data.cache,
+        image_size=cfg.data.image_size,
+    )
+    class_weight = None
+    if cfg.train.class_weight == "balanced":
+        class_weight = balanced_class_weight(data.train_labels, TASKS[task])
+    images = steps_per_epoch(cfg, len(data.train_paths), replicas) * batch if replicas > 1 else len(data.train_paths)
+    return Datasets(train, val, images, class_weight)
+
+
+def augmenter_for(cfg):
+    """The study's augmentation seeded from the config, or None when `cfg.data.augment` is off."""
+    from cxrkeras.augment import study_augmentation
+
+    return study_augmentation(seed=cfg.train.seed) if cfg.data.augment else None
+
+
+def build_and_compile(cfg, steps=1, augment_on="data", strategy=None, jit_compile=None):
+    """(classifier, trained model) for `cfg`, seeded with `cfg.train.seed`, compiled for `steps` per epoch.
+
+    The classifier's layers compute in `cfg.train.precision` (a per-layer dtype
+    policy: no process-wide state, so models built one after another in one
+    process each get their own). With `augment_on="model"` the trained model is
+    a wrapper that augments in front of the classifier (for accelerators); else
+    it is the classifier itself. Either way the classifier is what a run saves.
+    """
+    keras.utils.set_random_seed(cfg.train.seed)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = build_model(cfg.model, dtype=cfg.train.precision)
+        trained = model
+        augmenter = augmenter_for(cfg) if augment_on == "model" else None
+        if augmenter is not None:
+            trained = keras.Sequential([keras.Input(model.input_shape[1:]), augmenter, model], name="training")
+        compile_model(trained, cfg.train, cfg.model.task, steps, jit_compile=jit_compile)
+    return model, trained
 
 
 # ---------------------------------------------------------------- distribution
@@ -253,10 +361,15 @@ def default_augment_on():
 
 
 class BestModelCheckpoint(keras.callbacks.Callback):
-    """Save `model` (default: the trained model) atomically whenever `monitor` improves.
+    """Keep the best epoch by `monitor`: staged when it happens, committed with its epoch.
 
-    The best value and epoch live in a small JSON state file, written after the
-    model, so a resumed run never replaces a better model.keras with a worse one.
+    An improving epoch's model is written (atomically) to `model.pending.keras`
+    beside `filepath`, and its value and epoch to the state file's "pending"
+    entry. `commit(epochs_done)` (called by AtomicBackupAndRestore once the
+    epoch's backup is written) moves it onto `filepath` and records it as the
+    best. So after a kill the kept model and the state file always describe an
+    epoch that history.csv keeps too: an epoch that is trained again after a
+    resume never leaves its first attempt behind (`settle_pending`).
     `model` lets a training wrapper (augmentation in the model) save the plain classifier.
     """
 
@@ -265,6 +378,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         if monitor not in MONITORS:
             raise ValueError(f"Unknown `monitor`; expected one of {list(MONITORS)}. Received: monitor={monitor!r}")
         self.filepath, self.state_path, self.monitor = filepath, state_path, monitor
+        self.pending_path = pending_model_path(filepath)
         self.mode = MONITORS[monitor]
         self.target = model
         self.best, self.best_epoch = None, None
@@ -283,28 +397,63 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         value = (logs or {}).get(self.monitor)
         if value is None or not math.isfinite(float(value)) or not self.improved(float(value)):
             return
-        save_model_atomic(self.target or self.model, self.filepath)
+        save_model_atomic(self.target or self.model, self.pending_path)
         self.best, self.best_epoch = float(value), epoch
         state = read_json(self.state_path, {})
-        state.update(monitor=self.monitor, best=self.best, best_epoch=epoch)
+        state.update(pending={"monitor": self.monitor, "best": self.best, "best_epoch": epoch})
         write_json_atomic(self.state_path, state)
+
+    def commit(self, epochs_done):
+        settle_pending(self.filepath, self.state_path, epochs_done)
+
+
+def pending_model_path(filepath):
+    root, ext = os.path.splitext(filepath)
+    return f"{root}.pending{ext}"
+
+
+def settle_pending(model_path, state_path, epochs_done):
+    """Commit the staged best model if its epoch is among the `epochs_done` first, else drop it."""
+    state = read_json(state_path, {})
+    pending, pending_path = state.pop("pending", None), pending_model_path(model_path)
+    if pending is not None and pending["best_epoch"] < epochs_done and os.path.exists(pending_path):
+        os.replace(pending_path, model_path)
+        state.update(pending)
+    elif os.path.exists(pending_path):
+        os.remove(pending_path)
+    if pending is not None:
+        write_json_atomic(state_path, state)
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' BackupAndRestore with each file replaced atomically.
+    """Keras' BackupAndRestore with each file replaced atomically, kept after the run, and a commit hook.
 
     Stock BackupAndRestore writes its weights and its metadata JSON in place, so a
     kill during a write can leave a file that does not load. Here each is written
     to a temp file and moved into place; a kill leaves the previous or the new
     backup. (A kill between the two moves leaves the new weights with the old epoch
     count: that epoch is trained once more, and history.csv is trimmed to match.)
+    The metadata's epoch count is the run's commit point: `on_commit(epochs_done)`
+    runs right after it. The backup (weights and optimizer state of the last
+    epoch) stays when the run completes, so a finished run can be extended.
     """
+
+    def __init__(self, backup_dir, on_commit=None):
+        super().__init__(backup_dir, delete_checkpoint=False)
+        self.on_commit = on_commit
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
         # Keras wants the .weights.h5 suffix
         write_atomic(self._weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True), ".weights.h5")
         write_json_atomic(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+        if self.on_commit is not None:
+            self.on_commit(self._current_epoch)
+
+
+def epochs_done(work_dir):
+    """Epochs a run in `work_dir` has committed (its backup's epoch count); 0 when none."""
+    return read_json(os.path.join(work_dir, BACKUP_DIR, BACKUP_METADATA), {}).get("epoch", 0)
 
 
 class ThroughputMeter(keras.callbacks.Callback):
@@ -353,6 +502,37 @@ class _KillAfterEpoch(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.epoch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def testing_callbacks():
+    """The callbacks that tests ask for through the environment (KILL_ENV); none otherwise."""
+    return [_KillAfterEpoch(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
+
+
+def schedule_callbacks(cfg):
+    """The callbacks a learning-rate schedule needs: ReduceLROnPlateau for "plateau" (cosine is in the optimizer)."""
+    if cfg.train.schedule != "plateau":
+        return []
+    monitor = cfg.train.monitor
+    return [keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=MONITORS[monitor], factor=0.5, patience=3,
+                                              min_lr=1e-6)]
+
+
+def run_callbacks(cfg, work_dir, model, meter=None, extra=(), tensorboard=False):
+    """The callbacks of a run in `work_dir`, ordered so a kill at any moment leaves a consistent run.
+
+    Per epoch: the history row, the staged best model, the schedule, `extra`,
+    then the backup, which commits the epoch (and the staged best with it).
+    """
+    best = BestModelCheckpoint(os.path.join(work_dir, MODEL_FILE), os.path.join(work_dir, STATE_FILE),
+                               cfg.train.monitor, model=model)
+    callbacks = [meter] if meter is not None else []
+    callbacks += [keras.callbacks.CSVLogger(os.path.join(work_dir, HISTORY_FILE), append=True), best]
+    callbacks += schedule_callbacks(cfg) + list(extra) + testing_callbacks()
+    callbacks.append(AtomicBackupAndRestore(os.path.join(work_dir, BACKUP_DIR), on_commit=best.commit))
+    if tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(work_dir, LOGS_DIR)))
+    return callbacks
 
 
 # ---------------------------------------------------------------- history
@@ -405,7 +585,7 @@ def truncate_history(path, epochs):
     return len(kept)
 
 
-# ---------------------------------------------------------------- fit
+# ---------------------------------------------------------------- a fit's result
 
 
 @dataclass
@@ -459,6 +639,9 @@ def _duration(seconds):
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
+# ---------------------------------------------------------------- run directory
+
+
 def run_dir_for(out, task, name=None):
     """`out/TASK/NAME`; NAME defaults to a timestamp."""
     return os.path.join(out, check_task(task), name or time.strftime("%Y%m%d-%H%M%S"))
@@ -491,6 +674,101 @@ def config_differences(a, b, ignore=("train.epochs", "train.distribute")):
     return keys
 
 
+def check_run_dir(cfg, run_dir, resume):
+    """Raise RunDirError unless `cfg` may train into `run_dir` (resumed or not).
+
+    A run dir whose run never finished an epoch holds nothing to keep: a new fit
+    or a resume starts it over with the settings and data given now. A resume
+    must otherwise match the run's settings (except epochs) and data; a finished
+    run extends to more epochs from its last epoch's backup.
+    """
+    config_path = os.path.join(run_dir, CONFIG_FILE)
+    state = read_json(os.path.join(run_dir, STATE_FILE), {})
+    started = state.get("completed") or epochs_done(run_dir) > 0
+    if not resume:
+        if os.path.exists(config_path) and started:
+            raise RunDirError(f"{run_dir}: a run is already there; resume it or pick another name.")
+        return
+    if not os.path.exists(config_path):
+        raise RunDirError(f"{run_dir}: no run to resume (no {CONFIG_FILE}).")
+    if not started:
+        return
+    saved = RunConfig.load(config_path)
+    different = config_differences(saved, cfg)
+    if different:
+        raise RunDirError(f"{config_path}: the run was started with other settings: {', '.join(different)}.")
+    if saved.fingerprint and saved.fingerprint != cfg.fingerprint:
+        raise RunDirError(
+            f"{run_dir}: the training data changed since the run started "
+            f"(fingerprint {saved.fingerprint} -> {cfg.fingerprint})."
+        )
+    if state.get("completed") and cfg.train.epochs > state.get("epochs", 0) and epochs_done(run_dir) == 0:
+        raise RunDirError(
+            f"{run_dir}: the run completed {state.get('epochs')} epochs without keeping its last epoch "
+            f"({BACKUP_DIR}/, written by newer versions), so it cannot be extended; start a new run."
+        )
+
+
+def start_run(cfg, run_dir, work_dir, problems, log):
+    """Write the run's config and state, tidy what a kill left; return the epochs already done.
+
+    A run with finished epochs continues after the last one: its history is cut
+    to them and a best model staged by an epoch that is trained again is dropped.
+    Anything else (a first start, a start that failed before its first epoch)
+    starts from a clean run dir.
+    """
+    os.makedirs(work_dir, exist_ok=True)
+    skipped_file = _write_skipped(run_dir, problems)
+    if problems:
+        log(f"skipped {len(problems)} file(s) that do not decode; list in {skipped_file}")
+    _remove_temp_files(work_dir)
+    done = epochs_done(work_dir)
+    if done:
+        settle_pending(os.path.join(work_dir, MODEL_FILE), os.path.join(work_dir, STATE_FILE), done)
+        truncate_history(os.path.join(work_dir, HISTORY_FILE), done)
+        log(f"resuming {run_dir} after epoch {done} of {cfg.train.epochs}")
+    else:
+        _clear_run_files(work_dir)
+    write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
+    state = read_json(os.path.join(work_dir, STATE_FILE), {})
+    state.update(completed=False, epochs=cfg.train.epochs)
+    write_json_atomic(os.path.join(work_dir, STATE_FILE), state)
+    return done
+
+
+def run_completed(run_dir, epochs):
+    """Whether the run in `run_dir` completed at least `epochs` epochs."""
+    state = read_json(os.path.join(run_dir, STATE_FILE), {})
+    return bool(state.get("completed")) and state.get("epochs", 0) >= epochs
+
+
+def _clear_run_files(work_dir):
+    model = os.path.join(work_dir, MODEL_FILE)
+    for path in (model, pending_model_path(model), os.path.join(work_dir, HISTORY_FILE),
+                 os.path.join(work_dir, STATE_FILE), os.path.join(work_dir, CURVES_FILE)):
+        if os.path.exists(path):
+            os.remove(path)
+    shutil.rmtree(os.path.join(work_dir, BACKUP_DIR), ignore_errors=True)
+
+
+def _write_skipped(run_dir, problems):
+    path = os.path.join(run_dir, SKIPPED_FILE)
+    if not problems:
+        if os.path.exists(path):
+            os.remove(path)
+        return ""
+    write_text_atomic(path, "".join(f"{p}\n" for p in problems))
+    return path
+
+
+def _remove_temp_files(run_dir):
+    for folder in (run_dir, os.path.join(run_dir, BACKUP_DIR)):
+        remove_temp_files(folder)
+
+
+# ---------------------------------------------------------------- fit
+
+
 def fit(
     run_config,
     run_dir,
@@ -504,179 +782,89 @@ def fit(
 ):
     """Train `run_config` into `run_dir` and return a FitResult.
 
-    resume: continue the run in `run_dir` from its last finished epoch (its
-        config.json must match `run_config`, except epochs and distribute).
+    resume: continue the run in `run_dir` after its last finished epoch (its
+        config.json must match `run_config`, except epochs and distribute); with
+        more epochs than a finished run had, extend it.
     augment_on: "data" (tf.data, on the CPU), "model" (a training-only wrapper
         model, for accelerators) or "auto" (model when a GPU is visible).
     log: called with one-line messages (skipped files, resume point).
     Raises ValueError for bad settings, DatasetError for unusable data,
     RunDirError for a run dir that is already there, or has nothing to resume,
-    or was started with other settings or data.
+    or was started with other settings or data, and RunWriteError (a RunDirError)
+    when a file can't be written (a full disk): the run then resumes from its last finished epoch.
     """
     log = log or (lambda message: None)
     cfg = copy.deepcopy(run_config)
     check_run_config(cfg)
+    augment_on = check_fit_options(augment_on, tensorboard)
+    data = load_task_data(cfg)  # data first: a bad dataset fails before anything is written
+    cfg.fingerprint = data.fingerprint
+    check_run_dir(cfg, run_dir, resume)
+    if resume and run_completed(run_dir, cfg.train.epochs):
+        log(f"{run_dir}: the run already completed {cfg.train.epochs} epochs; nothing to resume.")
+        return _result(cfg, run_dir, data.problems, epochs_run=0, seconds=0.0, ips=0.0, replicas=1)
+
+    strategy = make_strategy(cfg.train.distribute)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    val_batch = replica_batch_sizes(len(data.train_paths), len(data.val_paths), cfg.train.batch_size, replicas)
+    work_dir = _worker_dir(strategy, run_dir) if strategy is not None else run_dir
+    try:
+        start_run(cfg, run_dir, work_dir, data.problems, log)
+        steps = steps_per_epoch(cfg, len(data.train_paths), replicas)
+        model, trained = build_and_compile(cfg, steps, augment_on, strategy, jit_compile)
+        sets = make_datasets(cfg, data, augment_on, replicas, val_batch)
+        meter = ThroughputMeter(sets.images_per_epoch)
+        start = time.perf_counter()
+        trained.fit(
+            sets.train,
+            validation_data=sets.val,
+            epochs=cfg.train.epochs,
+            class_weight=sets.class_weight,
+            callbacks=run_callbacks(cfg, work_dir, model, meter, callbacks, tensorboard),
+            verbose=verbose,
+            shuffle=False,  # the dataset shuffles itself
+        )
+        seconds = time.perf_counter() - start
+        return finish_run(cfg, run_dir, work_dir, data.problems, meter, seconds, replicas)
+    except OSError as e:
+        raise RunWriteError(_write_failure(e, run_dir)) from e
+
+
+class RunWriteError(RunDirError):
+    """A run's file could not be written (a full disk, a read-only folder); the run resumes after its last epoch."""
+
+
+def _write_failure(error, run_dir):
+    path = error.filename or run_dir
+    reason = error.strerror or str(error)
+    return (f"{path}: {reason}. The run keeps every finished epoch "
+            f"({epochs_done(run_dir)} so far); continue it with --resume once the file can be written.")
+
+
+def check_fit_options(augment_on, tensorboard):
+    """Raise ValueError for a bad `augment_on` or TensorBoard without its package; return the placement to use."""
     if augment_on not in AUGMENT_ON:
         raise ValueError(f"Unknown `augment_on`; expected one of {list(AUGMENT_ON)}. Received: augment_on={augment_on!r}")
     if tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError(
             "`tensorboard=True` needs the tensorboard package (pip install tensorboard). Received: tensorboard=True"
         )
-    task = cfg.model.task
-    config_path = os.path.join(run_dir, CONFIG_FILE)
-    state_path = os.path.join(run_dir, STATE_FILE)
+    return default_augment_on() if augment_on == "auto" else augment_on
 
-    # Data first: a bad dataset fails before anything is written.
-    splits = data_lib.load_splits(cfg.data.manifest or cfg.data.data_dir, cfg.data.val_fraction, cfg.data.seed)
-    train_paths, train_labels = data_lib.task_arrays(splits.train, task)
-    val_paths, val_labels = data_lib.task_arrays(splits.validation, task)
-    used = [s for s in splits.train + splits.validation if task != "covid" or s.label != "normal"]
-    cfg.fingerprint = data_lib.fingerprint(used)
 
-    if resume:
-        if not os.path.exists(config_path):
-            raise RunDirError(f"{run_dir}: no run to resume (no {CONFIG_FILE}).")
-        saved = RunConfig.load(config_path)
-        different = config_differences(saved, cfg)
-        if different:
-            raise RunDirError(f"{config_path}: the run was started with other settings: {', '.join(different)}.")
-        if saved.fingerprint and saved.fingerprint != cfg.fingerprint:
-            raise RunDirError(
-                f"{run_dir}: the training data changed since the run started "
-                f"(fingerprint {saved.fingerprint} -> {cfg.fingerprint})."
-            )
-        state = read_json(state_path, {})
-        if state.get("completed") and state.get("epochs", 0) >= cfg.train.epochs:
-            log(f"{run_dir}: the run already completed {state['epochs']} epochs; nothing to resume.")
-            return _result(cfg, run_dir, splits.problems, epochs_run=0, seconds=0.0, ips=0.0, replicas=1)
-    elif os.path.exists(config_path):
-        raise RunDirError(f"{run_dir}: a run is already there; resume it or pick another name.")
-
-    strategy = make_strategy(cfg.train.distribute)
-    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    val_batch = replica_batch_sizes(len(train_paths), len(val_paths), cfg.train.batch_size, replicas)
-    if augment_on == "auto":
-        augment_on = default_augment_on()
-
-    os.makedirs(run_dir, exist_ok=True)
-    skipped_file = _write_skipped(run_dir, splits.problems)
-    if splits.problems:
-        log(f"skipped {len(splits.problems)} file(s) that do not decode; list in {skipped_file}")
-    _remove_temp_files(run_dir)
-    write_json_atomic(config_path, cfg.to_dict())
-    state = read_json(state_path, {}) if resume else {}
-    state.update(completed=False, epochs=cfg.train.epochs)
-    write_json_atomic(state_path, state)
-    work_dir = _worker_dir(strategy, run_dir) if strategy is not None else run_dir
-    os.makedirs(work_dir, exist_ok=True)
-
-    policy = keras.mixed_precision.global_policy()
-    try:
-        keras.utils.set_random_seed(cfg.train.seed)
-        data_augmenter = _augmenter(cfg) if augment_on == "data" else None  # float32: made before the policy
-        keras.mixed_precision.set_dtype_policy(cfg.train.precision)
-        batch = cfg.train.batch_size
-        steps_per_epoch = len(train_paths) // batch if replicas > 1 else math.ceil(len(train_paths) / batch)
-        train_ds = data_lib.make_dataset(
-            train_paths, train_labels, task, batch, shuffle=True, seed=cfg.train.seed,
-            augmenter=data_augmenter, cache=cfg.data.cache, image_size=cfg.data.image_size,
-        )
-        if replicas > 1:  # whole batches only: every replica gets the same share (see replica_batch_sizes)
-            import tensorflow as tf
-
-            train_ds = train_ds.filter(lambda x, y: tf.shape(x)[0] == batch)
-        val_ds = data_lib.make_dataset(
-            val_paths, val_labels, task, val_batch, cache=cfg.data.cache, image_size=cfg.data.image_size
-        )
-        class_weight = None
-        if cfg.train.class_weight == "balanced":
-            class_weight = balanced_class_weight(train_labels, len(TASKS[task]))
-
-        with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            model = build_model(cfg.model)
-            trained = model
-            model_augmenter = _augmenter(cfg) if augment_on == "model" else None
-            if model_augmenter is not None:
-                # Augmentation inside a training-only wrapper; model.keras stays the plain classifier.
-                trained = keras.Sequential([keras.Input(model.input_shape[1:]), model_augmenter, model], name="training")
-            compile_model(trained, cfg.train, task, steps_per_epoch, jit_compile=jit_compile)
-
-        backup_dir = os.path.join(work_dir, BACKUP_DIR)
-        restored = read_json(os.path.join(backup_dir, "training_metadata.json"), {}).get("epoch", 0) if resume else 0
-        history_path = os.path.join(work_dir, HISTORY_FILE)
-        if resume:
-            truncate_history(history_path, restored)
-            log(f"resuming {run_dir} after epoch {restored} of {cfg.train.epochs}")
-        elif os.path.exists(history_path):
-            os.remove(history_path)
-
-        meter = ThroughputMeter(steps_per_epoch * batch if replicas > 1 else len(train_paths))
-        cbs = [
-            meter,
-            keras.callbacks.CSVLogger(history_path, append=True),
-            BestModelCheckpoint(
-                os.path.join(work_dir, MODEL_FILE), os.path.join(work_dir, STATE_FILE), cfg.train.monitor, model=model
-            ),
-        ]
-        if cfg.train.schedule == "plateau":
-            cbs.append(
-                keras.callbacks.ReduceLROnPlateau(
-                    monitor=cfg.train.monitor, mode=MONITORS[cfg.train.monitor], factor=0.5, patience=3, min_lr=1e-6
-                )
-            )
-        cbs += list(callbacks)
-        if os.environ.get(KILL_ENV):
-            cbs.append(_KillAfterEpoch(int(os.environ[KILL_ENV])))
-        cbs.append(AtomicBackupAndRestore(backup_dir))  # last: an epoch counts as done once all else is written
-        if tensorboard:
-            cbs.append(keras.callbacks.TensorBoard(os.path.join(work_dir, LOGS_DIR)))
-
-        start = time.perf_counter()
-        trained.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=cfg.train.epochs,
-            class_weight=class_weight,
-            callbacks=cbs,
-            verbose=verbose,
-            shuffle=False,  # the dataset shuffles itself
-        )
-        seconds = time.perf_counter() - start
-    finally:
-        keras.mixed_precision.set_dtype_policy(policy)
-
-    state = read_json(os.path.join(work_dir, STATE_FILE), {})
+def finish_run(cfg, run_dir, work_dir, problems, meter, seconds, replicas):
+    """Mark the run completed, draw its curves, and return its FitResult."""
+    state_path = os.path.join(work_dir, STATE_FILE)
+    state = read_json(state_path, {})
     state.update(completed=True, epochs=cfg.train.epochs)
-    write_json_atomic(os.path.join(work_dir, STATE_FILE), state)
-    result = _result(cfg, work_dir, splits.problems, meter.epochs, seconds, meter.images_per_second, replicas)
+    write_json_atomic(state_path, state)
+    result = _result(cfg, work_dir, problems, meter.epochs, seconds, meter.images_per_second, replicas)
     if result.history:
         from cxrkeras import plots
 
         plots.training_curves(result.history, os.path.join(work_dir, CURVES_FILE), best_epoch=result.best_epoch,
-                              title=f"{task} ({os.path.basename(os.path.normpath(run_dir))})")
+                              title=f"{cfg.model.task} ({os.path.basename(os.path.normpath(run_dir))})")
     return result
-
-
-def _augmenter(cfg):
-    from cxrkeras.augment import study_augmentation
-
-    return study_augmentation(seed=cfg.train.seed) if cfg.data.augment else None
-
-
-def _write_skipped(run_dir, problems):
-    path = os.path.join(run_dir, SKIPPED_FILE)
-    if not problems:
-        if os.path.exists(path):
-            os.remove(path)
-        return ""
-    with open(path, "w") as f:
-        f.writelines(f"{p}\n" for p in problems)
-    return path
-
-
-def _remove_temp_files(run_dir):
-    for folder in (run_dir, os.path.join(run_dir, BACKUP_DIR)):
-        remove_temp_files(folder)
 
 
 def _result(cfg, run_dir, problems, epochs_run, seconds, ips, replicas):

@@ -1,5 +1,6 @@
 """`cxrkeras fit`: the run dir it writes, its errors, Ctrl-C, and mirrored training on two logical CPUs."""
 
+import errno
 import json
 import os
 import subprocess
@@ -188,3 +189,33 @@ def test_real_dataset_short_fit_learns(real_dataset, tmp_path):
     summary = json.loads(result.output[result.output.index("{"):])
     assert summary["skipped"] == 0
     assert max(summary["history"]["val_accuracy"]) > 0.8  # well above the 0.73 of always answering "infected"
+
+
+def test_a_full_disk_during_fit_is_one_line_and_the_run_resumes(tmp_path, dataset_with_a_broken_file, monkeypatch):
+    out, real_write_atomic = str(tmp_path / "runs"), training.write_atomic
+    writes = []
+
+    def disk_full_at_the_second_backup(path, write, suffix=""):
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_write_atomic(path, write, suffix)
+
+    monkeypatch.setattr(training, "write_atomic", disk_full_at_the_second_backup)
+    small = _config_file(tmp_path, "small", {"data": {"image_size": 48}, "model": {
+        "blocks": 2, "filters": [4, 8], "dense_units": 8, "image_size": 48}})
+    args = ["fit", "infected", "--data", dataset_with_a_broken_file, "--epochs", "3", "--batch-size", "16",
+            "--config", small, "--out", out, "--name", "full"]
+    result = CliRunner().invoke(main, args)
+    run_dir = os.path.join(out, "infected", "full")
+    assert result.exit_code == 1, result.output
+    message = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert message == [f"Error: {writes[1]}: No space left on device. The run keeps every finished epoch "
+                       f"(1 so far); continue it with --resume once the file can be written."]
+    monkeypatch.undo()
+    resumed = CliRunner().invoke(main, ["fit", "infected", "--out", out, "--name", "full", "--resume", "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads(resumed.stdout)
+    assert summary["history"]["epoch"] == [0, 1, 2] and summary["epochs_run"] == 2
+    state = json.load(open(os.path.join(run_dir, "state.json")))
+    assert state["best"] == pytest.approx(summary["history"]["val_loss"][state["best_epoch"]], abs=1e-6)

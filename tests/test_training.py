@@ -11,11 +11,20 @@ import pytest
 
 from cxrkeras import training
 from cxrkeras.config import RunConfig, TrainConfig, study_model_config, study_train_config
+from cxrkeras.synth import write_synthetic_dataset
 
 
 def tiny_model():
     inputs = keras.Input((4,))
     return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="predictions")(inputs))
+
+
+def small_run_config(data_dir, **train):
+    """tiny_run_config with a two-block classifier on 48x48 images: a fit is mostly Keras' start-up."""
+    config = tiny_run_config(data_dir, **train)
+    config.model.blocks, config.model.filters, config.model.dense_units = 2, [4, 8], 8
+    config.model.image_size = config.data.image_size = 48
+    return config
 
 
 def tiny_run_config(data_dir, task="infected", **train):
@@ -80,10 +89,10 @@ def test_compile_model_loss_and_accuracy_follow_the_task():
 
 
 def test_balanced_class_weight():
-    weights = training.balanced_class_weight([0, 0, 0, 1], 2)
-    assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
-    with pytest.raises(Exception, match=r"class index \[2\]"):
-        training.balanced_class_weight([0, 1, 1], 3)
+    weights = training.balanced_class_weight([0, 0, 0, 1], ("normal", "infected"))
+    assert weights == pytest.approx({0: 4 / 6, 1: 2.0})  # n / (k * count)
+    with pytest.raises(Exception, match=r"no training images of class \['covid'\]"):
+        training.balanced_class_weight([0, 1, 1], ("normal", "non-covid", "covid"))
 
 
 # ---------------------------------------------------------------- files written atomically
@@ -116,11 +125,28 @@ def test_best_checkpoint_keeps_the_best_across_resume(tmp_path):
     callback.set_model(tiny_model())
     callback.on_train_begin()
     callback.on_epoch_end(4, {"val_loss": 0.5})  # worse than the run's best before the resume
-    assert not os.path.exists(path)
+    assert not os.path.exists(callback.pending_path)
     callback.on_epoch_end(5, {"val_loss": 0.05})
-    assert os.path.exists(path)
+    assert os.path.exists(callback.pending_path) and not os.path.exists(path)  # staged until epoch 5 commits
+    callback.commit(6)
+    assert os.path.exists(path) and not os.path.exists(callback.pending_path)
     saved = json.load(open(state))
-    assert (saved["best"], saved["best_epoch"]) == (pytest.approx(0.05), 5)
+    assert (saved["best"], saved["best_epoch"]) == (pytest.approx(0.05), 5) and "pending" not in saved
+
+
+def test_a_staged_best_of_an_epoch_that_did_not_commit_is_dropped(tmp_path):
+    path, state = str(tmp_path / "model.keras"), str(tmp_path / "state.json")
+    callback = training.BestModelCheckpoint(path, state, "val_loss")
+    callback.set_model(tiny_model())
+    callback.on_train_begin()
+    callback.on_epoch_end(0, {"val_loss": 0.5})
+    callback.commit(1)
+    committed = open(path, "rb").read()
+    callback.on_epoch_end(1, {"val_loss": 0.2})  # then killed before epoch 1's backup
+    training.settle_pending(path, state, epochs_done=1)  # what a resume does first
+    assert open(path, "rb").read() == committed and not os.path.exists(callback.pending_path)
+    saved = json.load(open(state))
+    assert (saved["best"], saved["best_epoch"]) == (pytest.approx(0.5), 0) and "pending" not in saved
 
 
 def test_best_checkpoint_on_accuracy_keeps_the_highest(tmp_path):
@@ -156,6 +182,8 @@ def test_resume_after_kill_continues_and_keeps_one_row_per_epoch(synthetic_datas
     assert training.read_history(os.path.join(run_dir, "history.csv"))["epoch"] == [0, 1]
     backup = json.load(open(os.path.join(run_dir, "backup", "training_metadata.json")))
     assert backup["epoch"] == 1  # killed after epoch 1's row and checkpoint, before its backup
+    killed_state = json.load(open(os.path.join(run_dir, "state.json")))
+    assert killed_state["best_epoch"] < 1 and killed_state["pending"]["best_epoch"] == 1  # epoch 1's best: staged only
 
     env.pop(training.KILL_ENV)
     resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
@@ -166,12 +194,71 @@ def test_resume_after_kill_continues_and_keeps_one_row_per_epoch(synthetic_datas
     assert epochs == ["0", "1", "2"]
     state = json.load(open(os.path.join(run_dir, "state.json")))
     assert state["completed"] is True and 0 <= state["best_epoch"] <= 2
-    assert not os.path.exists(os.path.join(run_dir, "backup"))
-    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"))
-    assert model.predict(np.zeros((2, 150, 150, 1), "float32"), verbose=0).shape == (2, 1)
+    assert training.epochs_done(run_dir) == 3  # the last epoch's backup stays, so the run can be extended
+    assert_history_agrees_with_the_model(run_dir, synthetic_dataset)
 
 
-def test_mixed_bfloat16_fit_saves_float32_predictions_and_restores_the_policy(synthetic_dataset, tmp_path):
+def assert_history_agrees_with_the_model(run_dir, data_dir):
+    """state.json's best is history.csv's value at the best epoch, and model.keras scores it on validation."""
+    state = json.load(open(os.path.join(run_dir, "state.json")))
+    history = training.read_history(os.path.join(run_dir, "history.csv"))
+    assert state["best"] == pytest.approx(history["val_loss"][state["best_epoch"]], abs=1e-6)
+    assert state["best"] == pytest.approx(min(history["val_loss"]), abs=1e-6)
+    config = RunConfig.load(os.path.join(run_dir, "config.json"))
+    config.data.data_dir = data_dir
+    data = training.load_task_data(config)
+    model = keras.saving.load_model(os.path.join(run_dir, "model.keras"), compile=False)
+    training.compile_model(model, config.train, config.model.task)
+    val = training.make_datasets(config, data, augment_on="data").val
+    assert model.evaluate(val, verbose=0)[0] == pytest.approx(state["best"], abs=1e-4)
+    assert not os.path.exists(os.path.join(run_dir, "model.pending.keras"))
+
+
+def test_a_finished_run_extends_with_more_epochs(synthetic_dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    first = training.fit(small_run_config(synthetic_dataset), run_dir, verbose=0)
+    assert first.completed and training.epochs_done(run_dir) == 1
+    state_path = os.path.join(run_dir, "state.json")
+    training.write_json_atomic(state_path, {**json.load(open(state_path)), "completed": False})  # killed before
+    again = training.fit(small_run_config(synthetic_dataset), run_dir, resume=True, verbose=0)  # the final state
+    assert again.completed and again.epochs_run == 0 and again.history == first.history
+    messages = []
+    extended = training.fit(small_run_config(synthetic_dataset, epochs=3), run_dir, resume=True, verbose=0,
+                            log=messages.append)
+    assert f"resuming {run_dir} after epoch 1 of 3" in messages
+    assert extended.epochs_run == 2 and extended.history["epoch"] == [0, 1, 2]
+    assert extended.history["val_loss"][0] == first.history["val_loss"][0]  # epoch 0 kept, not retrained
+    assert extended.completed and RunConfig.load(os.path.join(run_dir, "config.json")).train.epochs == 3
+    assert_history_agrees_with_the_model(run_dir, synthetic_dataset)
+
+
+def test_a_fit_that_failed_before_its_first_epoch_is_retried_in_place(synthetic_dataset, tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    config = small_run_config(synthetic_dataset)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("no room for the model")
+
+    monkeypatch.setattr(training, "build_and_compile", out_of_memory)
+    with pytest.raises(MemoryError):
+        training.fit(config, run_dir, verbose=0)
+    assert os.path.exists(os.path.join(run_dir, "config.json"))
+    monkeypatch.undo()
+    assert training.fit(config, run_dir, verbose=0).completed  # the same command again just works
+
+    failed_resume = str(tmp_path / "resumed")
+    monkeypatch.setattr(training, "build_and_compile", out_of_memory)
+    with pytest.raises(MemoryError):
+        training.fit(config, failed_resume, verbose=0)
+    monkeypatch.undo()
+    other_data = small_run_config(str(tmp_path / "other"))
+    write_synthetic_dataset(tmp_path / "other", {"train": 8, "val": 2, "test": 2}, seed=3)
+    result = training.fit(other_data, failed_resume, resume=True, verbose=0)  # nothing trained yet: data may change
+    assert result.completed and result.history["epoch"] == [0]
+    assert RunConfig.load(os.path.join(failed_resume, "config.json")).data.data_dir == str(tmp_path / "other")
+
+
+def test_mixed_bfloat16_fit_saves_float32_predictions_and_leaves_the_global_policy(synthetic_dataset, tmp_path):
     assert keras.mixed_precision.global_policy().name == "float32"
     config = tiny_run_config(synthetic_dataset, precision="mixed_bfloat16")
     result = training.fit(config, str(tmp_path / "run"), verbose=0)
@@ -196,9 +283,10 @@ def test_augmentation_inside_the_model_saves_the_plain_classifier(synthetic_data
 
 def test_fit_refuses_a_run_dir_that_is_there_and_a_resume_with_other_settings(synthetic_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
-    os.makedirs(run_dir)
+    os.makedirs(os.path.join(run_dir, "backup"))
     config = tiny_run_config(synthetic_dataset)
     config.save(os.path.join(run_dir, "config.json"))
+    training.write_json_atomic(os.path.join(run_dir, "backup", "training_metadata.json"), {"epoch": 1, "batch": 0})
     with pytest.raises(training.RunDirError, match="already there"):
         training.fit(config, run_dir, verbose=0)
     other = tiny_run_config(synthetic_dataset, learning_rate=0.01)
@@ -235,3 +323,19 @@ def test_latest_unfinished_run_is_found_for_resume(tmp_path):
         os.utime(run, (0, {"old": 1, "done": 3, "new": 2}[name]))
     assert training.latest_unfinished_run(str(tmp_path), "covid") == str(tmp_path / "covid" / "new")
     assert training.latest_unfinished_run(str(tmp_path), "infected") is None
+
+
+def test_precision_is_per_model_not_process_wide(synthetic_dataset):
+    """A tuner builds many models in one process: each gets its own precision, whatever the order."""
+    bf16 = tiny_run_config(synthetic_dataset, precision="mixed_bfloat16")
+    fp32 = tiny_run_config(synthetic_dataset)
+    first, _ = training.build_and_compile(bf16)
+    second, _ = training.build_and_compile(fp32)
+    third, _ = training.build_and_compile(bf16)
+    for model, compute in ((first, "bfloat16"), (second, "float32"), (third, "bfloat16")):
+        hidden = [layer for layer in model.layers[1:] if layer.name not in ("predictions", "task_info")]
+        assert {layer.compute_dtype for layer in hidden} == {compute}, model.name
+        assert model.get_layer("predictions").compute_dtype == "float32"
+        assert {w.dtype for w in model.weights} == {"float32"}  # variables stay float32 under mixed precision
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert first.count_params() == second.count_params() == 202_261

@@ -55,12 +55,12 @@ def layer_initializers(initializer, fan_in):
     )
 
 
-def batch_norm(name):
+def batch_norm(name, dtype=None):
     # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here), as the study used.
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
-def conv(x, filters, name, *, padding, initializer):
+def conv(x, filters, name, *, padding, initializer, dtype=None):
     """A 3x3 Conv2D without activation."""
     kernel_init, bias_init = layer_initializers(initializer, 3 * 3 * x.shape[-1])
     return keras.layers.Conv2D(
@@ -69,32 +69,33 @@ def conv(x, filters, name, *, padding, initializer):
         padding=padding,
         kernel_initializer=kernel_init,
         bias_initializer=bias_init,
+        dtype=dtype,
         name=name,
     )(x)
 
 
-def conv_block(x, filters, prefix, suffix="", *, padding, initializer, batchnorm, relu=True):
+def conv_block(x, filters, prefix, suffix="", *, padding, initializer, batchnorm, relu=True, dtype=None):
     """Conv 3x3 [-> BatchNorm] [-> ReLU], named `{prefix}_conv{suffix}`, `_bn`, `_relu`."""
-    x = conv(x, filters, f"{prefix}_conv{suffix}", padding=padding, initializer=initializer)
+    x = conv(x, filters, f"{prefix}_conv{suffix}", padding=padding, initializer=initializer, dtype=dtype)
     if batchnorm:
-        x = batch_norm(f"{prefix}_bn{suffix}")(x)
+        x = batch_norm(f"{prefix}_bn{suffix}", dtype)(x)
     if relu:
-        x = keras.layers.ReLU(name=f"{prefix}_relu{suffix}")(x)
+        x = keras.layers.ReLU(dtype=dtype, name=f"{prefix}_relu{suffix}")(x)
     return x
 
 
-def residual_block(x, prefix, *, initializer, batchnorm, skip=True):
+def residual_block(x, prefix, *, initializer, batchnorm, skip=True, dtype=None):
     """y = ReLU(Conv(x)); out = ReLU(Conv(y) + x), keeping x's channel count.
 
     With `skip=False` the addition is left out (a plain two-conv block).
     """
     channels = x.shape[-1]
-    options = dict(padding="same", initializer=initializer, batchnorm=batchnorm)
+    options = dict(padding="same", initializer=initializer, batchnorm=batchnorm, dtype=dtype)
     y = conv_block(x, channels, prefix, "1", **options)
     y = conv_block(y, channels, prefix, "2", relu=False, **options)
     if skip:
-        y = keras.layers.Add(name=f"{prefix}_add")([y, x])
-    return keras.layers.ReLU(name=f"{prefix}_out")(y)
+        y = keras.layers.Add(dtype=dtype, name=f"{prefix}_add")([y, x])
+    return keras.layers.ReLU(dtype=dtype, name=f"{prefix}_out")(y)
 
 
 def dense(x, units, name, *, initializer, activation=None, dtype=None):
@@ -109,6 +110,6 @@ def dense(x, units, name, *, initializer, activation=None, dtype=None):
     )(x)
 
 
-def dropout(x, rate, name):
+def dropout(x, rate, name, dtype=None):
     """Dropout, or nothing when `rate` is 0."""
-    return keras.layers.Dropout(rate, name=name)(x) if rate else x
+    return keras.layers.Dropout(rate, dtype=dtype, name=name)(x) if rate else x

@@ -7,7 +7,9 @@
 -> Dropout -> Dense.
 The models take raw pixels in [0, 1] and are returned uncompiled. Each carries
 its task and class names in a weightless `TaskInfo` layer, so a saved model
-says what it is wherever its file goes.
+says what it is wherever its file goes. `dtype` (a
+policy name such as "mixed_bfloat16", or a `keras.DTypePolicy`) goes to every
+layer but the output, which stays float32; None means Keras' global policy.
 """
 
 import keras
@@ -18,18 +20,18 @@ from cxrkeras.models import blocks
 ARCHS = ("plain", "residual")
 
 
-def build_model(config):
-    """An uncompiled classifier for `config` (a `cxrkeras.config.ModelConfig`)."""
+def build_model(config, dtype=None):
+    """An uncompiled classifier for `config` (a `cxrkeras.config.ModelConfig`), its layers in `dtype`."""
     check_config(config)
     inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
     x = TaskInfo(config.task, name="task_info")(inputs)
     if config.input_norm:
-        x = blocks.batch_norm("input_norm")(x)
+        x = blocks.batch_norm("input_norm", dtype)(x)
     if config.arch == "plain":
-        x = plain_trunk(x, config)
+        x = plain_trunk(x, config, dtype)
     else:
-        x = residual_trunk(x, config)
-    outputs = head(x, config)
+        x = residual_trunk(x, config, dtype)
+    outputs = head(x, config, dtype)
     name = config.task.replace("-", "_") + "_classifier"
     return keras.Model(inputs, outputs, name=name)
 
@@ -70,7 +72,7 @@ def build_study_model(task):
     return build_model(study_model_config(task))
 
 
-def plain_trunk(x, config):
+def plain_trunk(x, config, dtype=None):
     for i, filters in enumerate(block_filters(config), start=1):
         x = blocks.conv_block(
             x,
@@ -79,12 +81,13 @@ def plain_trunk(x, config):
             padding="valid",
             initializer=config.initializer,
             batchnorm=config.batchnorm,
+            dtype=dtype,
         )
-        x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+        x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"block{i}_pool")(x)
     return x
 
 
-def residual_trunk(x, config):
+def residual_trunk(x, config, dtype=None):
     stem_filters = [config.filters[0], config.filters[-1]]
     for i, filters in enumerate(stem_filters, start=1):
         x = blocks.conv_block(
@@ -95,8 +98,9 @@ def residual_trunk(x, config):
             padding="same",
             initializer=config.initializer,
             batchnorm=config.batchnorm,
+            dtype=dtype,
         )
-    x = keras.layers.MaxPooling2D(3, name="stem_pool")(x)
+    x = keras.layers.MaxPooling2D(3, dtype=dtype, name="stem_pool")(x)
     for i in range(1, config.blocks + 1):
         x = blocks.residual_block(
             x,
@@ -104,21 +108,22 @@ def residual_trunk(x, config):
             initializer=config.initializer,
             batchnorm=config.batchnorm,
             skip=config.residual,
+            dtype=dtype,
         )
-        x = keras.layers.MaxPooling2D(2, name=f"res{i}_pool")(x)
+        x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"res{i}_pool")(x)
     return x
 
 
-def head(x, config):
+def head(x, config, dtype=None):
     """[Dropout] -> Flatten [-> Dropout] -> Dense ReLU -> Dropout -> predictions."""
-    x = blocks.dropout(x, config.conv_dropout, "conv_dropout")
-    x = keras.layers.Flatten(name="flatten")(x)
+    x = blocks.dropout(x, config.conv_dropout, "conv_dropout", dtype)
+    x = keras.layers.Flatten(dtype=dtype, name="flatten")(x)
     if config.arch == "residual":
-        x = blocks.dropout(x, config.dropout, "flatten_dropout")
+        x = blocks.dropout(x, config.dropout, "flatten_dropout", dtype)
     x = blocks.dense(
-        x, config.dense_units, "fc", initializer=config.initializer, activation="relu"
+        x, config.dense_units, "fc", initializer=config.initializer, activation="relu", dtype=dtype
     )
-    x = blocks.dropout(x, config.dropout, "fc_dropout")
+    x = blocks.dropout(x, config.dropout, "fc_dropout", dtype)
     outputs, activation = num_outputs(config.task), "sigmoid"
     if outputs > 1:
         activation = "softmax"
