@@ -558,25 +558,40 @@ def export(model_path, base_dir, task, as_json):
 @click.option(
     "--task", type=click.Choice(["infected", "covid"]), help="Which classifier a binary model without config.json is."
 )
+@click.option(
+    "--server",
+    metavar="URL",
+    help="Ask a TensorFlow Serving REST server (`cxrkeras serve` or TensorFlow Serving) at URL; MODEL is then its model name.",
+)
+@click.option("--trust-model", is_flag=True, help="Run a SavedModel whose graph uses ops outside the allow-list.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
-def predict(model_path, images, batch_size, task, as_json):
+def predict(model_path, images, batch_size, task, server, trust_model, as_json):
     """Classify image files with MODEL; one line per image, exit 1 if any failed.
 
     MODEL is a .keras file, a run or cascade folder, or an exported SavedModel
-    (a version folder, or the base folder: its highest version). Each line:
+    (a version folder, or the base folder: its highest version); with
+    --server URL, the name of a model served there
+    (`cxrkeras predict --server http://127.0.0.1:8501 cxr x.png`). Each line:
     path, class, probabilities. A file that is missing or does not decode gets
     an error line naming it and why; the others are still classified.
+
+    A SavedModel is code: before running one, its graph's ops are checked
+    against an allow-list (no file, process, network or Python ops), and one
+    that uses others is refused unless --trust-model.
     """
     from cxrkeras import predict as predict_lib
-    from cxrkeras.runs import TaskUnknownError
+    from cxrkeras.savedmodel import SavedModelError
 
+    if server is not None and (task is not None or trust_model):
+        raise click.UsageError("--task and --trust-model apply to a local MODEL, not with --server.")
     try:
-        predictor = predict_lib.open_model(model_path, task=task)
-    except TaskUnknownError as e:
-        raise click.UsageError(f"{e} Pass --task infected or --task covid.")
-    except _model_errors() as e:
+        if server is not None:
+            predictor = predict_lib.open_server(server, model_path)
+        else:
+            predictor = _open_local_model(model_path, task, trust_model)
+        results = predict_lib.predict_files(predictor, list(images), batch_size)
+    except (SavedModelError, predict_lib.ServerError) as e:
         raise click.ClickException(str(e))
-    results = predict_lib.predict_files(predictor, list(images), batch_size)
     if as_json:
         _echo_json(results)
     else:
@@ -588,6 +603,22 @@ def predict(model_path, images, batch_size, task, as_json):
                 click.echo(f"{r['path']}\t{r['class']}\t{probabilities}")
     if any("error" in r for r in results):
         raise SystemExit(1)
+
+
+def _open_local_model(model_path, task, trust_model):
+    """predict_lib.open_model, its errors as click's; Keras is imported only for a Keras model or an error."""
+    from cxrkeras import predict as predict_lib
+
+    try:
+        return predict_lib.open_model(model_path, task=task, trust=trust_model)
+    except Exception as e:
+        from cxrkeras.runs import TaskUnknownError
+
+        if isinstance(e, TaskUnknownError):
+            raise click.UsageError(f"{e} Pass --task infected or --task covid.")
+        if isinstance(e, _model_errors()):
+            raise click.ClickException(str(e))
+        raise
 
 
 if __name__ == "__main__":
