@@ -621,5 +621,66 @@ def _open_local_model(model_path, task, trust_model):
         raise
 
 
+# ---------------------------------------------------------------- serve
+
+
+@main.command()
+@click.argument("base_dir", metavar="BASE", type=click.Path(exists=True, file_okay=False))
+@click.option("--model-name", default="cxr", show_default=True, help="The name in /v1/models/NAME.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8501, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(1), default=64, show_default=True, help="Instances per model call, and per request.")
+@click.option("--batch-timeout-ms", type=click.FloatRange(0), default=2.0, show_default=True, help="How long a batch waits for more requests.")
+@click.option("--max-enqueued-batches", type=click.IntRange(1), default=16, show_default=True, help="Queue length (in batches) before answering 429.")
+@click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=32.0, show_default=True, help="Larger request bodies get 413.")
+@click.option("--max-image-pixels", type=click.IntRange(1), default=4096 * 4096, show_default=True, help="Images declaring more get 400.")
+@click.option("--poll-seconds", type=click.FloatRange(0.05), default=1.0, show_default=True, help="How often BASE is checked for new versions.")
+@click.option("--cors", is_flag=True, help="Allow browser pages of any origin to call the API.")
+@click.option("--trust-model", is_flag=True, help="Serve SavedModels whose graphs use ops outside the allow-list.")
+def serve(base_dir, model_name, host, port, cors, trust_model, **limits):
+    """Serve the exported versions under BASE over TensorFlow Serving's REST API, with a page to try them.
+
+    BASE holds numbered SavedModel versions (`cxrkeras export MODEL --out
+    BASE`); every one is loaded, the highest answers by default, and a new
+    version folder is picked up while serving. Endpoints: GET
+    /v1/models/NAME[/versions/V][/metadata], POST
+    /v1/models/NAME[/versions/V]:predict and :classify (TensorFlow Serving's
+    requests and answers), /v2/health/live, /v2/health/ready (after warm-up),
+    and GET / (the page). Concurrent requests are batched into one model call.
+    SIGTERM or Ctrl-C stops it after answering the requests in flight.
+    """
+    import signal
+
+    from cxrkeras import savedmodel
+    from cxrkeras import serving
+
+    if savedmodel.is_saved_model(base_dir):
+        raise click.UsageError(f"{base_dir}: a SavedModel version folder; pass its parent, the base folder.")
+    found = [v for v in savedmodel.versions(base_dir) if savedmodel.is_saved_model(os.path.join(base_dir, str(v)))]
+    if not found:
+        raise click.ClickException(
+            f"{base_dir}: no numbered SavedModel versions (1/, 2/, ...); write one with "
+            f"`cxrkeras export MODEL --out {base_dir}`."
+        )
+    try:
+        for version in found if not trust_model else []:
+            savedmodel.check_ops(os.path.join(base_dir, str(version)))
+    except savedmodel.SavedModelError as e:
+        raise click.ClickException(str(e))
+    settings = serving.Settings(cors=cors, trust_model=trust_model, **limits)
+    app = serving.create_app(base_dir, model_name, settings)
+    click.echo(
+        f"serving {model_name} (versions {', '.join(map(str, found))}) from {base_dir} at http://{host}:{port}/ "
+        f"(REST: /v1/models/{model_name}); ready after warm-up"
+    )
+    # uvicorn re-raises the SIGTERM it handled once it has stopped: end with exit 0 instead.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        serving.uvicorn_server(app, host, port).run()
+    except SystemExit as e:  # uvicorn exits 3 when it can't bind, after logging why
+        raise click.ClickException(f"could not serve on {host}:{port} (see above).") from e
+    click.echo("stopped")
+
+
 if __name__ == "__main__":
     main()

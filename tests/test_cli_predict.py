@@ -118,7 +118,7 @@ def test_predict_model_errors(setup, tmp_path):
     assert result.exit_code == 0 and "\tnormal=" in result.output
 
 
-@pytest.mark.parametrize("command", ["cascade", "export", "predict"])
+@pytest.mark.parametrize("command", ["cascade", "export", "predict", "serve"])
 def test_commands_have_help(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output and len(result.output.splitlines()) > 5
