@@ -33,6 +33,7 @@ from cxrkeras.rest import ApiError, invalid
 log = logging.getLogger("cxrkeras.serving")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+CLOSE = object()  # queued by Batcher.close
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")  # what tf.io.decode_image reads
 IMAGE_INPUT = "images"  # our exports' encoded-image input
 EXAMPLE_IMAGE_FEATURE = "image"  # the tf.Example feature our classify signature decodes
@@ -118,12 +119,19 @@ class Batcher:
         self.queue = asyncio.Queue()
         self.pending = 0
         self.worker = None
+        self.closed = False
 
     async def submit(self, inputs):
+        if self.closed:
+            raise ApiError(503, "This version was unloaded; send the request again.")
         size = len(next(iter(inputs.values())))
         limit = self.settings.max_batch_size * self.settings.max_enqueued_batches
         if self.pending + size > limit:
-            raise ApiError(429, f"The batch scheduling queue is full ({self.pending} instances waiting); retry later.")
+            raise ApiError(
+                429,
+                f"The batch scheduling queue to which this task was submitted is full "
+                f"({self.pending} instances waiting; --max-enqueued-batches): retry later.",
+            )
         if self.worker is None:
             self.worker = asyncio.create_task(self._work())
         future = asyncio.get_running_loop().create_future()
@@ -138,25 +146,35 @@ class Batcher:
         loop = asyncio.get_running_loop()
         carry = None
         while True:
-            task = carry or await self.queue.get()
-            tasks, size, carry = [task], task[1], None
+            first = carry or await self.queue.get()
+            if first is CLOSE:
+                return
+            tasks, size, carry = [first], first[1], None
             deadline = loop.time() + self.settings.batch_timeout_ms / 1000
             while size < self.settings.max_batch_size:
-                try:
-                    task = self.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    if deadline <= loop.time():
-                        break
-                    try:
-                        task = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
-                    except asyncio.TimeoutError:
-                        break
-                if size + task[1] > self.settings.max_batch_size:
+                task = await self._next(deadline)
+                if task is None:
+                    break
+                if task is CLOSE or size + task[1] > self.settings.max_batch_size:
                     carry = task
                     break
                 tasks.append(task)
                 size += task[1]
             await self._execute([t for t in tasks if not t[2].done()])
+
+    async def _next(self, deadline):
+        """The next queued task, or None once `deadline` (event-loop time) has passed."""
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self.queue.get(), remaining)
+        except asyncio.TimeoutError:
+            return None
 
     async def _execute(self, tasks):
         if not tasks:
@@ -186,8 +204,9 @@ class Batcher:
             start += size
 
     def close(self):
-        if self.worker is not None:
-            self.worker.cancel()
+        """Answer what is queued, then stop; later calls get 503."""
+        self.closed = True
+        self.queue.put_nowait(CLOSE)
 
 
 # ---------------------------------------------------------------- one version
@@ -553,5 +572,10 @@ def uvicorn_server(app, host="127.0.0.1", port=8501, log_level="info"):
     """A uvicorn.Server for `app` (call .run(); it stops on SIGTERM/SIGINT after answering requests in flight)."""
     import uvicorn
 
+    if not log.handlers:  # our lines (versions loaded, refused) beside uvicorn's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(log_level.upper())
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
     return uvicorn.Server(config)

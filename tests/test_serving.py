@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,12 +272,14 @@ def test_batcher_queue_limit_and_isolation():
         await asyncio.sleep(0)
         with pytest.raises(ApiError) as full:
             await batcher.submit({"x": np.array([5, 6])})  # 3 waiting + 2 > 4 x 1
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        batcher.close()
-        return full.value, results
+        batcher.close()  # what is queued is still answered; later calls are not
+        with pytest.raises(ApiError) as closed:
+            await batcher.submit({"x": np.array([7])})
+        return full.value, closed.value, await asyncio.gather(*tasks, return_exceptions=True)
 
-    full, results = asyncio.run(scenario())
-    assert full.status == 429 and "queue is full" in full.message
+    full, closed, results = asyncio.run(scenario())
+    assert full.status == 429 and "queue to which this task was submitted is full" in full.message
+    assert closed.status == 503
     assert calls[0] == [1, -1, 3]  # one call for the three, then one each
     assert results[0] == {"y": [2]} and results[2] == {"y": [6]}
     assert isinstance(results[1], ApiError) and (results[1].status, results[1].message) == (400, "a bad instance")
@@ -411,3 +414,38 @@ def _ready(url):
         return http(url, "/v2/health/ready")[0] == 200
     except OSError:
         return False
+
+
+def test_json_mapping_as_tensorflow_serving():
+    """Cases from TensorFlow Serving's json_tensor_test.cc, on tensors of other signatures than ours."""
+    from cxrkeras import rest
+
+    float_input = {"x": "DT_FLOAT"}
+    _, tensors, form = rest.predict_request({"instances": [[1, 2], [3, 4.5]]}, lambda name: float_input)
+    assert form == "row" and tensors["x"].dtype == np.float32 and tensors["x"].tolist() == [[1, 2], [3, 4.5]]
+    for body, message in [
+        ({"instances": [[1, 2], [3]]}, "Expecting shape [2] but got: [1]"),
+        ({"instances": [[1, [2]]]}, "Encountered list at unexpected level: 1 expected < 1"),
+        ({"instances": [["a"]]}, 'JSON Value: "a" Type: String is not of expected type: float'),
+        ({"instances": [True]}, "is not of expected type: float"),
+        ({"instances": "x"}, "Expecting 'instances' to be an list/array"),
+        ({"instances": []}, "No values in 'instances' array"),
+        ({"signature_name": 5, "instances": [1]}, "'signature_name' key must be a string value."),
+    ]:
+        with pytest.raises(ApiError, match=re.escape(message)):
+            rest.predict_request(body, lambda name: float_input)
+    two = {"a": "DT_INT64", "b": "DT_STRING"}
+    with pytest.raises(ApiError, match="instances is a plain list, but expecting list of objects"):
+        rest.predict_request({"instances": [1]}, lambda name: two)
+    with pytest.raises(ApiError, match="Missing named input: b in 'inputs' object."):
+        rest.predict_request({"inputs": {"a": [1]}}, lambda name: two)
+    _, tensors, _ = rest.predict_request({"instances": [{"a": 1, "b": {"b64": "aGVsbG8="}}]}, lambda name: two)
+    assert tensors["a"].tolist() == [1] and tensors["b"].tolist() == [b"hello"]
+    # answers: one output -> plain values; several -> objects; `_bytes` outputs as {"b64"}
+    y = {"y": np.array([[2.5, 3.0], [3.5, 4.0]], np.float32)}
+    assert rest.predict_response(y, "row") == {"predictions": [[2.5, 3.0], [3.5, 4.0]]}
+    assert rest.predict_response(y, "columnar") == {"outputs": [[2.5, 3.0], [3.5, 4.0]]}
+    named = {"str_tensor_bytes": serving.object_array([b"hello", b"world"]), "n": np.array([1, 2])}
+    assert rest.predict_response(named, "row") == {
+        "predictions": [{"str_tensor_bytes": {"b64": "aGVsbG8="}, "n": 1}, {"str_tensor_bytes": {"b64": "d29ybGQ="}, "n": 2}]
+    }
