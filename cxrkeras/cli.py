@@ -649,36 +649,20 @@ def serve(base_dir, model_name, host, port, cors, trust_model, **limits):
     and GET / (the page). Concurrent requests are batched into one model call.
     SIGTERM or Ctrl-C stops it after answering the requests in flight.
     """
-    import signal
-
-    from cxrkeras import savedmodel
     from cxrkeras import serving
+    from cxrkeras.savedmodel import SavedModelError
 
-    if savedmodel.is_saved_model(base_dir):
-        raise click.UsageError(f"{base_dir}: a SavedModel version folder; pass its parent, the base folder.")
-    found = [v for v in savedmodel.versions(base_dir) if savedmodel.is_saved_model(os.path.join(base_dir, str(v)))]
-    if not found:
-        raise click.ClickException(
-            f"{base_dir}: no numbered SavedModel versions (1/, 2/, ...); write one with "
-            f"`cxrkeras export MODEL --out {base_dir}`."
-        )
     try:
-        for version in found if not trust_model else []:
-            savedmodel.check_ops(os.path.join(base_dir, str(version)))
-    except savedmodel.SavedModelError as e:
+        found = serving.served_versions(base_dir, trust=trust_model)
+    except SavedModelError as e:
         raise click.ClickException(str(e))
-    settings = serving.Settings(cors=cors, trust_model=trust_model, **limits)
-    app = serving.create_app(base_dir, model_name, settings)
+    app = serving.create_app(base_dir, model_name, serving.Settings(cors=cors, trust_model=trust_model, **limits))
     click.echo(
         f"serving {model_name} (versions {', '.join(map(str, found))}) from {base_dir} at http://{host}:{port}/ "
         f"(REST: /v1/models/{model_name}); ready after warm-up"
     )
-    # uvicorn re-raises the SIGTERM it handled once it has stopped: end with exit 0 instead.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    try:
-        serving.uvicorn_server(app, host, port).run()
-    except SystemExit as e:  # uvicorn exits 3 when it can't bind, after logging why
-        raise click.ClickException(f"could not serve on {host}:{port} (see above).") from e
+    if not serving.run(app, host, port):
+        raise click.ClickException(f"could not serve on {host}:{port} (see above).")
     click.echo("stopped")
 
 

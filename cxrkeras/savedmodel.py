@@ -73,6 +73,11 @@ def is_saved_model(path):
     return os.path.isfile(os.path.join(path, SAVED_MODEL_FILE))
 
 
+def saved_versions(base):
+    """The version folders under `base` that hold a SavedModel, ascending."""
+    return [v for v in versions(base) if is_saved_model(os.path.join(base, str(v)))]
+
+
 def saved_model_dir(path):
     """The SavedModel folder for `path` (a version folder, or a base: its highest version), or None."""
     path = os.fspath(path)
@@ -80,11 +85,8 @@ def saved_model_dir(path):
         return None
     if is_saved_model(path):
         return path
-    for version in reversed(versions(path)):
-        candidate = os.path.join(path, str(version))
-        if is_saved_model(candidate):
-            return candidate
-    return None
+    found = saved_versions(path)
+    return os.path.join(path, str(found[-1])) if found else None
 
 
 def read_metadata(version_dir):

@@ -344,7 +344,7 @@ class ModelServer:
 
     async def sync(self):
         """Load new version folders, drop removed ones; ready once a version serves."""
-        found = {v for v in savedmodel.versions(self.base) if savedmodel.is_saved_model(os.path.join(self.base, str(v)))}
+        found = set(savedmodel.saved_versions(self.base))
         for number in sorted(set(self.versions) - found):
             log.info("version %d of %s removed: unloaded", number, self.name)
             self.versions.pop(number).close()
@@ -566,6 +566,38 @@ def create_app(base, name, settings=None):
     )
     app.state.server = server
     return app
+
+
+def served_versions(base, trust=False):
+    """The numbered SavedModel versions under `base`, each through `savedmodel.check_ops` unless `trust`.
+
+    Raises SavedModelError when `base` is a version folder itself, holds no
+    version, or a version uses ops outside the allow-list.
+    """
+    base = os.fspath(base)
+    if savedmodel.is_saved_model(base):
+        raise savedmodel.SavedModelError(f"{base}: a SavedModel version folder; pass its parent, the base folder.")
+    found = savedmodel.saved_versions(base)
+    if not found:
+        raise savedmodel.SavedModelError(
+            f"{base}: no numbered SavedModel versions (1/, 2/, ...); write one with `cxrkeras export MODEL --out {base}`."
+        )
+    for version in found if not trust else []:
+        savedmodel.check_ops(os.path.join(base, str(version)))
+    return found
+
+
+def run(app, host="127.0.0.1", port=8501):
+    """Serve `app` until SIGTERM or Ctrl-C, which answer the requests in flight first; False if it couldn't bind."""
+    import signal
+
+    # uvicorn re-raises the SIGTERM it handled once it has stopped: a handler of ours makes that a normal return.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn_server(app, host, port).run()
+    except SystemExit:  # uvicorn exits 3 when it can't bind, after logging why
+        return False
+    return True
 
 
 def uvicorn_server(app, host="127.0.0.1", port=8501, log_level="info"):

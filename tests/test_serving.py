@@ -315,7 +315,7 @@ def test_serve_refuses_a_crafted_savedmodel(tmp_path):
     assert result.exit_code == 1 and "WriteFile" in result.output and "--trust-model" in result.output
     assert not marker.exists()
     result = CliRunner().invoke(main, ["serve", str(tmp_path / "base" / "1")])
-    assert result.exit_code == 2 and "a SavedModel version folder; pass its parent" in result.output
+    assert result.exit_code == 1 and "a SavedModel version folder; pass its parent" in result.output
     result = CliRunner().invoke(main, ["serve", str(tmp_path)])
     assert result.exit_code == 1 and "no numbered SavedModel versions" in result.output
 
