@@ -254,6 +254,21 @@ def test_concurrent_requests_share_a_model_call(served, images):
         np.testing.assert_allclose(answer["predictions"][0]["probabilities"], expected[i % 4], atol=1e-5)
 
 
+def test_a_failing_model_call_is_a_500_and_the_server_goes_on(served, images):
+    url, version = served["url"], served["app"].state.server.versions[1]
+
+    def broken(name, inputs):
+        raise RuntimeError("out of luck")
+
+    version.call = broken
+    try:
+        answer = http(url, f"/v1/models/{NAME}:predict", {"instances": [b64(images[0])]})[:2]
+    finally:
+        del version.call
+    assert answer == (500, {"error": "RuntimeError: out of luck"})
+    assert http(url, f"/v1/models/{NAME}:predict", {"instances": [b64(images[0])]})[0] == 200
+
+
 def test_batcher_queue_limit_and_isolation():
     import tensorflow as tf
 
