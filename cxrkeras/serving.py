@@ -384,15 +384,18 @@ class ModelServer:
 
     def version(self, name, number):
         """The Version a request addresses (highest by default), or TensorFlow Serving's 404 (503 while loading)."""
-        if name == self.name and not self.ready:
+        missing = rest.not_found(f"Servable not found for request: {rest.servable(name, number)}")
+        if name != self.name:
+            raise missing
+        if not self.ready:
             raise ApiError(503, f"Model {name} is not ready yet: its versions are loading and warming up.")
-        if name == self.name and number is None and self.versions:
+        if number is None:
             return self.versions[max(self.versions)]
-        if name == self.name and number in self.versions:
-            return self.versions[number]
-        if name == self.name and number in self.loading:
+        if number in self.loading:
             raise ApiError(503, f"Version {number} of model {name} is loading.")
-        raise rest.not_found(f"Servable not found for request: {rest.servable(name, number)}")
+        if number not in self.versions:
+            raise missing
+        return self.versions[number]
 
     def status(self, name, number):
         """TensorFlow Serving's model status: every version (highest first), or the one asked for."""
