@@ -692,25 +692,40 @@ def export(model_path, base_dir, task, as_json):
     type=click.Choice(["infected", "covid"]),
     help="Which classifier a binary model is, when it does not say (older files) and has no config.json.",
 )
+@click.option(
+    "--server",
+    metavar="URL",
+    help="Ask a TensorFlow Serving REST server (`cxrkeras serve` or TensorFlow Serving) at URL; MODEL is then its model name.",
+)
+@click.option("--trust-model", is_flag=True, help="Run a SavedModel whose graph uses ops outside the allow-list.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of results.")
-def predict(model_path, images, batch_size, task, as_json):
+def predict(model_path, images, batch_size, task, server, trust_model, as_json):
     """Classify image files with MODEL; one line per image, exit 1 if any failed.
 
     MODEL is a .keras file, a run or cascade folder, or an exported SavedModel
-    (a version folder, or the base folder: its highest version). Each line:
+    (a version folder, or the base folder: its highest version); with
+    --server URL, the name of a model served there
+    (`cxrkeras predict --server http://127.0.0.1:8501 cxr x.png`). Each line:
     path, class, probabilities. A file that is missing or does not decode gets
     an error line naming it and why; the others are still classified.
+
+    A SavedModel is code: before running one, its graph's ops are checked
+    against an allow-list (no file, process, network or Python ops), and one
+    that uses others is refused unless --trust-model.
     """
     from cxrkeras import predict as predict_lib
-    from cxrkeras.runs import TaskUnknownError
+    from cxrkeras.savedmodel import SavedModelError
 
+    if server is not None and (task is not None or trust_model):
+        raise click.UsageError("--task and --trust-model apply to a local MODEL, not with --server.")
     try:
-        predictor = predict_lib.open_model(model_path, task=task)
-    except TaskUnknownError as e:
-        raise click.UsageError(f"{e} Pass --task infected or --task covid.")
-    except _model_errors() as e:
+        if server is not None:
+            predictor = predict_lib.open_server(server, model_path)
+        else:
+            predictor = _open_local_model(model_path, task, trust_model)
+        results = predict_lib.predict_files(predictor, list(images), batch_size)
+    except (SavedModelError, predict_lib.ServerError) as e:
         raise click.ClickException(str(e))
-    results = predict_lib.predict_files(predictor, list(images), batch_size)
     if as_json:
         _echo_json(results)
     else:
@@ -722,6 +737,22 @@ def predict(model_path, images, batch_size, task, as_json):
                 click.echo(f"{r['path']}\t{r['class']}\t{probabilities}")
     if any("error" in r for r in results):
         raise SystemExit(1)
+
+
+def _open_local_model(model_path, task, trust_model):
+    """predict_lib.open_model, its errors as click's; Keras is imported only for a Keras model or an error."""
+    from cxrkeras import predict as predict_lib
+
+    try:
+        return predict_lib.open_model(model_path, task=task, trust=trust_model)
+    except Exception as e:
+        from cxrkeras.runs import TaskUnknownError
+
+        if isinstance(e, TaskUnknownError):
+            raise click.UsageError(f"{e} Pass --task infected or --task covid.")
+        if isinstance(e, _model_errors()):
+            raise click.ClickException(str(e))
+        raise
 
 
 # ---------------------------------------------------------------- tune
@@ -811,6 +842,51 @@ def _echo_tune(result, as_json):
                    f"--config {_quote(result['best_config'])})")
     if result.get("figure"):
         click.echo(f"figure: {result['figure']}")
+
+
+# ---------------------------------------------------------------- serve
+
+
+@main.command()
+@click.argument("base_dir", metavar="BASE", type=click.Path(exists=True, file_okay=False))
+@click.option("--model-name", default="cxr", show_default=True, help="The name in /v1/models/NAME.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8501, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(1), default=64, show_default=True, help="Instances per model call, and per request.")
+@click.option("--batch-timeout-ms", type=click.FloatRange(0), default=2.0, show_default=True, help="How long a batch waits for more requests.")
+@click.option("--max-enqueued-batches", type=click.IntRange(1), default=16, show_default=True, help="Queue length (in batches) before answering 429.")
+@click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=32.0, show_default=True, help="Larger request bodies get 413.")
+@click.option("--max-image-pixels", type=click.IntRange(1), default=4096 * 4096, show_default=True, help="Images declaring more get 400.")
+@click.option("--poll-seconds", type=click.FloatRange(0.05), default=1.0, show_default=True, help="How often BASE is checked for new versions.")
+@click.option("--cors", is_flag=True, help="Allow browser pages of any origin to call the API.")
+@click.option("--trust-model", is_flag=True, help="Serve SavedModels whose graphs use ops outside the allow-list.")
+def serve(base_dir, model_name, host, port, cors, trust_model, **limits):
+    """Serve the exported versions under BASE over TensorFlow Serving's REST API, with a page to try them.
+
+    BASE holds numbered SavedModel versions (`cxrkeras export MODEL --out
+    BASE`); every one is loaded, the highest answers by default, and a new
+    version folder is picked up while serving. Endpoints: GET
+    /v1/models/NAME[/versions/V][/metadata], POST
+    /v1/models/NAME[/versions/V]:predict and :classify (TensorFlow Serving's
+    requests and answers), /v2/health/live, /v2/health/ready (after warm-up),
+    and GET / (the page). Concurrent requests are batched into one model call.
+    SIGTERM or Ctrl-C stops it after answering the requests in flight.
+    """
+    from cxrkeras import serving
+    from cxrkeras.savedmodel import SavedModelError
+
+    try:
+        found = serving.served_versions(base_dir, trust=trust_model)
+    except SavedModelError as e:
+        raise click.ClickException(str(e))
+    app = serving.create_app(base_dir, model_name, serving.Settings(cors=cors, trust_model=trust_model, **limits))
+    click.echo(
+        f"serving {model_name} (versions {', '.join(map(str, found))}) from {base_dir} at http://{host}:{port}/ "
+        f"(REST: /v1/models/{model_name}); ready after warm-up"
+    )
+    if not serving.run(app, host, port):
+        raise click.ClickException(f"could not serve on {host}:{port} (see above).")
+    click.echo("stopped")
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def gradcam_layer(model):
     return layers[index].name
 
 
-def _logit_head(model):
+def logit_head(model):
     """The final Dense layer when its activation is sigmoid or softmax (Grad-CAM then uses the logits)."""
     head = model.layers[-1]
     if isinstance(head, keras.layers.Dense) and getattr(head.activation, "__name__", "") in ("sigmoid", "softmax"):
@@ -272,7 +272,7 @@ def grad_cam(model, image, layer_name=None, class_index=None):
     import tensorflow as tf
 
     layer_name = layer_name or gradcam_layer(model)
-    head = _logit_head(model)
+    head = logit_head(model)
     scored = head.input if head is not None else model.outputs[0]
     grad_model = keras.Model(_single_input(model), [model.get_layer(layer_name).output, scored])
     x = tf.convert_to_tensor(np.asarray(image, "float32")[None])

@@ -1,13 +1,23 @@
 """Export a classifier or cascade as a TensorFlow Serving SavedModel: BASE/VERSION/.
 
-Two signatures, both answering {"probabilities" [N, K] float32, "class_id" [N]
-int64, "class_name" [N] string}:
+Signatures (every input batched on its first axis, every op a standard
+TensorFlow op, so TensorFlow Serving runs all of them):
 
-- `serving_default`: `images` tf.string [N], encoded JPEG or PNG bytes of any
-  size (gray, RGB or RGBA). Decoding and resizing (`cxrkeras.data.decode_image`)
-  run inside the graph, so a server needs no Python of ours; the REST form
-  sends them as {"b64": "..."}.
-- `predict_images`: `images` float32 [N, size, size, 1] in [0, 1].
+- `serving_default`: `images` tf.string [N], encoded JPEG, PNG, BMP or GIF
+  bytes of any size (gray, RGB or RGBA), the REST API's {"b64": "..."}.
+  Decoding and resizing (`cxrkeras.data.decode_image`) run inside the graph,
+  so a server needs no Python of ours. Answers {"probabilities" [N, K]
+  float32, "class_id" [N] int64, "class_name" [N] string}.
+- `predict_images`: `images` float32 [N, size, size, 1] in [0, 1]; the same answer.
+- `explain`: `images` as `serving_default`; the same answer plus "heatmap"
+  [N, size, size] float32 in [0, 1], the Grad-CAM of each image (for the
+  cascade: of the stage that decided, as `evaluation.explained_model`), and
+  "explained_by" [N] string, that stage's name.
+- `classify`: TensorFlow Serving's classify API: `inputs` tf.string [N],
+  serialized tf.Example protos whose bytes feature "image" holds the encoded
+  image; answers "classes" [N, K] string (the class names) and "scores"
+  [N, K] float32 (the probabilities), so `:classify` with
+  {"signature_name": "classify", "examples": [{"image": {"b64": ...}}]} works.
 
 The module also carries `class_names`, `thresholds`, `kind` and `image_size`
 as variables, and VERSION/assets.extra/cxrkeras.json holds the same metadata
@@ -23,57 +33,20 @@ import shutil
 
 from cxrkeras import runs
 from cxrkeras.models import cascade as cascade_lib
+from cxrkeras.savedmodel import METADATA_FILE, is_saved_model, versions
+from cxrkeras.savedmodel import read_metadata  # noqa: F401  (cli.py reads an export's metadata from here)
 
-SIGNATURES = ("serving_default", "predict_images")
-OUTPUT_KEYS = ("probabilities", "class_id", "class_name")
-METADATA_FILE = os.path.join("assets.extra", "cxrkeras.json")
+EXAMPLE_IMAGE_FEATURE = "image"  # the tf.Example feature the classify signature decodes
 
 
 class ExportError(ValueError):
     """An export that cannot be made or read as asked; the message names the path."""
 
 
-# ---------------------------------------------------------------- versions
-
-
-def versions(base):
-    """The numeric version folders under `base`, ascending."""
-    if not os.path.isdir(base):
-        return []
-    return sorted(int(n) for n in os.listdir(base) if n.isdigit() and os.path.isdir(os.path.join(base, n)))
-
-
 def next_version(base):
     """One more than the highest version under `base` (1 for a new base)."""
     found = versions(base)
     return found[-1] + 1 if found else 1
-
-
-def is_saved_model(path):
-    return os.path.isfile(os.path.join(path, "saved_model.pb"))
-
-
-def saved_model_dir(path):
-    """The SavedModel folder for `path` (a version folder, or a base: its highest version), or None."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        return None
-    if is_saved_model(path):
-        return path
-    for version in reversed(versions(path)):
-        candidate = os.path.join(path, str(version))
-        if is_saved_model(candidate):
-            return candidate
-    return None
-
-
-def read_metadata(version_dir):
-    """The cxrkeras.json written beside an export, or None for a SavedModel made elsewhere."""
-    path = os.path.join(version_dir, METADATA_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------- the module
@@ -100,7 +73,7 @@ def describe(model, path=None, task=None):
 
 
 def serving_module(model, info):
-    """A tf.Module with the two signature functions around `model` (see the module docstring)."""
+    """A tf.Module with the four signature functions around `model` (see the module docstring)."""
     import tensorflow as tf
 
     from cxrkeras.data import decode_image
@@ -115,6 +88,7 @@ def serving_module(model, info):
     )
     module.kind = tf.Variable(kind, dtype=tf.string, trainable=False, name="kind")
     module.image_size = tf.Variable(size, dtype=tf.int32, trainable=False, name="image_size")
+    explainers = _explainers(model, kind)
 
     def outputs(images):
         out = model(images, training=False)
@@ -130,22 +104,116 @@ def serving_module(model, info):
         class_name = tf.gather(module.class_names, class_id)
         return {"probabilities": probabilities, "class_id": class_id, "class_name": class_name}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")], autograph=False)
-    def serve_bytes(images):
-        decoded = tf.map_fn(
+    def decode(images):
+        return tf.map_fn(
             lambda contents: decode_image(contents, size),
             images,
             fn_output_signature=tf.TensorSpec([size, size, 1], tf.float32),
         )
-        return outputs(decoded)
+
+    encoded = tf.TensorSpec([None], tf.string, name="images")
+
+    @tf.function(input_signature=[encoded], autograph=False)
+    def serve_bytes(images):
+        return outputs(decode(images))
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name="images")], autograph=False)
     def predict_images(images):
         return outputs(images)
 
+    @tf.function(input_signature=[encoded], autograph=False)
+    def explain(images):
+        images = decode(images)
+        out = outputs(images)
+        heatmap, explained_by = explain_batch(explainers, images, out["class_id"])
+        return {**out, "heatmap": heatmap, "explained_by": explained_by}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")], autograph=False)
+    def classify(inputs):
+        features = tf.io.parse_example(inputs, {EXAMPLE_IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
+        out = outputs(decode(features[EXAMPLE_IMAGE_FEATURE]))
+        classes = tf.tile(module.class_names[None], [tf.shape(inputs)[0], 1])
+        return {"classes": classes, "scores": out["probabilities"]}
+
     module.serve_bytes = serve_bytes
     module.predict_images = predict_images
+    module.explain = explain if explainers else None
+    module.classify = classify
     return module
+
+
+# ---------------------------------------------------------------- Grad-CAM in the graph
+
+
+def _explainers(model, kind):
+    """[(classifier name, grad model: image -> (Grad-CAM layer output, logits' input), head)], one per stage.
+
+    A cascade has two (infected, then covid: the order `explain_batch` picks
+    from); other models explain themselves. The layer is
+    `evaluation.gradcam_layer`'s, the head the final sigmoid or softmax Dense.
+    None when a classifier has no conv layer or no such head (a model made
+    elsewhere): the export then has no `explain` signature.
+    """
+    import keras
+
+    from cxrkeras.evaluation import gradcam_layer, logit_head
+    from cxrkeras.models import conv_layer_names
+
+    stages = [model.get_layer(cascade_lib.SUBMODELS[s]) for s in ("infected", "covid")] if kind == "cascade" else [model]
+    explainers = []
+    for classifier in stages:
+        head = logit_head(classifier)
+        if head is None or not conv_layer_names(classifier):
+            return None
+        features = classifier.get_layer(gradcam_layer(classifier)).output
+        grad_model = keras.Model(classifier.inputs, [features, head.input], name=f"{classifier.name}_gradcam")
+        explainers.append((classifier.name, grad_model, head))
+    return explainers
+
+
+def grad_cam_batch(grad_model, head, images, class_index):
+    """Grad-CAM [N, H, W] in [0, 1] of each image for its `class_index` [N], as `evaluation.grad_cam` does.
+
+    The score is the class logit (for one sigmoid unit, class 0 scores minus
+    the logit); images are independent in inference mode, so the gradient of
+    the summed scores gives each image its own gradients.
+    """
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        features, hidden = grad_model(images, training=False)
+        logits = tf.matmul(tf.cast(hidden, tf.float32), tf.cast(head.kernel, tf.float32))
+        logits += tf.cast(head.bias, tf.float32)
+        if logits.shape[-1] == 1:
+            score = tf.where(class_index == 1, logits[:, 0], -logits[:, 0])
+        else:
+            score = tf.gather(logits, class_index, batch_dims=1)
+        total = tf.reduce_sum(score)
+    grads = tf.cast(tape.gradient(total, features), tf.float32)
+    weights = tf.reduce_mean(grads, axis=(1, 2))
+    cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * weights[:, None, None, :], axis=-1))
+    cam = tf.image.resize(cam[..., None], tf.shape(images)[1:3], method="bilinear")[..., 0]
+    return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
+
+
+def explain_batch(explainers, images, class_id):
+    """(heatmaps [N, H, W], names [N] of the classifier explained) for decisions `class_id` [N].
+
+    For the cascade (two explainers), the stage that decided: the infected
+    classifier's class "normal" for a normal decision, else the covid
+    classifier's covid (2) or non-covid (1) class.
+    """
+    import tensorflow as tf
+
+    if len(explainers) == 1:
+        name, grad_model, head = explainers[0]
+        return grad_cam_batch(grad_model, head, images, class_id), tf.fill(tf.shape(class_id), name)
+    (infected_name, infected, infected_head), (covid_name, covid, covid_head) = explainers
+    normal = tf.equal(class_id, 0)
+    heat_infected = grad_cam_batch(infected, infected_head, images, tf.zeros_like(class_id))
+    heat_covid = grad_cam_batch(covid, covid_head, images, tf.cast(tf.equal(class_id, 2), tf.int64))
+    heatmap = tf.where(normal[:, None, None], heat_infected, heat_covid)
+    return heatmap, tf.where(normal, infected_name, covid_name)
 
 
 def export_model(model, base_dir, path=None, task=None, source=None):
@@ -165,10 +233,15 @@ def export_model(model, base_dir, path=None, task=None, source=None):
         raise ExportError(f"{base_dir}: a SavedModel version folder; pass its parent, the base folder.")
     info = describe(model, path, task)
     module = serving_module(model, info)
+    # The functions themselves, not concrete functions: saving traces them again in its own context anyway.
     signatures = {
-        "serving_default": module.serve_bytes.get_concrete_function(),
-        "predict_images": module.predict_images.get_concrete_function(),
+        "serving_default": module.serve_bytes,
+        "predict_images": module.predict_images,
+        "explain": module.explain,
+        "classify": module.classify,
     }
+    if module.explain is None:
+        del signatures["explain"]
     os.makedirs(base_dir, exist_ok=True)
     version = next_version(base_dir)
     final = os.path.join(base_dir, str(version))
@@ -180,15 +253,7 @@ def export_model(model, base_dir, path=None, task=None, source=None):
         metadata = {
             **info,
             "version": version,
-            "signatures": {
-                "serving_default": {"inputs": {"images": "string [None]: encoded JPEG or PNG"}},
-                "predict_images": {"inputs": {"images": f"float32 [None, {size}, {size}, 1] in [0, 1]"}},
-                "outputs": {
-                    "probabilities": "float32 [None, K]",
-                    "class_id": "int64 [None]",
-                    "class_name": "string [None]",
-                },
-            },
+            "signatures": {k: v for k, v in signature_notes(size).items() if k in signatures},
             "source": os.fspath(source or path) if (source or path) else None,
             "cascade": _cascade_record(path),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -201,6 +266,28 @@ def export_model(model, base_dir, path=None, task=None, source=None):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def signature_notes(size):
+    """What each signature takes and answers, for cxrkeras.json (TensorFlow Serving's metadata has the types)."""
+    answer = {"probabilities": "float32 [None, K]", "class_id": "int64 [None]", "class_name": "string [None]"}
+    encoded = {"images": "string [None]: encoded JPEG, PNG, BMP or GIF"}
+    return {
+        "serving_default": {"inputs": encoded, "outputs": answer},
+        "predict_images": {"inputs": {"images": f"float32 [None, {size}, {size}, 1] in [0, 1]"}, "outputs": answer},
+        "explain": {
+            "inputs": encoded,
+            "outputs": {
+                **answer,
+                "heatmap": f"float32 [None, {size}, {size}]: Grad-CAM in [0, 1]",
+                "explained_by": "string [None]: the classifier explained",
+            },
+        },
+        "classify": {
+            "inputs": {"inputs": f"string [None]: serialized tf.Example, bytes feature '{EXAMPLE_IMAGE_FEATURE}'"},
+            "outputs": {"classes": "string [None, K]", "scores": "float32 [None, K]"},
+        },
+    }
 
 
 def _cascade_record(path):

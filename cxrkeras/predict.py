@@ -1,25 +1,42 @@
-"""Classify image files with a saved model: a Keras classifier or cascade, or an exported SavedModel.
+"""Classify image files with a saved model (a Keras classifier or cascade, an exported SavedModel) or a server.
 
 `open_model(path)` takes a .keras file, a run or cascade folder, or a
 SavedModel (a version folder, or a base folder whose highest version is
-used); `predict_files` returns one result per file, an error for a file that
-does not decode, in the order given.
+used; its ops are checked first unless `trust`); `open_server(url, name)` a
+model served over TensorFlow Serving's REST API (`cxrkeras serve`, or
+TensorFlow Serving itself). `predict_files` returns one result per file, an
+error for a file that does not decode, in the order given.
+
+Importing this module imports neither Keras nor TensorFlow: a SavedModel needs
+TensorFlow only (`cxrkeras.savedmodel`), a server neither.
 """
 
+import base64
+import json
 import os
+import urllib.error
+import urllib.request
 
 import numpy as np
 
 from cxrkeras import data as data_lib
-from cxrkeras import export as export_lib
-from cxrkeras import runs
-from cxrkeras.models import cascade as cascade_lib
+from cxrkeras import savedmodel
+
+
+class ImageRejected(Exception):
+    """The model could not read one of the images given; the message says why."""
+
+
+class ServerError(Exception):
+    """A server that can't be reached or answers otherwise than TensorFlow Serving's REST API does."""
 
 
 class KerasPredictor:
     """A .keras classifier or cascade; images are decoded here with `cxrkeras.data.decode_image`."""
 
     def __init__(self, path, task=None):
+        from cxrkeras import runs
+
         self.path = path
         self.model = runs.load_model(path)
         self.class_names = tuple(runs.class_names(self.model, path, task))
@@ -28,20 +45,23 @@ class KerasPredictor:
     def predict_bytes(self, contents, batch_size=64):
         import tensorflow as tf
 
-        images = np.stack([data_lib.decode_image(tf.constant(c), self.image_size).numpy() for c in contents])
+        from cxrkeras.models import cascade as cascade_lib
+
+        try:
+            images = np.stack([data_lib.decode_image(tf.constant(c), self.image_size).numpy() for c in contents])
+        except tf.errors.InvalidArgumentError as e:
+            raise ImageRejected(f"does not decode in TensorFlow ({savedmodel.error_message(e)})") from e
         return cascade_lib.predict(self.model, images, batch_size)
 
 
 class SavedModelPredictor:
     """An exported SavedModel, run through its `serving_default` signature (decoding in the graph)."""
 
-    def __init__(self, path):
-        import tensorflow as tf
-
+    def __init__(self, path, trust=False):
         self.path = path
-        self.module = tf.saved_model.load(path)
+        self.module = savedmodel.load(path, trust=trust)
         if "serving_default" not in self.module.signatures or not hasattr(self.module, "class_names"):
-            raise runs.ModelError(
+            raise savedmodel.SavedModelError(
                 f"{path}: a SavedModel without cxrkeras' `serving_default` signature and class names; "
                 f"expected a folder written by `cxrkeras export`."
             )
@@ -53,18 +73,77 @@ class SavedModelPredictor:
 
         probabilities, class_ids = [], []
         for start in range(0, len(contents), batch_size):
-            out = self.signature(images=tf.constant(contents[start : start + batch_size], dtype=tf.string))
+            try:
+                out = self.signature(images=tf.constant(contents[start : start + batch_size], dtype=tf.string))
+            except tf.errors.InvalidArgumentError as e:
+                raise ImageRejected(f"does not decode in TensorFlow ({savedmodel.error_message(e)})") from e
             probabilities.append(out["probabilities"].numpy())
             class_ids.append(out["class_id"].numpy())
         return np.concatenate(probabilities), np.concatenate(class_ids).astype("int64")
 
 
-def open_model(path, task=None):
+class RemotePredictor:
+    """Model `name` on a TensorFlow Serving REST server at `url`: `:predict` on `serving_default`.
+
+    The class names come from the export's `classify` signature (its
+    `classes` output), asked once with a tiny image.
+    """
+
+    def __init__(self, url, name, timeout=60):
+        self.url = f"{url.rstrip('/')}/v1/models/{name}"
+        self.timeout = timeout
+        self.status = self._call("")
+        probe = {"signature_name": "classify", "examples": [{"image": _b64(savedmodel.probe_image(8))}]}
+        results = self._call(":classify", probe)["results"][0]
+        self.class_names = tuple(label for label, _ in results)
+
+    def _call(self, suffix, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + suffix, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as e:
+            message = _error_message(e)
+            if e.code == 400 and suffix == ":predict":
+                raise ImageRejected(message) from None
+            raise ServerError(f"{self.url}{suffix}: HTTP {e.code}: {message}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise ServerError(f"{self.url}{suffix}: {getattr(e, 'reason', e)}") from None
+
+    def predict_bytes(self, contents, batch_size=64):
+        probabilities, class_ids = [], []
+        for start in range(0, len(contents), batch_size):
+            chunk = contents[start : start + batch_size]
+            answer = self._call(":predict", {"instances": [_b64(c) for c in chunk]})
+            for row in answer["predictions"]:
+                probabilities.append(row["probabilities"])
+                class_ids.append(row["class_id"])
+        return np.asarray(probabilities, dtype="float32"), np.asarray(class_ids, dtype="int64")
+
+
+def _b64(contents):
+    return {"b64": base64.b64encode(contents).decode()}
+
+
+def _error_message(error):
+    try:
+        return json.loads(error.read())["error"]
+    except (ValueError, KeyError, TypeError):
+        return error.reason
+
+
+def open_model(path, task=None, trust=False):
     """A predictor for `path`: a SavedModel folder (or base of versions), else a Keras model or run folder."""
-    saved = export_lib.saved_model_dir(path)
+    saved = savedmodel.saved_model_dir(path)
     if saved is not None:
-        return SavedModelPredictor(saved)
+        return SavedModelPredictor(saved, trust=trust)
     return KerasPredictor(path, task)
+
+
+def open_server(url, name):
+    """A predictor for model `name` served at `url` (e.g. http://127.0.0.1:8501)."""
+    return RemotePredictor(url, name)
 
 
 def image_problem(path):
@@ -78,8 +157,6 @@ def image_problem(path):
 
 def predict_files(predictor, paths, batch_size=64):
     """One dict per path, in order: {"path", "class", "class_id", "probabilities": {name: p}} or {"path", "error"}."""
-    import tensorflow as tf
-
     results = [{"path": p, "error": image_problem(p)} for p in paths]
     good = [r for r in results if r["error"] is None]
     contents = []
@@ -89,15 +166,15 @@ def predict_files(predictor, paths, batch_size=64):
     try:
         outputs = [predictor.predict_bytes(contents, batch_size)] if good else []
         chunks = [good]
-    except tf.errors.InvalidArgumentError:
-        # One file PIL accepts but TensorFlow doesn't: retry one by one to name it.
+    except ImageRejected:
+        # One file the checks accept but the model doesn't: retry one by one to name it.
         outputs, chunks = [], []
         for r, c in zip(good, contents):
             try:
                 outputs.append(predictor.predict_bytes([c], batch_size))
                 chunks.append([r])
-            except tf.errors.InvalidArgumentError as e:
-                r["error"] = f"does not decode in TensorFlow ({e.message.splitlines()[0]})"
+            except ImageRejected as e:
+                r["error"] = str(e)
     names = predictor.class_names
     for chunk, (probabilities, class_ids) in zip(chunks, outputs):
         for r, p, k in zip(chunk, probabilities, class_ids):

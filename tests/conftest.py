@@ -34,3 +34,11 @@ def real_dataset():
     if not os.path.isdir(os.path.join(REAL_DATASET, "train")):
         pytest.skip("../shared/cxr-dataset is not present")
     return REAL_DATASET
+
+
+@pytest.fixture(scope="session")
+def exported_cascade(tmp_path_factory):
+    """One tiny cascade for the session: {"cascade": folder with model.keras, "base": its export's base, "version"}."""
+    from tiny_models import export_tiny_cascade
+
+    return export_tiny_cascade(tmp_path_factory.mktemp("exported"))

@@ -8,27 +8,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cxrkeras import export as export_lib
+from tiny_models import TINY, tiny, write_crafted_savedmodel
+
 from cxrkeras.cli import main
-from cxrkeras.config import CLASSES, ModelConfig, RunConfig
+from cxrkeras.config import CLASSES, RunConfig
 from cxrkeras.data import load_images
-from cxrkeras.models import build_model
-from cxrkeras.models.cascade import build_cascade, predict
+from cxrkeras.models.cascade import predict
 from cxrkeras.runs import load_model
 from cxrkeras.synth import synth_image
-
-TINY = {
-    "infected": ModelConfig(task="infected", blocks=2, filters=[4, 8], dense_units=8),
-    "covid": ModelConfig(task="covid", arch="residual", blocks=1, filters=[4, 8], dense_units=8),
-}
-
-
-def tiny(task):
-    model = build_model(TINY[task])
-    layer = model.get_layer("predictions")
-    kernel, bias = layer.get_weights()
-    layer.set_weights([kernel * 40, bias])  # spread the untrained outputs
-    return model
 
 
 def run(*args):
@@ -36,14 +23,10 @@ def run(*args):
 
 
 @pytest.fixture(scope="session")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, exported_cascade):
     """A cascade folder, its SavedModel export, a binary run folder, good and broken image files."""
     root = tmp_path_factory.mktemp("predict")
-    cascade_dir = root / "cascade"
-    cascade_dir.mkdir()
-    build_cascade(tiny("infected"), tiny("covid"), 0.5, 0.5).save(cascade_dir / "model.keras")
-    serving = root / "serving"
-    export_lib.export(cascade_dir, serving)
+    cascade_dir, serving = exported_cascade["cascade"], exported_cascade["base"]
     run_dir = root / "run"
     run_dir.mkdir()
     tiny("covid").save(run_dir / "model.keras")
@@ -136,7 +119,18 @@ def test_predict_model_errors(setup, tmp_path):
     assert result.exit_code == 0 and "\tnormal=" in result.output
 
 
-@pytest.mark.parametrize("command", ["cascade", "export", "predict"])
+@pytest.mark.parametrize("command", ["cascade", "export", "predict", "serve"])
 def test_commands_have_help(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output and len(result.output.splitlines()) > 5
+
+
+def test_a_crafted_savedmodel_is_refused_unless_trusted(setup, tmp_path):
+    marker = tmp_path / "written"
+    crafted = write_crafted_savedmodel(tmp_path / "crafted" / "1", marker)
+    result = run("predict", crafted.parent, setup["good"][0])
+    assert result.exit_code == 1
+    assert f"Error: {crafted}: the SavedModel's graph runs ops that cxrkeras does not allow: WriteFile" in result.output
+    assert "--trust-model" in result.output and not marker.exists()
+    result = run("predict", crafted.parent, setup["good"][0], "--trust-model")
+    assert result.exit_code == 0 and result.output.split("\t")[1] == "covid" and marker.exists()

@@ -1,7 +1,6 @@
-"""SavedModel export: signatures, equivalence with Keras in a fresh process, thresholds, version numbering."""
+"""SavedModel export: signatures, equivalence with Keras in a fresh process, Grad-CAM, classify, versions, op check."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -12,20 +11,17 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from tiny_models import TINY, force, tiny
+
 from cxrkeras import export as export_lib
+from cxrkeras import savedmodel
 from cxrkeras.cli import main
-from cxrkeras.config import ModelConfig, RunConfig
+from cxrkeras.config import RunConfig
 from cxrkeras.data import load_images
-from cxrkeras.models import build_model
-from cxrkeras.models.cascade import build_cascade, predict
+from cxrkeras.evaluation import explained_model, grad_cam
+from cxrkeras.models.cascade import build_cascade, model_kind, predict
 from cxrkeras.runs import TaskUnknownError, load_model
 from cxrkeras.synth import synth_image
-
-TINY = {
-    "infected": ModelConfig(task="infected", blocks=2, filters=[4, 8], dense_units=8),
-    "covid": ModelConfig(task="covid", arch="residual", blocks=1, filters=[4, 8], dense_units=8),
-    "three-class": ModelConfig(task="three-class", arch="residual", blocks=1, filters=[4, 8], dense_units=8),
-}
 
 # Runs in a fresh interpreter with TensorFlow only: serving must need no Python of ours.
 FRESH_PROCESS = r"""
@@ -50,6 +46,19 @@ for name, folder in job["exports"].items():
             "class_id": out["class_id"].numpy().tolist(),
             "class_name": [n.decode() for n in out["class_name"].numpy()],
         }
+    explained = loaded.signatures["explain"](images=tf.constant(contents))
+    entry["explain"] = {k: v.numpy().tolist() for k, v in explained.items() if k not in ("class_name", "explained_by")}
+    entry["explain"]["explained_by"] = [n.decode() for n in explained["explained_by"].numpy()]
+    examples = []
+    for c in contents:
+        example = tf.train.Example()
+        example.features.feature["image"].bytes_list.value.append(c)
+        examples.append(example.SerializeToString())
+    classified = loaded.signatures["classify"](inputs=tf.constant(examples))
+    entry["classify"] = {
+        "classes": [[n.decode() for n in row] for row in classified["classes"].numpy()],
+        "scores": classified["scores"].numpy().tolist(),
+    }
     entry["class_names"] = [n.decode() for n in loaded.class_names.numpy()]
     entry["thresholds"] = loaded.thresholds.numpy().tolist()
     entry["kind"] = loaded.kind.numpy().decode()
@@ -57,22 +66,6 @@ for name, folder in job["exports"].items():
 result["our_modules"] = sorted(m for m in sys.modules if m.split(".")[0] == "cxrkeras")
 json.dump(result, open(job["result"], "w"))
 """
-
-
-def tiny(task, scale=40.0):
-    """A tiny classifier whose untrained outputs spread over (0, 1) instead of sitting near 0.5."""
-    model = build_model(TINY[task])
-    layer = model.get_layer("predictions")
-    kernel, bias = layer.get_weights()
-    layer.set_weights([kernel * scale, bias])
-    return model
-
-
-def force(model, p):
-    layer = model.get_layer("predictions")
-    kernel, bias = layer.get_weights()
-    layer.set_weights([np.zeros_like(kernel), np.full_like(bias, math.log(p / (1 - p)))])
-    return model
 
 
 def write_images(folder):
@@ -97,13 +90,17 @@ def write_images(folder):
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """Four exports (cascade, binary from a run folder, three-class, a strict cascade), loaded in a fresh process."""
+    keras.utils.set_random_seed(0)  # session fixtures start before the tests' seeding
     root = tmp_path_factory.mktemp("export")
     paths = write_images(root / "images")
     arrays = load_images(paths)
     np.save(root / "arrays.npy", arrays)
 
     sources = {}
-    sources["cascade"] = build_cascade(tiny("infected"), tiny("covid"))
+    infected = tiny("infected")
+    p_infected = np.sort(infected.predict(arrays, verbose=0)[:, 0])
+    # a threshold between the 2nd and 3rd image: some decisions are normal, others infected
+    sources["cascade"] = build_cascade(infected, tiny("covid"), float(p_infected[1:3].mean()), 0.5)
     sources["binary"] = tiny("infected")
     sources["three-class"] = tiny("three-class")
     sources["strict"] = build_cascade(force(tiny("infected"), 0.8), force(tiny("covid"), 0.8), 0.5, 0.9)
@@ -148,7 +145,7 @@ def test_fresh_process_matches_keras(exported, name, k):
 
 def test_signatures_and_keys(exported):
     entry = exported["result"]["cascade"]
-    assert entry["signatures"] == ["predict_images", "serving_default"]
+    assert entry["signatures"] == ["classify", "explain", "predict_images", "serving_default"]
     assert entry["serving_default"]["inputs"] == {"images": ["string", [None]]}
     assert entry["predict_images"]["inputs"] == {"images": ["float32", [None, 150, 150, 1]]}
     for signature in ("serving_default", "predict_images"):
@@ -180,8 +177,8 @@ def test_versions_count_up(tmp_path):
     (base / "notes").mkdir()
     (base / "5").mkdir()  # a version folder being written by someone else
     assert export_lib.next_version(base) == 6
-    assert export_lib.saved_model_dir(base) == second  # the highest complete version
-    assert export_lib.saved_model_dir(first) == first
+    assert savedmodel.saved_model_dir(base) == second  # the highest complete version
+    assert savedmodel.saved_model_dir(first) == first
     assert sorted(os.listdir(base)) == ["1", "2", "5", "notes"]  # no staging folder left behind
     with pytest.raises(export_lib.ExportError, match="a SavedModel version folder; pass its parent"):
         export_lib.export_model(model, first, task="covid")
@@ -215,3 +212,80 @@ def test_export_command_records_the_cascade(tmp_path):
     assert metadata["cascade"] == {"thresholds": {"infected": 0.4, "covid": 0.6}}
     result = CliRunner().invoke(main, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "serving")])
     assert result.exit_code == 1 and "nothing: no such file or folder" in result.output
+
+
+@pytest.mark.parametrize("name", ["cascade", "binary", "three-class"])
+def test_explain_is_the_grad_cam_of_the_deciding_stage(exported, name):
+    model, entry = exported["models"][name], exported["result"][name]
+    explain = entry["explain"]
+    np.testing.assert_allclose(explain["probabilities"], entry["serving_default"]["probabilities"], atol=1e-6)
+    assert explain["class_id"] == entry["serving_default"]["class_id"]
+    kind = model_kind(model)
+    for i, (image, prediction) in enumerate(zip(exported["arrays"], explain["class_id"])):
+        stage, class_index = explained_model(model, kind, prediction)
+        heatmap = np.asarray(explain["heatmap"][i])
+        assert heatmap.shape == image.shape[:2] and heatmap.min() >= 0 and heatmap.max() <= 1
+        np.testing.assert_allclose(heatmap, grad_cam(stage, image, class_index=class_index), atol=1e-4)
+        assert explain["explained_by"][i] == stage.name
+    if name == "cascade":  # both stages explain some of these images
+        assert set(explain["explained_by"]) == {"infected_classifier", "covid_classifier"}
+
+
+def test_classify_answers_class_names_and_probabilities(exported):
+    for name in ("cascade", "binary"):
+        entry = exported["result"][name]
+        classify = entry["classify"]
+        assert classify["classes"] == [entry["class_names"]] * len(exported["paths"])
+        np.testing.assert_allclose(classify["scores"], entry["serving_default"]["probabilities"], atol=1e-6)
+
+
+def test_our_exports_pass_the_op_check(exported):
+    for folder in exported["exports"].values():
+        proto = savedmodel.read_proto(folder)
+        assert savedmodel.untrusted_ops(proto) == {}
+        ops = {}
+        for op, where in savedmodel.graph_ops(proto):
+            ops.setdefault(op, set()).add(where)
+        # the variables are restored by the saver's own functions, and only there
+        assert ops["RestoreV2"] and ops["RestoreV2"] <= savedmodel.saver_functions(proto)
+        savedmodel.check_ops(folder)
+
+
+def test_a_crafted_savedmodel_is_refused(tmp_path):
+    import tensorflow as tf
+
+    from tiny_models import write_crafted_savedmodel
+
+    marker = tmp_path / "written"
+    folder = write_crafted_savedmodel(tmp_path / "crafted" / "1", marker)
+    with pytest.raises(savedmodel.UntrustedOpsError, match=r"WriteFile \(in __inference_serve_\d+\).*--trust-model"):
+        savedmodel.load(folder)
+    assert not marker.exists()
+    loaded = savedmodel.load(folder, trust=True)  # what trusting means: the model writes the file
+    loaded.signatures["serving_default"](images=tf.constant([b"x"]))
+    assert marker.read_text() == "written by a SavedModel"
+
+
+def test_saver_file_ops_outside_the_saver_are_refused(tmp_path):
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.v = tf.Variable(1.0)
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def read_checkpoint(prefix):
+        return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=["v"], shape_and_slices=[""], dtypes=[tf.float32])
+
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": read_checkpoint})
+    found = savedmodel.untrusted_ops(savedmodel.read_proto(tmp_path / "1"))
+    assert list(found) == ["RestoreV2"] and all("read_checkpoint" in place for place in found["RestoreV2"])
+
+
+def test_a_model_grad_cam_cannot_explain_exports_without_explain(tmp_path):
+    inputs = keras.Input((150, 150, 1))  # no conv layer: nothing for Grad-CAM to read
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inputs))
+    version = export_lib.export_model(keras.Model(inputs, outputs), tmp_path / "out", task="covid")
+    assert sorted(export_lib.read_metadata(version)["signatures"]) == ["classify", "predict_images", "serving_default"]
+    import tensorflow as tf
+
+    assert "explain" not in tf.saved_model.load(version).signatures
