@@ -495,15 +495,21 @@ async def read_body(request, max_mb):
     """The request's body: 413 past `max_mb`."""
     limit = int(max_mb * 2**20)
     too_large = ApiError(413, f"Request body over {max_mb:g} MB (--max-body-mb); send fewer or smaller images.")
+    # A body a little over the limit is read and dropped, so that a client which sends it whole
+    # hears the 413 instead of a reset connection; a far larger one is refused before reading.
+    drain = 4 * limit
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isdigit() and int(declared) > drain:
         raise too_large
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
-        if total > limit:
+        if total > drain:
             raise too_large
-        chunks.append(chunk)
+        if total <= limit:
+            chunks.append(chunk)
+    if total > limit:
+        raise too_large
     return b"".join(chunks)
 
 
