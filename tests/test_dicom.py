@@ -86,6 +86,16 @@ def test_recognised_by_preamble_or_by_name_alone(tmp_path):
     assert data.check_image(str(tmp_path / "bare")).startswith("not an image")
 
 
+def test_a_manifest_lists_dicom_files(tmp_path):
+    stored = S.astype("uint16")
+    write_dicom(tmp_path / "a.dcm", stored)
+    write_dicom(tmp_path / "b", stored, "MONOCHROME1")
+    write_dicom(tmp_path / "c.dcm", stored, preamble=False)
+    (tmp_path / "m.csv").write_text("path,label\na.dcm,normal\nb,non-covid\nc.dcm,covid\n")
+    result = run("data", "check", tmp_path / "m.csv")
+    assert result.exit_code == 0 and "3 images decode; 0 problem(s)." in result.output
+
+
 # ---------------------------------------------------------------- pydicom's shipped files
 
 
