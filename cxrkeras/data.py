@@ -2,13 +2,15 @@
 
 Path of a batch: files -> `find_samples` (folder layout or CSV manifest) ->
 `check_samples` (drops, and lists with the reason, every file that training's
-own decoder would not read: `check_image`) -> `carve_validation` (dedupe,
+own decoder would not read: `check_image`; DICOM files read through
+`cxrkeras.dicom`) -> `carve_validation` (dedupe,
 stratified, seeded; every class must be there) -> `task_arrays` (labels for
 one task) -> `make_dataset` (decode, cache, shuffle, batch, augment, prefetch).
 """
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -17,14 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cxrkeras import dicom
 from cxrkeras.config import CLASSES, DEFAULT_MAX_PIXELS, IMAGE_SIZE, MAX_PIXELS_ENV, TASKS, check_task
 
 SPLITS = ("train", "val", "test")
 CLASS_DIRS = {"normal": "normal", "non-covid": "infected/non-covid", "covid": "infected/covid"}
 EXPECTED_LAYOUT = """expected layout:
-  DIR/train/normal/*.jpg|png|bmp|gif
-  DIR/train/infected/non-covid/*.jpg|png|bmp|gif
-  DIR/train/infected/covid/*.jpg|png|bmp|gif
+  DIR/train/normal/*.jpg|png|bmp|gif|dcm
+  DIR/train/infected/non-covid/*.jpg|png|bmp|gif|dcm
+  DIR/train/infected/covid/*.jpg|png|bmp|gif|dcm
   (and the same under DIR/val/ and DIR/test/ where those splits exist)
 or a CSV manifest with columns path,label[,split] (label: normal, non-covid or covid)"""
 
@@ -107,7 +110,7 @@ def read_manifest(path):
 
 def _manifest_rows(path):
     with open(path, "rb") as f:
-        kind = sniff_format(f.read(16))
+        kind = sniff_format(f.read(HEAD_BYTES))
     if kind is not None:
         raise DatasetError(f"{path}: a {kind} image; expected a dataset folder or a CSV manifest.\n{EXPECTED_LAYOUT}")
     try:
@@ -119,12 +122,15 @@ def _manifest_rows(path):
 
 # ---------------------------------------------------------------- checking files
 #
-# One judge for every file: `check_image` tells whether training can read it
-# and, if not, why. It decides by content (leading bytes), reads the declared
-# size from the header (Pillow, nothing decoded) against the pixel limit, then
-# decodes with `decode_pixels`, the very function training and export use. A
-# new format is one more entry in IMAGE_FORMATS and in `declared_size`'s
-# readers (and, if TensorFlow cannot decode it, a branch in `decode_pixels`).
+# One judge of image bytes, for files and the server's requests alike:
+# `image_problem` decides the format by content (leading bytes), reads the
+# declared size from the header (Pillow's readers, or pydicom's for DICOM;
+# nothing decoded) against a pixel limit, then decodes with `decode_pixels`,
+# the very function training and export use (a DICOM first becomes a 16-bit
+# PNG, `cxrkeras.dicom.to_png`). `check_image` adds what only a file has
+# (its name, its kind, its length). A new format is one more entry in
+# IMAGE_FORMATS and in `declared_size`'s readers (and, if TensorFlow cannot
+# decode it, a conversion in `encoded_image`, as DICOM has).
 
 IMAGE_FORMATS = {  # leading bytes -> format; those tf.io.decode_image reads with a float dtype
     b"\xff\xd8\xff": "JPEG",
@@ -133,16 +139,24 @@ IMAGE_FORMATS = {  # leading bytes -> format; those tf.io.decode_image reads wit
     b"GIF89a": "GIF",
     b"BM": "BMP",
 }
+DICOM = "DICOM"  # read in Python (cxrkeras.dicom), then decoded as the 16-bit PNG it becomes
+FORMAT_NAMES = "JPEG, PNG, BMP, GIF or DICOM"
+HEAD_BYTES = dicom.PREAMBLE + len(dicom.PREFIX)  # enough to tell every format apart
+PIXELS_OPTION = f"--max-pixels or ${MAX_PIXELS_ENV}"  # how a command raises the limit
 CACHE_ENV = "CXRKERAS_CACHE_DIR"
-CHECK_VERSION = 1  # bump when `check_image` changes what it accepts: cached verdicts are then redone
+CHECK_VERSION = 2  # bump when `check_image` changes what it accepts: cached verdicts are then redone
 
 
-def sniff_format(head):
-    """The image format that `head` (a file's first bytes) starts with, or None."""
+def sniff_format(head, name=""):
+    """The image format of data whose first HEAD_BYTES bytes are `head`, or None.
+
+    Judged by content; `name` counts only for DICOM, whose files may lack the
+    preamble and its "DICM" prefix: a `.dcm` file that is no other format.
+    """
     for magic, kind in IMAGE_FORMATS.items():
         if head.startswith(magic):
             return kind
-    return None
+    return DICOM if dicom.is_dicom(head, name) else None
 
 
 def max_pixels():
@@ -164,11 +178,14 @@ def declared_size(file, kind):
     """(width, height) from the header of a `kind` image in an open binary `file`, nothing decoded.
 
     The format's Pillow reader is called directly: `Image.open` would first
-    apply Pillow's own decompression-bomb limit, and ours (`max_pixels`) is
-    the one that applies here.
+    apply Pillow's own decompression-bomb limit, and ours is the one that
+    applies here. A DICOM's Rows and Columns come from pydicom, read up to its
+    pixel data; it raises DicomError for a DICOM cxrkeras does not read.
     """
     from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin
 
+    if kind == DICOM:
+        return dicom.declared_size(file)
     readers = {
         "JPEG": JpegImagePlugin.JpegImageFile,
         "PNG": PngImagePlugin.PngImageFile,
@@ -179,12 +196,46 @@ def declared_size(file, kind):
     return readers[kind](file).size
 
 
+def image_problem(file, limit, name="", limit_option=PIXELS_OPTION, decode=True):
+    """(format, None) when the image in the open binary `file` reads, else (format or None, why not).
+
+    By content (`sniff_format`; `name` only for a `.dcm` DICOM), then the size
+    its header declares against `limit` pixels (`limit_option` says how to
+    raise it), then, if `decode`, the decoder training uses. The server
+    passes decode=False: its graph decodes with the same `decode_pixels` and
+    its error names the image.
+    """
+    file.seek(0)
+    head = file.read(HEAD_BYTES)
+    if not head:
+        return None, "empty (0 bytes)"
+    kind = sniff_format(head, name)
+    if kind is None:
+        return None, f"not an image: {FORMAT_NAMES} expected (judged by content, not by name)"
+    try:
+        width, height = declared_size(file, kind)
+    except dicom.DicomError as e:
+        return kind, str(e)
+    except (SyntaxError, ValueError, OSError) as e:  # Pillow's readers raise SyntaxError for a bad header
+        return kind, f"does not decode as {kind} (its header: {e})"
+    if width * height > limit:
+        return kind, (
+            f"{kind} declares {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
+            f"(raise it with {limit_option})"
+        )
+    if not decode:
+        return kind, None
+    file.seek(0)
+    return kind, decode_problem(file.read(), kind)
+
+
 def check_image(path, limit=None):
     """None when training can read the image file at `path`, else the reason it cannot.
 
     Accepts what `decode_pixels` decodes (JPEG, PNG, BMP, GIF's first frame;
-    8 or 16 bits; gray, RGB, RGBA or CMYK) from 1x1 up to `limit` pixels
-    (default: `max_pixels()`), judged by content, not by the file's name.
+    8 or 16 bits; gray, RGB, RGBA or CMYK) and the DICOM files
+    `cxrkeras.dicom` reads (single-frame grayscale), from 1x1 up to `limit`
+    pixels (default: `max_pixels()`), judged by content, not by the file's name.
     """
     limit = limit or max_pixels()
     try:
@@ -197,31 +248,21 @@ def check_image(path, limit=None):
         return "not a regular file" if os.path.exists(path) else "no such file"
     try:
         with open(path, "rb") as f:
-            kind = sniff_format(f.read(16))
-            if f.tell() == 0:
+            if not f.read(1):
                 return "empty file (0 bytes)"
-            if kind is None:
-                return "not an image: JPEG, PNG, BMP or GIF expected (judged by content, not by name)"
-            try:
-                width, height = declared_size(f, kind)
-            except (SyntaxError, ValueError, OSError) as e:  # Pillow's readers raise SyntaxError for a bad header
-                return f"does not decode as {kind} (its header: {e})"
-            if width * height > limit:
-                return (
-                    f"{kind} declares {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
-                    f"(raise it with --max-pixels or ${MAX_PIXELS_ENV})"
-                )
-            f.seek(0)
-            contents = f.read()
+            return image_problem(f, limit, name=path)[1]
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
-    return decode_problem(contents, kind)
 
 
 def decode_problem(contents, kind):
-    """None when `decode_pixels` reads `contents`, else TensorFlow's reason."""
+    """None when `decode_pixels` reads `contents` (a DICOM: once made a PNG), else the reason."""
     import tensorflow as tf
 
+    try:
+        contents = encoded_image(contents, kind)
+    except dicom.DicomError as e:
+        return str(e)
     try:
         shape = decode_pixels(tf.constant(contents)).shape
     except tf.errors.OpError as e:
@@ -229,6 +270,16 @@ def decode_problem(contents, kind):
     if shape[0] < 1 or shape[1] < 1:
         return f"{kind} decodes to an empty {shape[0]}x{shape[1]} image"
     return None
+
+
+def encoded_image(contents, kind=None, name=""):
+    """`contents` as bytes that `decode_image` reads: an image as it is, a DICOM as a 16-bit PNG.
+
+    `kind` is the format if known (else sniffed, `name` telling a `.dcm`
+    DICOM). Raises DicomError for a DICOM that does not read.
+    """
+    kind = kind or sniff_format(contents[:HEAD_BYTES], name)
+    return dicom.to_png(io.BytesIO(contents)) if kind == DICOM else contents
 
 
 def _op_message(error):
@@ -282,8 +333,8 @@ class CheckCache:
 
     The file lives in $CXRKERAS_CACHE_DIR (default ~/.cache/cxrkeras) and is
     named after the folder holding the samples; it is kept only for the same
-    pixel limit, check version and TensorFlow version. A cache that cannot be
-    read or written is ignored: it only saves time.
+    pixel limit, check version, TensorFlow version and DICOM decoders. A
+    cache that cannot be read or written is ignored: it only saves time.
     """
 
     def __init__(self, path, stamp):
@@ -305,7 +356,9 @@ class CheckCache:
         base = os.environ.get(CACHE_ENV) or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cxrkeras"
         )
-        stamp = f"check {CHECK_VERSION}; max_pixels {limit}; tensorflow {_tensorflow_version()}"
+        stamp = (
+            f"check {CHECK_VERSION}; max_pixels {limit}; tensorflow {_tensorflow_version()}; {dicom.decoders_stamp()}"
+        )
         return cls(os.path.join(base, f"checked-{name}.json"), stamp)
 
     def verdict(self, path, check):
@@ -454,6 +507,33 @@ def load_splits(source, val_fraction=0.15, seed=0):
 # ---------------------------------------------------------------- tf.data
 
 
+def read_image(path):
+    """The file at `path` (a string tensor) as bytes `decode_image` reads: TensorFlow ops, for tf.data and eager code.
+
+    JPEG, PNG, BMP and GIF stay in TensorFlow (`tf.io.read_file`); a file
+    with DICOM's prefix or a `.dcm` name goes through `encoded_image` in
+    Python (a `tf.numpy_function`) and comes back as the 16-bit PNG of its
+    pixels, so every command sees a DICOM the same way.
+    """
+    import tensorflow as tf
+
+    path = tf.convert_to_tensor(path, tf.string)
+    contents = tf.io.read_file(path)
+    prefix_at = tf.minimum(dicom.PREAMBLE, tf.strings.length(contents))
+    maybe_dicom = tf.logical_or(
+        tf.strings.substr(contents, prefix_at, len(dicom.PREFIX)) == dicom.PREFIX,
+        tf.strings.regex_full_match(tf.strings.lower(path), r".*\.dcm"),
+    )
+
+    def convert(contents, path):  # numpy scalars (or bytes, in a graph) in, bytes out
+        return encoded_image(np.asarray(contents).item(), name=np.asarray(path).item().decode())
+
+    def in_python():
+        return tf.reshape(tf.numpy_function(convert, [contents, path], tf.string, stateful=False), [])
+
+    return tf.cond(maybe_dicom, in_python, lambda: contents)
+
+
 def decode_pixels(contents):
     """Encoded image bytes -> [height, width, channels] float32 in [0, 1]: how training reads a file.
 
@@ -499,7 +579,7 @@ def make_dataset(
     labels = np.asarray(labels)
     labels = labels.astype("float32")[:, None] if task != "three-class" else labels.astype("int32")
     ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
-    ds = ds.map(lambda p, y: (decode_image(tf.io.read_file(p), image_size), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda p, y: (decode_image(read_image(p), image_size), y), num_parallel_calls=tf.data.AUTOTUNE)
     if cache:
         ds = ds.cache()
     if shuffle:
@@ -512,7 +592,5 @@ def make_dataset(
 
 
 def load_images(paths, image_size=IMAGE_SIZE):
-    """Decode files into one [N, size, size, 1] float32 array (for plots and prediction)."""
-    import tensorflow as tf
-
-    return np.stack([decode_image(tf.io.read_file(p), image_size).numpy() for p in paths])
+    """Decode files (images or DICOM: `read_image`) into one [N, size, size, 1] float32 array (plots, prediction)."""
+    return np.stack([decode_image(read_image(p), image_size).numpy() for p in paths])

@@ -5,7 +5,10 @@ SavedModel (a version folder, or a base folder whose highest version is
 used; its ops are checked first unless `trust`); `open_server(url, name)` a
 model served over TensorFlow Serving's REST API (`cxrkeras serve`, or
 TensorFlow Serving itself). `predict_files` returns one result per file, an
-error for a file that does not decode, in the order given.
+error for a file that does not decode, in the order given. Every predictor
+gets the same bytes: the file's, or for a DICOM the 16-bit PNG of its pixels
+(`data.encoded_image`), which an exported graph (or a server) decodes as it
+decodes any PNG, so a Keras model and its export see the same pixels.
 
 Importing this module imports neither Keras nor TensorFlow: a SavedModel needs
 TensorFlow only (`cxrkeras.savedmodel`), a server neither.
@@ -147,7 +150,7 @@ def open_server(url, name):
 
 
 def image_problem(path):
-    """None when `path` is an image file that decodes, else why not."""
+    """None when `path` is an image (or DICOM) file that decodes, else why not."""
     if not os.path.exists(path):
         return "no such file"
     if not os.path.isfile(path):
@@ -162,7 +165,7 @@ def predict_files(predictor, paths, batch_size=64):
     contents = []
     for r in good:
         with open(r["path"], "rb") as f:
-            contents.append(f.read())
+            contents.append(data_lib.encoded_image(f.read(), name=r["path"]))
     try:
         outputs = [predictor.predict_bytes(contents, batch_size)] if good else []
         chunks = [good]

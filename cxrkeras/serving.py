@@ -2,11 +2,14 @@
 
 Path of a request: Starlette route -> `rest.parse_path` -> the body read
 under `--max-body-mb` -> `rest.predict_request` / `rest.classify_request`
-(TensorFlow Serving's JSON mapping) -> image headers checked in Python
-(`image_problem`: an image declaring 20000x20000 never reaches the graph's
-decoder) -> the signature's `Batcher`, which gathers concurrent requests into
-one model call (up to `--max-batch-size` instances or `--batch-timeout-ms`)
-run on one inference thread, off the event loop -> `rest.predict_response`.
+(TensorFlow Serving's JSON mapping) -> image headers checked in Python by
+the judge training uses (`data.image_problem`: an image declaring
+20000x20000 never reaches the graph's decoder) -> DICOM images made the
+16-bit PNG the graph decodes (`data.encoded_image`, off the event loop: the
+graph reads image formats only) -> the signature's `Batcher`, which gathers
+concurrent requests into one model call (up to `--max-batch-size` instances
+or `--batch-timeout-ms`) run on one inference thread, off the event loop ->
+`rest.predict_response`.
 
 `ModelServer` loads every numeric version under the base folder (after
 `savedmodel.check_ops` unless trusted), warms each up, serves the highest by
@@ -22,19 +25,17 @@ import io
 import json
 import logging
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from cxrkeras import rest, savedmodel
+from cxrkeras import data, rest, savedmodel
 from cxrkeras.rest import ApiError, invalid
 
 log = logging.getLogger("cxrkeras.serving")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 CLOSE = object()  # queued by Batcher.close
-IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF")  # what tf.io.decode_image reads
 IMAGE_INPUT = "images"  # our exports' encoded-image input
 EXAMPLE_IMAGE_FEATURE = "image"  # the tf.Example feature our classify signature decodes
 
@@ -57,32 +58,22 @@ class Settings:
 
 
 def image_problem(contents, max_pixels):
-    """None when `contents` has a header TensorFlow's decoder takes within `max_pixels`, else why not.
+    """(format, None) when `contents` has a header our export's graph reads within `max_pixels`, else (format, why).
 
-    Only the header is read (Pillow), so a PNG declaring 20000x20000 is refused
-    before anything allocates it; data that is broken further on (a truncated
-    JPEG) is left to the graph's decoder, whose error then names that image.
+    `data.image_problem`, the judge of every file training reads, on the
+    header only: so a PNG declaring 20000x20000 is refused before anything
+    allocates it; data broken further on (a truncated JPEG) is left to the
+    graph's decoder (the same `decode_pixels`), whose error then names that image.
     """
-    from PIL import Image
+    return data.image_problem(io.BytesIO(contents), max_pixels, limit_option="--max-image-pixels", decode=False)
 
-    if not contents:
-        return "empty (0 bytes)"
+
+def converted(contents):
+    """`contents` as the graph reads it: a DICOM made a 16-bit PNG (blocking), other images as they are."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(contents)) as image:
-                kind, (width, height) = image.format, image.size
-    except Image.DecompressionBombError as e:
-        return f"image too large: {e}"
-    except Image.UnidentifiedImageError:
-        return f"not an image: no {', '.join(IMAGE_FORMATS)} header that Pillow can read"
-    except Exception as e:  # Pillow raises SyntaxError, ValueError, OSError... for broken headers
-        return f"not a readable image (expected {', '.join(IMAGE_FORMATS)}): {e}"
-    if kind not in IMAGE_FORMATS:
-        return f"{kind} image; expected one of {', '.join(IMAGE_FORMATS)}"
-    if width * height > max_pixels:
-        return f"image of {width}x{height} pixels, over the server's limit of {max_pixels} (--max-image-pixels)"
-    return None
+        return data.encoded_image(contents)
+    except data.dicom.DicomError as e:
+        raise invalid(str(e)) from None
 
 
 def api_error(error):
@@ -245,7 +236,10 @@ class Version:
         return {k: v.numpy() for k, v in function(**tensors).items()}
 
     def check_inputs(self, name, inputs):
-        """400 for inputs the signature can't take: shapes, too many instances, image headers (our exports)."""
+        """400 for inputs the signature can't take: shapes, too many instances, image headers (our exports).
+
+        Returns whether an image is a DICOM (`with_dicom_converted` then makes it one the graph reads).
+        """
         name = name or savedmodel.DEFAULT_SIGNATURE
         if name not in self.functions:
             raise invalid(f'Signature "{name}" has no function to run (it is the init op).')
@@ -260,11 +254,17 @@ class Version:
         count = max((s for s in sizes if s is not None), default=1)
         if count > self.settings.max_batch_size:
             raise too_many(count, self.settings.max_batch_size)
-        if self.metadata is not None:
-            for i, contents in enumerate(self._encoded_images(name, inputs)):
-                problem = contents is not None and image_problem(contents, self.settings.max_image_pixels)
-                if problem:
-                    raise invalid(f"Instance {i}: {problem}")
+        if self.metadata is None:
+            return False
+        kinds = set()
+        for i, contents in enumerate(self._encoded_images(name, inputs)):
+            if contents is None:
+                continue
+            kind, problem = image_problem(contents, self.settings.max_image_pixels)
+            if problem:
+                raise invalid(f"Instance {i}: {problem}")
+            kinds.add(kind)
+        return data.DICOM in kinds
 
     def _encoded_images(self, name, inputs):
         """The encoded image of each instance: the `images` input, or the `image` feature of serialized tf.Examples."""
@@ -280,10 +280,32 @@ class Version:
         elif IMAGE_INPUT in inputs and inputs[IMAGE_INPUT].dtype == object:
             yield from inputs[IMAGE_INPUT].reshape(-1)
 
+    def with_dicom_converted(self, name, inputs):
+        """`inputs` with each DICOM image (in `images`, or in a tf.Example's `image`) made a PNG; blocking."""
+        from tensorflow.core.example import example_pb2
+
+        key = "inputs" if name == "classify" and "inputs" in inputs else IMAGE_INPUT
+        items = inputs[key].copy()
+        flat = items.reshape(-1)
+        for i, item in enumerate(flat):
+            try:
+                if key == IMAGE_INPUT:
+                    flat[i] = converted(item)
+                    continue
+                example = example_pb2.Example.FromString(item)
+                values = example.features.feature[EXAMPLE_IMAGE_FEATURE].bytes_list.value
+                if values:
+                    values[0] = converted(values[0])
+                flat[i] = example.SerializeToString()
+            except ApiError as e:
+                raise invalid(f"Instance {i}: {e.message}") from None
+        return {**inputs, key: items}
+
     async def run(self, name, inputs):
         """Check, then call signature `name` through its batcher."""
         name = name or savedmodel.DEFAULT_SIGNATURE
-        self.check_inputs(name, inputs)
+        if self.check_inputs(name, inputs):
+            inputs = await asyncio.to_thread(self.with_dicom_converted, name, inputs)
         if name not in self.batchers:
             self.batchers[name] = Batcher(lambda batch: self.call(name, batch), self.settings, self.executor)
         if any(a.ndim == 0 for a in inputs.values()):  # no batch axis: a call of its own
@@ -469,8 +491,8 @@ def json_response(obj, status=200):
     return Response(json.dumps(obj, allow_nan=True), status_code=status, media_type="application/json")
 
 
-async def read_json(request, max_mb):
-    """The request's JSON body: 413 past `max_mb`, TensorFlow Serving's parse errors otherwise."""
+async def read_body(request, max_mb):
+    """The request's body: 413 past `max_mb`."""
     limit = int(max_mb * 2**20)
     too_large = ApiError(413, f"Request body over {max_mb:g} MB (--max-body-mb); send fewer or smaller images.")
     # A body a little over the limit is read and dropped, so that a client which sends it whole
@@ -488,7 +510,12 @@ async def read_json(request, max_mb):
             chunks.append(chunk)
     if total > limit:
         raise too_large
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_json(request, max_mb):
+    """The request's JSON body: 413 past `max_mb`, TensorFlow Serving's parse errors otherwise."""
+    body = await read_body(request, max_mb)
     if not body.strip():
         raise invalid("JSON Parse error: The document is empty")
     try:
@@ -542,6 +569,21 @@ def create_app(base, name, settings=None):
     async def page_model(request):
         return json_response(server.page_model())
 
+    async def page_image(request):
+        """An uploaded file as a PNG the browser can draw: a DICOM as the model sees it (the page's background)."""
+        from starlette.responses import Response
+
+        try:
+            contents = await read_body(request, settings.max_body_mb)
+            kind, problem = image_problem(contents, settings.max_image_pixels)
+            if problem:
+                raise invalid(problem)
+            if kind == data.DICOM:
+                contents = await asyncio.to_thread(converted, contents)
+        except ApiError as e:
+            return json_response({"error": e.message}, e.status)
+        return Response(contents, media_type="image/png" if kind == data.DICOM else f"image/{kind.lower()}")
+
     async def http_error(request, exc):
         return json_response({"error": f"{exc.detail}: {request.method} {request.url.path}"}, exc.status_code)
 
@@ -555,6 +597,7 @@ def create_app(base, name, settings=None):
     routes = [
         Route("/", page),
         Route("/ui/model.json", page_model),
+        Route("/ui/image", page_image, methods=["POST"]),
         Mount("/ui", StaticFiles(directory=STATIC_DIR), name="ui"),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),

@@ -135,7 +135,7 @@ def test_the_page_shows_each_image_result(page_server, browser, image_files, tmp
     page.wait_for_function("document.getElementById('status').textContent.startsWith('Classified 10 of 11')", timeout=60000)
     shown = results(page)
     assert len(shown) == 11 and all(r["error"] is None and len(r["values"]) == 3 for r in shown[:10])
-    assert shown[10]["decision"] == "Cannot read this image" and "not an image" in shown[10]["error"]
+    assert shown[10]["decision"] == "Cannot read this image" and "does not decode as PNG" in shown[10]["error"]
     assert "1 could not be read" in page.inner_text("#status")
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert Image.open(tmp_path / "page.png").size[0] == 1100

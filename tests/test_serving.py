@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from images import dicom_of, write_dicom
 from serving_helpers import http, start, wait_for
 from tiny_models import write_crafted_savedmodel
 
@@ -176,6 +177,31 @@ def test_classify(served, images):
     assert (status, answer) == (400, {"error": "Expected one or two output Tensors, found 3"})
 
 
+def test_a_dicom_image_is_converted_by_the_server(served, images):
+    import urllib.request
+
+    url, png = served["url"], images[3]
+    gray = np.asarray(Image.open(io.BytesIO(png)))
+    m1, m2, frames = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    dicom_of(gray, m1, "MONOCHROME1")
+    dicom_of(gray, m2, "MONOCHROME2")
+    write_dicom(frames, np.zeros((2, 4, 4), "uint16"))
+    expected = own(served, "serving_default", [png])["probabilities"][0]
+    status, answer, _ = http(url, f"/v1/models/{NAME}:predict", {"instances": [b64(m1.getvalue()), b64(m2.getvalue())]})
+    assert status == 200
+    for row in answer["predictions"]:
+        np.testing.assert_allclose(row["probabilities"], expected, atol=1e-4)
+    body = {"signature_name": "classify", "examples": [{"image": b64(m1.getvalue())}]}
+    status, answer, _ = http(url, f"/v1/models/{NAME}:classify", body)
+    assert status == 200
+    np.testing.assert_allclose([score for _, score in answer["results"][0]], expected, atol=1e-4)
+    status, answer, _ = http(url, f"/v1/models/{NAME}:predict", {"instances": [b64(png), b64(frames.getvalue())]})
+    assert status == 400 and answer["error"].startswith("Instance 1: multi-frame DICOM (2 frames)")
+    with urllib.request.urlopen(urllib.request.Request(url + "/ui/image", data=m1.getvalue()), timeout=60) as shown:
+        assert shown.headers["content-type"] == "image/png"
+        np.testing.assert_allclose(np.asarray(Image.open(io.BytesIO(shown.read()))) / 65535, gray / 255, atol=1e-4)
+
+
 # ---------------------------------------------------------------- bad requests
 
 
@@ -195,7 +221,7 @@ def bad_requests(images):
         ("URL-safe base64", predict, {"instances": [{"b64": base64.urlsafe_b64encode(url_safe).decode()}]}, 400, "URL-safe base64"),
         ("not an image", predict, {"instances": [b64(b"just some bytes")]}, 400, "not an image"),
         ("truncated JPEG", predict, {"instances": [b64(jpeg[: len(jpeg) // 2])]}, 400, "Invalid JPEG data"),
-        ("20000x20000 PNG", predict, {"instances": [b64(huge_png())]}, 400, "image too large: Image size (400000000 pixels)"),
+        ("20000x20000 PNG", predict, {"instances": [b64(huge_png())]}, 400, "PNG declares 20000x20000 = 400,000,000 pixels, over the limit of 16,777,216 (raise it with --max-image-pixels)"),
         ("unknown model", "/v1/models/nope:predict", {"instances": [good]}, 404, "Servable not found for request: Latest(nope)"),
         ("unknown version", f"/v1/models/{NAME}/versions/99:predict", {"instances": [good]}, 404, f"Specific({NAME}, 99)"),
         ("unknown signature", predict, {"signature_name": "nope", "instances": [good]}, 400, 'signature name: "nope" not found'),

@@ -132,18 +132,30 @@ function heatColour(h) {
   return stops[i].map((a, k) => Math.round(255 * (a + (stops[i + 1][k] - a) * t)));
 }
 
+// The file as a bitmap: the browser decodes images itself; a DICOM comes back from the server as a PNG
+// of the pixels the model sees (windowed, MONOCHROME1 inverted).
+async function viewable(file) {
+  try {
+    return await createImageBitmap(file);
+  } catch (error) {
+    const answer = await fetch("/ui/image", { method: "POST", body: file });
+    if (!answer.ok) throw new Error(`the server could not convert ${file.name}`);
+    return await createImageBitmap(await answer.blob());
+  }
+}
+
 async function drawOverlay(canvas, file, heatmap) {
   const context = canvas.getContext("2d");
   context.fillStyle = "#000";
   context.fillRect(0, 0, canvas.width, canvas.height);
   try {
-    const bitmap = await createImageBitmap(file);
+    const bitmap = await viewable(file);
     // The model sees the whole image squeezed to a square, in gray: draw it so.
     context.filter = "grayscale(1)";
     context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
     context.filter = "none";
   } catch (error) {
-    // The browser can't show this file; the heatmap alone still says where the model looked.
+    // Neither the browser nor the server can show this file; the heatmap alone still says where the model looked.
   }
   if (!heatmap) return;
   const rows = heatmap.length;
