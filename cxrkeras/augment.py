@@ -195,7 +195,8 @@ class BorderErase(_RandomLayer):
         rows = ops.reshape(ops.arange(h, dtype="float32"), (1, h, 1))
         cols = ops.reshape(ops.arange(w, dtype="float32"), (1, 1, w))
         band = {k: ops.reshape(v, (-1, 1, 1)) for k, v in params.items()}
-        erased = (rows < band["top"]) | (rows >= h - band["bottom"]) | (cols < band["left"]) | (cols >= w - band["right"])
+        erased = (rows < band["top"]) | (rows >= h - band["bottom"])
+        erased = erased | (cols < band["left"]) | (cols >= w - band["right"])
         keep = ops.cast(ops.logical_not(erased), images.dtype)[..., None]
         return images * keep
 

@@ -421,11 +421,13 @@ def evaluate_run(
     cascade); images are read at the model's own input size. `split`:
     "validation" (carved from train with `val_fraction` / `seed`, else the
     run's, else 0.15 / 0), "holdout" (carved from train before validation:
-    `holdout_fraction`, else the run's), "val" (the release's val/) or "test". `images`: image paths for the feature maps (the first) and
+    `holdout_fraction`, else the run's), "val" (the release's val/) or
+    "test". `images`: image paths for the feature maps (the first) and
     Grad-CAM (all); default: the split's first image for the feature maps and
     the first image of each class in turn (4 in all) for Grad-CAM. metrics.json
     is written before any figure, so a figure that fails loses no numbers.
-    Returns the metrics dict (also saved), with "files" listing what was written.
+    It holds the shortcut audit (`audit.shortcut_audit`, band `audit_band`
+    pixels of 150, default 22). Returns the metrics dict (also saved), with "files" listing what was written.
     """
     if split not in SPLIT_NAMES:
         raise EvaluationError(f"Unknown split {split!r}; expected one of {list(SPLIT_NAMES)}.")

@@ -64,7 +64,7 @@ def validation_settings(paths, data=None, val_fraction=None, seed=None):
 
 
 def selection_split(carve):
-    """Where thresholds are picked: "holdout" when the runs carved one (no epoch was picked there), else "validation"."""
+    """Where thresholds are picked: "holdout" when the runs carved one (no epoch picked there), else "validation"."""
     return "holdout" if carve["holdout_fraction"] else "validation"
 
 

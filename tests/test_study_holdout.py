@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from cxrkeras import data
 from cxrkeras.cli import main
 from cxrkeras.config import ModelConfig, RunConfig
+from cxrkeras.evaluation import carve_settings
 from cxrkeras.models import build_model
 
 TINY = {
@@ -100,3 +101,4 @@ def test_cascade_picks_thresholds_on_the_holdout(holdout_runs, synthetic_dataset
     assert record["holdout"] == {"data": synthetic_dataset, "holdout_fraction": 0.2, "holdout_seed": 0,
                                  "images": len(holdout)}
     assert record["data"]["holdout_fraction"] == 0.2  # so `evaluate --split holdout` finds it for the cascade
+    assert carve_settings(str(out)) == {"val_fraction": 0.3, "seed": 1, "holdout_fraction": 0.2, "holdout_seed": 0}

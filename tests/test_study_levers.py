@@ -107,6 +107,21 @@ def test_label_smoothing_ema_adamw_and_warmup_reach_the_compiled_model():
     assert float(schedule(20)) < 0.001
 
 
+def test_ema_weights_are_in_the_model_at_each_epoch_s_end():
+    model = build_model(ModelConfig(task="infected", blocks=1, filters=[4], dense_units=4, image_size=16))
+    training.compile_model(model, TrainConfig(epochs=2, ema=True), "infected", steps_per_epoch=3)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((12, 16, 16, 1), dtype=np.float32), rng.integers(0, 2, (12, 1)).astype("float32")
+    same = []
+
+    def compare(epoch, logs):  # as validation saw them, and before fit's own swap at its very end
+        averages = model.optimizer._model_variables_moving_average
+        same.append(all(np.allclose(np.asarray(v), np.asarray(a)) for v, a in zip(model.trainable_variables, averages)))
+
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=compare)])
+    assert same == [True, True]
+
+
 def test_three_class_label_smoothing_on_integer_labels():
     loss, _ = training.loss_and_accuracy("three-class", 0.3)
     y_pred = np.array([[0.8, 0.1, 0.1]], "float32")
