@@ -61,29 +61,30 @@ def shortcut_audit(model, images, labels, band=DEFAULT_BAND, batch_size=64):
     `images` [N, H, W, 1] in [0, 1], `labels` the class indices the model's
     decisions are scored against; `band` in pixels of a 150-pixel image.
     The accuracies use the model's own decisions (a cascade's thresholds).
-    Grad-CAM explains each image's decision as `cxrkeras explain` does;
+    Grad-CAM explains each image's decision as the export's `explain` signature does;
     "gradcam_border_mass" is None for a model Grad-CAM can't read.
     """
     images = np.asarray(images, dtype="float32")
     labels = np.asarray(labels, dtype="int64")
     px = band_pixels(band, images.shape[1])
 
-    def accuracy(x):
-        return float(np.mean(cascade_lib.predict(model, x, batch_size)[1] == labels))
+    def decisions(x):
+        return cascade_lib.predict(model, x, batch_size)[1]
 
-    counts = np.bincount(labels)
+    whole = decisions(images)
     return {
         "band": band,
         "band_px": px,
-        "whole": accuracy(images),
-        "centre_only": accuracy(centre_only(images, px)),
-        "border_only": accuracy(border_only(images, px)),
-        "majority_rate": float(counts.max() / len(labels)),
-        "gradcam_border_mass": _gradcam_border_mass(model, images, px, batch_size),
+        "whole": float(np.mean(whole == labels)),
+        "centre_only": float(np.mean(decisions(centre_only(images, px)) == labels)),
+        "border_only": float(np.mean(decisions(border_only(images, px)) == labels)),
+        "majority_rate": float(np.bincount(labels).max() / len(labels)),
+        "gradcam_border_mass": _gradcam_border_mass(model, images, whole, px, batch_size),
     }
 
 
-def _gradcam_border_mass(model, images, px, batch_size):
+def _gradcam_border_mass(model, images, class_id, px, batch_size):
+    """`border_mass` of the Grad-CAM of each image's decision `class_id`, batch by batch (None: no Grad-CAM)."""
     import tensorflow as tf
 
     from cxrkeras.export import _explainers, explain_batch
@@ -91,7 +92,6 @@ def _gradcam_border_mass(model, images, px, batch_size):
     explainers = _explainers(model, cascade_lib.model_kind(model))
     if not explainers:
         return None
-    class_id = cascade_lib.predict(model, images, batch_size)[1]
     shares = []
     for start in range(0, len(images), batch_size):
         batch = tf.constant(images[start:start + batch_size])

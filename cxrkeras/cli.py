@@ -458,7 +458,7 @@ def _quote(value):
 @click.option("--seed", type=int, help="--split validation: seed of the carve [the run's, else 0].")
 @click.option("--holdout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="--split holdout / validation: the holdout carved from train [the run's].")
-@click.option("--band", type=click.IntRange(1), default=22, show_default=True,
+@click.option("--band", type=click.IntRange(1, 74), default=22, show_default=True,
               help="Shortcut audit: the border band's width in pixels of a 150-pixel image (scaled to the model's).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
@@ -603,7 +603,7 @@ def cascade(
     an ensemble averaging their probabilities. The
     cascade says normal if p_infected <= t_infected, else covid if
     p_covid > t_covid, else non-covid. With --target-recall the thresholds are
-    picked on the runs' holdout when they carved one (--holdout-fraction),
+    picked on the runs' holdout when they carved one (fit --holdout-fraction),
     else on the validation split carved from train (never test): the most
     accurate pair whose recall for CLASS reaches RECALL. OUT/cascade.json holds
     the thresholds, the source runs and the false-negative / false-positive
@@ -650,7 +650,8 @@ def cascade(
         chosen, default, name = selection["chosen"], selection["default"], selection["class"]
         status = "reached" if selection["reached"] else "NOT reached: closest shown"
         click.echo(
-            f"{name} recall on {selection['split']} {chosen['recall']:.3f} (target {selection['target_recall']:.3f}, {status}); "
+            f"{name} recall on {selection['split']} {chosen['recall']:.3f} "
+            f"(target {selection['target_recall']:.3f}, {status}); "
             f"FN {chosen['fn']}, FP {chosen['fp']}, accuracy {chosen['accuracy']:.3f}"
         )
         click.echo(

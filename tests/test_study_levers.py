@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from cxrkeras import training
-from cxrkeras.augment import BorderErase, augmentation
+from cxrkeras.augment import AUGMENTATION_SETTINGS, BorderErase, augmentation
 from cxrkeras.cli import main
-from cxrkeras.config import ModelConfig, RunConfig, TrainConfig, resnet_model_config
+from cxrkeras.config import AUGMENTATIONS, ModelConfig, RunConfig, TrainConfig, resnet_model_config
 from cxrkeras.evaluation import grad_cam, gradcam_layer
 from cxrkeras.models import build_model, check_config, task_info
 
@@ -90,6 +90,7 @@ def test_strong_augmentation_and_border_erase_come_from_the_data_config():
     assert layers["random_rotation"].degrees == 10.0 and layers["random_resized_crop"].scale == (0.5, 1.0)
     assert layers["border_erase"].fraction == 0.1
     assert "border_erase" not in [layer.name for layer in augmentation("study").layers]
+    assert set(AUGMENTATION_SETTINGS) == set(AUGMENTATIONS)  # the names config checks are the ones augment builds
 
 
 def test_label_smoothing_ema_adamw_and_warmup_reach_the_compiled_model():
