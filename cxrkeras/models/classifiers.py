@@ -136,7 +136,6 @@ def resnet_trunk(x, config, dtype=None):
     return x
 
 
-
 def head(x, config, dtype=None):
     """[Dropout] -> Flatten (resnet: global average pooling) [-> Dropout] [-> Dense ReLU] -> Dropout -> predictions."""
     x = blocks.dropout(x, config.conv_dropout, "conv_dropout", dtype)
@@ -207,7 +206,7 @@ def check_config(config):
         _fail("filters", filters, "the residual arch takes [stem_filters, width] or [width]")
     if config.arch == "resnet" and len(filters) < 2:
         _fail("filters", filters, "the resnet arch takes [stem_filters, stage1_width, stage2_width, ...]")
-    if not (_positive_int(config.dense_units) or config.dense_units == 0 and not isinstance(config.dense_units, bool)):
+    if not (_positive_int(config.dense_units) or config.dense_units == 0 and type(config.dense_units) is int):
         _fail("dense_units", config.dense_units, "expected a positive integer, or 0 for no hidden Dense layer")
     if config.contrast not in CONTRASTS:
         _fail("contrast", config.contrast, f"expected one of {list(CONTRASTS)}", "Unknown")
