@@ -238,13 +238,17 @@ def check(source, as_json):
 @click.option("--images", "n_images", type=click.IntRange(1, 12), default=4, show_default=True)
 @click.option("--draws", type=click.IntRange(1, 8), default=4, show_default=True, help="Augmented versions per image.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def preview(source, out_path, n_images, draws, seed):
+@click.option("--augmentation", "kind", type=click.Choice(["study", "strong"]), default="study", show_default=True,
+              help="Which stack (a config's data.augmentation).")
+@click.option("--border-erase", type=click.FloatRange(0, 0.5, max_open=True), default=0.0, show_default=True,
+              help="Also erase bands up to this fraction of the side at random edges (data.border_erase).")
+def preview(source, out_path, n_images, draws, seed, kind, border_erase):
     """Draw train images beside augmented versions of them (PNG), to see what augmentation does."""
     import numpy as np
 
     from cxrkeras import data as data_lib
     from cxrkeras import plots
-    from cxrkeras.augment import study_augmentation
+    from cxrkeras.augment import augmentation
 
     good, _ = _readable_samples(source)
     train = [s for s in good if s.split == "train"]
@@ -253,7 +257,7 @@ def preview(source, out_path, n_images, draws, seed):
     picks = np.random.default_rng(seed).choice(len(train), size=min(n_images, len(train)), replace=False)
     chosen = [train[i] for i in sorted(picks)]
     originals = data_lib.load_images([s.path for s in chosen])
-    augmenter = study_augmentation(seed=seed)
+    augmenter = augmentation(kind, border_erase, seed=seed)
     augmented = np.stack([np.asarray(augmenter(originals, training=True)) for _ in range(draws)], axis=1)
     plots.augmentation_grid(originals, augmented, [s.label for s in chosen], out_path)
     click.echo(f"wrote {out_path}")

@@ -93,6 +93,14 @@ def test_strong_augmentation_and_border_erase_come_from_the_data_config():
     assert set(AUGMENTATION_SETTINGS) == set(AUGMENTATIONS)  # the names config checks are the ones augment builds
 
 
+def test_preview_draws_the_strong_stack_with_border_erasing(synthetic_dataset, tmp_path):
+    out = tmp_path / "preview.png"
+    result = CliRunner().invoke(main, ["data", "preview", synthetic_dataset, "--out", str(out), "--images", "1",
+                                       "--draws", "1", "--augmentation", "strong", "--border-erase", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 1000
+
+
 def test_label_smoothing_ema_adamw_and_warmup_reach_the_compiled_model():
     model = build_model(ModelConfig(task="infected", blocks=2, filters=[4, 8], dense_units=8))
     train = TrainConfig(epochs=4, optimizer="adamw", weight_decay=1e-3, schedule="cosine", warmup_epochs=1,
