@@ -163,6 +163,47 @@ class RandomResizedCrop(_RandomLayer):
         return {**super().get_config(), "scale": list(self.scale), "ratio": list(self.ratio), "tries": self.tries}
 
 
+@keras.saving.register_keras_serializable(package="cxrkeras")
+class BorderErase(_RandomLayer):
+    """Sets bands at random image edges to 0: a source mark near an edge stops being a reliable cue.
+
+    Each of the four edges, with probability `probability`, gets a band of
+    width ~ U(0, fraction * side) pixels (floored); the rest is untouched.
+    Not in the study: a lever against border shortcuts (see `cxrkeras.audit`).
+    """
+
+    def __init__(self, fraction=0.15, probability=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.fraction, self.probability = fraction, probability
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        return self.apply(images, self.sample(ops.shape(images)[0], images.shape[1], images.shape[2]))
+
+    def sample(self, n, height=150, width=150):
+        """{"top", "bottom", "left", "right"}: band widths [N] in pixels (0 where the edge is kept)."""
+        sides = {"top": height, "bottom": height, "left": width, "right": width}
+        return {
+            edge: ops.floor(self._uniform((n,), 0.0, self.fraction * side))
+            * ops.cast(self._uniform((n,), 0.0, 1.0) < self.probability, "float32")
+            for edge, side in sides.items()
+        }
+
+    def apply(self, images, params):
+        h, w = images.shape[1], images.shape[2]
+        rows = ops.reshape(ops.arange(h, dtype="float32"), (1, h, 1))
+        cols = ops.reshape(ops.arange(w, dtype="float32"), (1, 1, w))
+        band = {k: ops.reshape(v, (-1, 1, 1)) for k, v in params.items()}
+        erased = (rows < band["top"]) | (rows >= h - band["bottom"])
+        erased = erased | (cols < band["left"]) | (cols >= w - band["right"])
+        keep = ops.cast(ops.logical_not(erased), images.dtype)[..., None]
+        return images * keep
+
+    def get_config(self):
+        return {**super().get_config(), "fraction": self.fraction, "probability": self.probability}
+
+
 def _pick(values, index):
     """values[i, index[i]] for each row i."""
     return ops.sum(values * ops.one_hot(index, values.shape[1], dtype=values.dtype), axis=1)
@@ -176,14 +217,29 @@ def _warp(images, transform):
     return ops.cast(out, dtype)
 
 
+# DataConfig.augmentation -> (jitter, rotation degrees, crop scale); none flips (anatomy has a side).
+AUGMENTATION_SETTINGS = {
+    "study": (0.1, 5.0, (0.7, 1.0)),
+    "strong": (0.2, 10.0, (0.5, 1.0)),
+}
+
+
 def study_augmentation(seed=None):
     """The study's augmentation stack as one Keras layer (identity at inference)."""
-    seeds = [None, None, None] if seed is None else [seed, seed + 1, seed + 2]
-    return keras.Sequential(
-        [
-            ColorJitter(0.1, 0.1, seed=seeds[0], name="color_jitter"),
-            RandomRotation(5.0, seed=seeds[1], name="random_rotation"),
-            RandomResizedCrop((0.7, 1.0), (3 / 4, 4 / 3), seed=seeds[2], name="random_resized_crop"),
-        ],
-        name="augmentation",
-    )
+    return augmentation("study", seed=seed)
+
+
+def augmentation(kind="study", border_erase=0.0, seed=None):
+    """The augmentation stack `kind` (AUGMENTATION_SETTINGS), then BorderErase(border_erase) when > 0."""
+    if kind not in AUGMENTATION_SETTINGS:
+        raise ValueError(f"Unknown `augmentation`; expected one of {list(AUGMENTATION_SETTINGS)}. Received: {kind!r}")
+    jitter, degrees, scale = AUGMENTATION_SETTINGS[kind]
+    seeds = [None] * 4 if seed is None else [seed, seed + 1, seed + 2, seed + 3]
+    layers = [
+        ColorJitter(jitter, jitter, seed=seeds[0], name="color_jitter"),
+        RandomRotation(degrees, seed=seeds[1], name="random_rotation"),
+        RandomResizedCrop(scale, (3 / 4, 4 / 3), seed=seeds[2], name="random_resized_crop"),
+    ]
+    if border_erase:
+        layers.append(BorderErase(border_erase, seed=seeds[3], name="border_erase"))
+    return keras.Sequential(layers, name="augmentation")

@@ -238,13 +238,17 @@ def check(source, as_json):
 @click.option("--images", "n_images", type=click.IntRange(1, 12), default=4, show_default=True)
 @click.option("--draws", type=click.IntRange(1, 8), default=4, show_default=True, help="Augmented versions per image.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def preview(source, out_path, n_images, draws, seed):
+@click.option("--augmentation", "kind", type=click.Choice(["study", "strong"]), default="study", show_default=True,
+              help="Which stack (a config's data.augmentation).")
+@click.option("--border-erase", type=click.FloatRange(0, 0.5, max_open=True), default=0.0, show_default=True,
+              help="Also erase bands up to this fraction of the side at random edges (data.border_erase).")
+def preview(source, out_path, n_images, draws, seed, kind, border_erase):
     """Draw train images beside augmented versions of them (PNG), to see what augmentation does."""
     import numpy as np
 
     from cxrkeras import data as data_lib
     from cxrkeras import plots
-    from cxrkeras.augment import study_augmentation
+    from cxrkeras.augment import augmentation
 
     good, _ = _readable_samples(source)
     train = [s for s in good if s.split == "train"]
@@ -253,7 +257,7 @@ def preview(source, out_path, n_images, draws, seed):
     picks = np.random.default_rng(seed).choice(len(train), size=min(n_images, len(train)), replace=False)
     chosen = [train[i] for i in sorted(picks)]
     originals = data_lib.load_images([s.path for s in chosen])
-    augmenter = study_augmentation(seed=seed)
+    augmenter = augmentation(kind, border_erase, seed=seed)
     augmented = np.stack([np.asarray(augmenter(originals, training=True)) for _ in range(draws)], axis=1)
     plots.augmentation_grid(originals, augmented, [s.label for s in chosen], out_path)
     click.echo(f"wrote {out_path}")
@@ -276,6 +280,7 @@ TRAIN_OPTION_FIELDS = {
     "distribute": ("train", "distribute"),
     "augment": ("data", "augment"),
     "val_fraction": ("data", "val_fraction"),
+    "holdout_fraction": ("data", "holdout_fraction"),
 }
 
 
@@ -298,6 +303,8 @@ def train_options(command):
         click.option("--augment/--no-augment", default=None, help="The study's augmentation of train images [on]."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Validation fraction carved from train, for model selection [0.15]."),
+        click.option("--holdout-fraction", type=click.FloatRange(0, 1, max_open=True),
+                     help="Holdout carved from train before validation, for thresholds only [0: none]."),
         click.option("--monitor", type=click.Choice(list(settings.MONITORS)),
                      help="Validation metric that picks the kept epoch [val_loss]."),
         click.option("--distribute", type=click.Choice(settings.DISTRIBUTES),
@@ -441,9 +448,9 @@ def _quote(value):
 @click.argument("model_path", metavar="MODEL", type=click.Path(exists=True))
 @click.option("--data", "data_path", required=True, type=click.Path(),
               help="Dataset folder (the study's layout) or CSV manifest.")
-@click.option("--split", type=click.Choice(["test", "val", "validation"]), default="test", show_default=True,
+@click.option("--split", type=click.Choice(["test", "val", "validation", "holdout"]), default="test", show_default=True,
               help="test: test/; val: the release's small val/; validation: the split carved from train "
-              "(the run's val_fraction and seed).")
+              "(the run's val_fraction and seed); holdout: the one carved before it (the run's holdout_fraction).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where results go [default: MODEL_DIR/eval-SPLIT].")
 @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Image for Grad-CAM (repeatable); the first also for the feature maps "
@@ -453,9 +460,14 @@ def _quote(value):
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="--split validation: fraction carved from train [the run's, else 0.15].")
 @click.option("--seed", type=int, help="--split validation: seed of the carve [the run's, else 0].")
+@click.option("--holdout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="--split holdout / validation: the holdout carved from train [the run's].")
+@click.option("--band", type=click.IntRange(1, 74), default=22, show_default=True,
+              help="Shortcut audit: the border band's width in pixels of a 150-pixel image (scaled to the model's).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
-def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, seed, batch_size, as_json):
+def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, seed, holdout_fraction, band,
+             batch_size, as_json):
     """Evaluate MODEL (a .keras file or run dir: binary, three-class or cascade) on one split.
 
     Prints the study's table (recall, precision, F1 per class; accuracy) and
@@ -464,7 +476,9 @@ def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, 
     roc.png, pr.png, calibration.png, grid.png (the release's val/ images,
     the study's Figure 2.8.2), feature_maps.png (every second conv layer of
     the covid classifier) and gradcam_*.png. For the covid task only infected
-    images are evaluated.
+    images are evaluated. The shortcut audit (metrics.json "audit") scores
+    the model on the border band alone and on the centre alone, beside the
+    majority-class rate, and gives the share of Grad-CAM heat in the band.
     """
     from cxrkeras import evaluation
     from cxrkeras.runs import TaskUnknownError
@@ -475,6 +489,7 @@ def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, 
         metrics = evaluation.evaluate_run(
             model_path, data_path, split, out_dir, images=list(images) or None, task=task,
             val_fraction=val_fraction, seed=seed, batch_size=batch_size, log=log,
+            holdout_fraction=holdout_fraction, audit_band=band,
         )
     except TaskUnknownError as e:
         raise click.UsageError(f"{e} Pass --task infected or --task covid.")
@@ -551,6 +566,13 @@ def _model_errors():
     return (ModelError, ExportError, DatasetError)
 
 
+def _run_list(argument):
+    """RUN, or RUN1,RUN2,... (an ensemble), as a list; a path that exists as written is one run."""
+    if os.path.exists(argument) or "," not in argument:
+        return [argument]
+    return [part for part in argument.split(",") if part]
+
+
 @main.command()
 @click.argument("run_infected")
 @click.argument("run_covid")
@@ -580,10 +602,13 @@ def cascade(
     """Join two trained classifiers into the study's cascade, saved as OUT/model.keras.
 
     RUN_INFECTED and RUN_COVID are run folders (or .keras files) of the normal
-    vs infected and the COVID vs non-COVID classifiers, in that order. The
+    vs infected and the COVID vs non-COVID classifiers, in that order; either
+    may list several runs joined by commas (RUN1,RUN2,...): that stage is then
+    an ensemble averaging their probabilities. The
     cascade says normal if p_infected <= t_infected, else covid if
     p_covid > t_covid, else non-covid. With --target-recall the thresholds are
-    picked on the validation split carved from train (never test): the most
+    picked on the runs' holdout when they carved one (fit --holdout-fraction),
+    else on the validation split carved from train (never test): the most
     accurate pair whose recall for CLASS reaches RECALL. OUT/cascade.json holds
     the thresholds, the source runs and the false-negative / false-positive
     trade-off table; OUT/threshold_tradeoff.png draws it. A folder that
@@ -601,8 +626,8 @@ def cascade(
         _dataset_source(data_source)
     try:
         record = make_cascade(
-            run_infected,
-            run_covid,
+            _run_list(run_infected),
+            _run_list(run_covid),
             out_dir,
             target=target,
             data=data_source,
@@ -629,7 +654,8 @@ def cascade(
         chosen, default, name = selection["chosen"], selection["default"], selection["class"]
         status = "reached" if selection["reached"] else "NOT reached: closest shown"
         click.echo(
-            f"{name} recall on validation {chosen['recall']:.3f} (target {selection['target_recall']:.3f}, {status}); "
+            f"{name} recall on {selection['split']} {chosen['recall']:.3f} "
+            f"(target {selection['target_recall']:.3f}, {status}); "
             f"FN {chosen['fn']}, FP {chosen['fp']}, accuracy {chosen['accuracy']:.3f}"
         )
         click.echo(

@@ -20,12 +20,15 @@ MAX_PIXELS_ENV = "CXRKERAS_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000  # 7071 x 7071; a chest X-ray is rarely above 3000 x 3000
 
 # The values each training setting takes (TrainConfig below; checked by training.check_train_config).
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine", "plateau")
 CLASS_WEIGHTS = ("none", "balanced")
 PRECISIONS = ("float32", "mixed_bfloat16")
 MONITORS = {"val_loss": "min", "val_accuracy": "max"}  # and which way is better
 DISTRIBUTES = ("none", "mirrored", "multiworker")
+# What a ModelConfig and DataConfig may name (checked by models.check_config and training.check_run_config).
+CONTRASTS = ("none", "standardize")  # "standardize": each image to zero mean, unit variance, inside the model
+AUGMENTATIONS = ("study", "strong")  # cxrkeras.augment.AUGMENTATION_SETTINGS
 
 
 def check_task(task):
@@ -42,8 +45,14 @@ class DataConfig:
     manifest: str = ""  # CSV `path,label[,split]`; used instead of the folder layout when set
     image_size: int = IMAGE_SIZE
     val_fraction: float = 0.15
+    # A holdout carved from train before validation: no training sees it and no epoch is picked on it
+    # (`cxrkeras cascade --target-recall` picks thresholds on it). 0: none. val_fraction is then of the rest.
+    holdout_fraction: float = 0.0
+    holdout_seed: int = 0  # apart from `seed`, so runs of several seeds share one holdout
     seed: int = 0
     augment: bool = True
+    augmentation: str = "study"  # study | strong (stronger jitter, rotation and crops; never flips)
+    border_erase: float = 0.0  # erase bands up to this fraction of the side at random image edges (0: off)
     cache: bool = True
 
 
@@ -52,16 +61,17 @@ class ModelConfig:
     """What a classifier builder needs; `cxrkeras.models.build_model` reads it."""
 
     task: str = "infected"
-    arch: str = "plain"  # "plain": conv-relu-pool blocks (infected); "residual": the covid trunk
-    blocks: int = 5  # plain: conv blocks; residual: residual blocks
-    filters: list = field(default_factory=lambda: [24, 32, 64, 64, 128])
-    dense_units: int = 128
+    arch: str = "plain"  # "plain": conv-relu-pool blocks (infected); "residual": the covid trunk; "resnet"
+    blocks: int = 5  # plain: conv blocks; residual: residual blocks; resnet: residual blocks per stage
+    filters: list = field(default_factory=lambda: [24, 32, 64, 64, 128])  # resnet: [stem, stage 1, stage 2, ...]
+    dense_units: int = 128  # 0: no hidden Dense layer
     conv_dropout: float = 0.25
     dropout: float = 0.5
     input_norm: bool = True  # the study's BatchNorm on the input
     batchnorm: bool = False  # BatchNorm after every conv (not in the study)
     residual: bool = True  # residual arch only: skip connections on/off
     initializer: str = "torch"  # "torch" (the study's PyTorch default) or "keras" (glorot/zeros)
+    contrast: str = "none"  # none | standardize (per-image zero mean, unit variance, before input_norm)
     image_size: int = IMAGE_SIZE
 
 
@@ -75,6 +85,9 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     schedule: str = "constant"  # constant | cosine | plateau
+    warmup_epochs: int = 0  # cosine only: linear warm-up from 0 over these first epochs
+    label_smoothing: float = 0.0
+    ema: bool = False  # exponential moving average of the weights: validated, kept and exported
     class_weight: str = "none"  # none | balanced
     seed: int = 0
     precision: str = "float32"  # float32 | mixed_bfloat16
@@ -97,6 +110,19 @@ def study_model_config(task):
 
 def study_train_config(task):
     return TrainConfig(epochs=STUDY_EPOCHS[check_task(task)])
+
+
+def resnet_model_config(task):
+    """A small residual network with BatchNorm for `task`: several times cheaper to train than the covid trunk.
+
+    A stride-2 stem and a max-pool (150 -> 37), three stages of one basic
+    residual block (32, 64, 128 channels; 37 -> 19 -> 10), global average
+    pooling, dropout, the sigmoid (or softmax) output.
+    """
+    return ModelConfig(
+        task=check_task(task), arch="resnet", blocks=1, filters=[32, 32, 64, 128], dense_units=0,
+        conv_dropout=0.0, dropout=0.3, batchnorm=True, initializer="keras",
+    )
 
 
 @dataclass

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -419,10 +419,14 @@ def deduplicate(samples):
     return kept
 
 
-def carve_validation(train, fraction=0.15, seed=0):
-    """(train, validation) from the train samples: duplicates removed, stratified by class, seeded."""
+def carve_validation(train, fraction=0.15, seed=0, name="validation"):
+    """(train, validation) from the train samples: duplicates removed, stratified by class, seeded.
+
+    `name` is the carved split's name in errors ("validation" or "holdout").
+    """
+    option = {"validation": "val_fraction"}.get(name, f"{name}_fraction")
     if not 0 < fraction < 1:
-        raise ValueError(f"`val_fraction` must be in (0, 1). Received: val_fraction={fraction}")
+        raise ValueError(f"`{option}` must be in (0, 1). Received: {option}={fraction}")
     rng = np.random.default_rng(seed)
     unique = deduplicate(train)
     keep, held = [], []
@@ -435,11 +439,24 @@ def carve_validation(train, fraction=0.15, seed=0):
         if n_val == 0 or n_val == len(group):
             raise DatasetError(
                 f"class {label!r} has {len(group)} readable, distinct train image(s): too few to carve a "
-                f"validation split of {fraction} (at least {_fewest_to_split(fraction)} needed)."
+                f"{name} split of {fraction} (at least {_fewest_to_split(fraction)} needed)."
             )
         held += [group[i] for i in sorted(order[:n_val])]
         keep += [group[i] for i in sorted(order[n_val:])]
     return keep, held
+
+
+def carve_holdout(train, fraction=0.0, seed=0):
+    """(rest, holdout) from the train samples, carved like validation; ([deduplicated train], []) for fraction 0.
+
+    The holdout is carved first and validation from the rest, so no run trains
+    on it or picks epochs on it; its own `seed` (DataConfig.holdout_seed) keeps
+    it the same for runs of different seeds, so an ensemble of them can be
+    tuned on it.
+    """
+    if fraction == 0:
+        return train, []
+    return carve_validation(train, fraction, seed, name="holdout")
 
 
 def _fewest_to_split(fraction):
@@ -485,23 +502,33 @@ class Splits:
     val: list  # the release's own small val/ folder (the study's 25-image grid)
     test: list
     problems: list  # files skipped because they do not decode
+    holdout: list = field(default_factory=list)  # carved from train before validation (empty: none asked)
 
     def get(self, name):
-        if name not in ("train", "validation", "val", "test"):
-            raise ValueError(f"Unknown split {name!r}; expected train, validation, val or test.")
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"Unknown split {name!r}; expected one of {list(SPLIT_NAMES)}.")
         return getattr(self, name)
 
 
-def load_splits(source, val_fraction=0.15, seed=0):
-    """Find, check and split a dataset. Files that do not decode are left out and listed in `problems`."""
+SPLIT_NAMES = ("train", "validation", "holdout", "val", "test")
+
+
+def load_splits(source, val_fraction=0.15, seed=0, holdout_fraction=0.0, holdout_seed=0):
+    """Find, check and split a dataset. Files that do not decode are left out and listed in `problems`.
+
+    The release's train/ becomes holdout (`holdout_fraction` of it, seeded by
+    `holdout_seed`; none for 0), then validation (`val_fraction` of the rest)
+    and train; all three carved by `carve_validation`, so they are disjoint.
+    """
     good, problems = check_samples(find_samples(source))
     try:
-        train, validation = carve_validation([s for s in good if s.split == "train"], val_fraction, seed)
+        rest, holdout = carve_holdout([s for s in good if s.split == "train"], holdout_fraction, holdout_seed)
+        train, validation = carve_validation(rest, val_fraction, seed)
     except DatasetError as e:
         skipped = f" {len(problems)} file(s) were skipped as unreadable: see `cxrkeras data check`." if problems else ""
         raise DatasetError(f"{os.fspath(source)}: {e}{skipped}") from None
     by_split = {sp: [s for s in good if s.split == sp] for sp in ("val", "test")}
-    return Splits(train, validation, by_split["val"], by_split["test"], problems)
+    return Splits(train, validation, by_split["val"], by_split["test"], problems, holdout)
 
 
 # ---------------------------------------------------------------- tf.data

@@ -22,11 +22,12 @@ import numpy as np
 
 from cxrkeras import data as data_lib
 from cxrkeras import runs
-from cxrkeras.files import write_json_atomic
+from cxrkeras.audit import DEFAULT_BAND, shortcut_audit
+from cxrkeras.files import read_json, write_json_atomic
 from cxrkeras.models import cascade as cascade_lib
-from cxrkeras.models import conv_layer_names
+from cxrkeras.models import conv_layer_names, explained_classifier
 
-SPLIT_NAMES = ("validation", "val", "test")
+SPLIT_NAMES = ("validation", "holdout", "val", "test")
 GRID_SIZE = 25  # the study's Figure 2.8.2
 FEATURE_CHANNELS = 16  # channels drawn per layer in feature_maps.png
 GRADCAM_DEFAULT_IMAGES = 4
@@ -156,7 +157,7 @@ def metrics_from_predictions(probabilities, predictions, labels, class_names):
 
 
 def cascade_stages(model):
-    """(infected sub-model, covid sub-model) of a cascade."""
+    """(infected sub-model, covid sub-model) of a cascade (either may be an ensemble)."""
     return model.get_layer("infected_classifier"), model.get_layer("covid_classifier")
 
 
@@ -306,11 +307,12 @@ def explained_model(model, kind, prediction):
 
     For the cascade, the stage that decided: the infected classifier for a
     "normal" prediction (class normal), the covid classifier for an infected
-    one (class covid or non-covid). Other models explain themselves.
+    one (class covid or non-covid). Other models explain themselves; an
+    ensemble stage is explained by its first member.
     """
     if kind != "cascade":
         return model, int(prediction)
-    infected, covid = cascade_stages(model)
+    infected, covid = (explained_classifier(stage) for stage in cascade_stages(model))
     if prediction == 0:
         return infected, 0
     return covid, int(prediction == 2)
@@ -319,25 +321,48 @@ def explained_model(model, kind, prediction):
 def feature_model(model, kind):
     """The model whose feature maps are drawn: a cascade's covid classifier (the study's choice), else the model."""
     if kind == "cascade":
-        return cascade_stages(model)[1]
+        return explained_classifier(cascade_stages(model)[1])
     return model
 
 
 # ---------------------------------------------------------------- a run on a dataset
 
 
-def _split_samples(data_dir, split, val_fraction, seed):
-    """(Splits, the evaluated split's samples); DatasetError naming a missing split folder."""
+def _split_samples(data_dir, split, carve):
+    """(Splits, the evaluated split's samples); DatasetError naming a missing split folder.
+
+    `carve`: the load_splits settings (val_fraction, seed, holdout_fraction, holdout_seed).
+    """
     data_dir = os.fspath(data_dir)
-    folder = os.path.join(data_dir, "train" if split == "validation" else split)
+    folder = os.path.join(data_dir, "train" if split in ("validation", "holdout") else split)
+    if split == "holdout" and not carve["holdout_fraction"]:
+        raise EvaluationError("No holdout: the run carved none (holdout_fraction 0); pass a holdout fraction.")
     if os.path.isdir(data_dir) and not os.path.isdir(folder):  # fail before checking every image
         raise data_lib.DatasetError(f"{folder}: missing split folder; cannot evaluate split {split!r}.")
-    splits = data_lib.load_splits(data_dir, val_fraction, seed)
+    splits = data_lib.load_splits(data_dir, **carve)
     samples = splits.get(split)
     if not samples:
         where = folder if os.path.isdir(data_dir) else f"{data_dir}: the manifest's {split!r} split"
         raise data_lib.DatasetError(f"{where}: no readable images; cannot evaluate split {split!r}.")
     return splits, samples
+
+
+def carve_settings(model_path, **given):
+    """How train is carved for the model at `model_path`: the `given` values that are not None, else its
+    run's config.json (a cascade's: cascade.json's "data"), else 0.15, seed 0, no holdout, holdout seed 0."""
+    data_config = (runs.run_config(model_path) or {}).get("data") or _cascade_record(model_path).get("data") or {}
+    defaults = {"val_fraction": 0.15, "seed": 0, "holdout_fraction": 0.0, "holdout_seed": 0}
+    return {k: given[k] if given.get(k) is not None else data_config.get(k, v) for k, v in defaults.items()}
+
+
+def _cascade_record(model_path):
+    """The cascade.json beside `model_path` as a dict ({} when there is none, or it is not an object)."""
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    try:
+        record = read_json(os.path.join(folder, runs.CASCADE_FILE), {})
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _task_samples(samples, task):
@@ -387,18 +412,22 @@ def evaluate_run(
     seed=None,
     batch_size=64,
     log=print,
+    holdout_fraction=None,
+    audit_band=None,
 ):
     """Evaluate a saved model on one split; write metrics.json and every figure into `out_dir`.
 
     `model_path` is a .keras file or a run dir (binary, three-class or
     cascade); images are read at the model's own input size. `split`:
-    "validation" (carved from train with the run's val_fraction and seed,
-    else `val_fraction` / `seed`, else 0.15 / 0), "val" (the release's val/)
-    or "test". `images`: image paths for the feature maps (the first) and
+    "validation" (carved from train with `val_fraction` / `seed`, else the
+    run's, else 0.15 / 0), "holdout" (carved from train before validation:
+    `holdout_fraction`, else the run's), "val" (the release's val/) or
+    "test". `images`: image paths for the feature maps (the first) and
     Grad-CAM (all); default: the split's first image for the feature maps and
     the first image of each class in turn (4 in all) for Grad-CAM. metrics.json
     is written before any figure, so a figure that fails loses no numbers.
-    Returns the metrics dict (also saved), with "files" listing what was written.
+    It holds the shortcut audit (`audit.shortcut_audit`, band `audit_band`
+    pixels of 150, default 22). Returns the metrics dict (also saved), with "files" listing what was written.
     """
     if split not in SPLIT_NAMES:
         raise EvaluationError(f"Unknown split {split!r}; expected one of {list(SPLIT_NAMES)}.")
@@ -408,11 +437,9 @@ def evaluate_run(
     kind = cascade_lib.model_kind(model)
     class_names = list(runs.class_names(model, model_path, task))
     task = runs.data_task(model, model_path, task)
-    data_config = (runs.run_config(model_path) or {}).get("data") or {}
-    val_fraction = data_config.get("val_fraction", 0.15) if val_fraction is None else val_fraction
-    seed = data_config.get("seed", 0) if seed is None else seed
+    carve = carve_settings(model_path, val_fraction=val_fraction, seed=seed, holdout_fraction=holdout_fraction)
 
-    splits, samples = _split_samples(data_dir, split, val_fraction, seed)
+    splits, samples = _split_samples(data_dir, split, carve)
     samples = _task_samples(samples, task)
     if not samples:
         raise data_lib.DatasetError(f"{data_dir}: split {split!r} has no infected images for the covid task.")
@@ -434,9 +461,12 @@ def evaluate_run(
         "fingerprint": data_lib.fingerprint(samples),
         "skipped_files": len(splits.problems),
         **_metrics(model, kind, x, labels, probabilities, predictions, class_names, batch_size),
+        "audit": shortcut_audit(model, x, labels, audit_band or DEFAULT_BAND, batch_size),
     }
     if split == "validation":
-        metrics["validation"] = {"val_fraction": val_fraction, "seed": seed}
+        metrics["validation"] = {"val_fraction": carve["val_fraction"], "seed": carve["seed"]}
+    if split in ("validation", "holdout"):
+        metrics["carve"] = carve
     metrics_path = os.path.join(out_dir, runs.METRICS_FILE)
     write_json_atomic(metrics_path, {**metrics, "files": [runs.METRICS_FILE]})  # the numbers first
 
@@ -561,6 +591,14 @@ def format_report(metrics):
             line += f"; covid vs non-covid {s['covid_vs_non_covid']:.4f} on {s['infected_images']} infected images"
         thresholds = ", ".join(f"{k}={v:g}" for k, v in metrics["thresholds"].items())
         lines.append(f"{line} (thresholds {thresholds})")
+    if metrics.get("audit"):
+        a = metrics["audit"]
+        mass = "-" if a["gradcam_border_mass"] is None else f"{a['gradcam_border_mass']:.3f}"
+        lines.append(
+            f"shortcut audit (band {a['band']} px of 150): whole {a['whole']:.4f}, centre only "
+            f"{a['centre_only']:.4f}, border only {a['border_only']:.4f}, majority class {a['majority_rate']:.4f}; "
+            f"Grad-CAM heat in the band {mass}"
+        )
     if metrics.get("grid"):
         lines.append(f"val/ grid: {metrics['grid']['correct']}/{metrics['grid']['n']} correct")
     return "\n".join(lines)

@@ -160,6 +160,7 @@ def _explainers(model, kind):
     from cxrkeras.models import conv_layer_names
 
     stages = [model.get_layer(cascade_lib.SUBMODELS[s]) for s in ("infected", "covid")] if kind == "cascade" else [model]
+    stages = [cascade_lib.explained_classifier(stage) for stage in stages]  # an ensemble: its first member
     explainers = []
     for classifier in stages:
         head = logit_head(classifier)

@@ -1,8 +1,10 @@
-"""Assemble a cascade from two trained classifiers, optionally at an operating point picked on validation.
+"""Assemble a cascade from trained classifiers, optionally at an operating point picked apart from test.
 
-The operating point (thresholds reaching a target recall for one class) is
-picked on the validation split carved from train (`Splits.validation`), never
-on test. The cascade folder holds model.keras, cascade.json (thresholds,
+Each stage is one classifier or an ensemble of several (their probabilities
+averaged). The operating point (thresholds reaching a target recall for one
+class) is picked on the holdout carved from train when the runs carved one
+(`Splits.holdout`: no epoch was picked on it), else on the validation split
+(`Splits.validation`), never on test. The cascade folder holds model.keras, cascade.json (thresholds,
 source runs, the choice and its trade-off table) and threshold_tradeoff.png.
 """
 
@@ -36,39 +38,59 @@ def load_classifier(path, task):
 
 
 def validation_settings(paths, data=None, val_fraction=None, seed=None):
-    """(source, val_fraction, seed) for the validation split: given values, else the runs' config.json, else defaults.
+    """(source, carve) for the split thresholds are picked on: given values, else the runs' config.json, else defaults.
 
-    Warns on stderr when the two runs were split differently (one run's
-    validation images were then another's training images).
+    `carve` holds load_splits' val_fraction, seed, holdout_fraction and
+    holdout_seed. Warns on stderr when the runs were split differently (one
+    run's validation images were then another's training images).
     """
     configs = [c.get("data", {}) for c in (runs.run_config(p) for p in paths) if c]
-    splits = {(c.get("val_fraction"), c.get("seed")) for c in configs}
+    keys = ("val_fraction", "seed", "holdout_fraction", "holdout_seed")
+    splits = {tuple(c.get(k) for k in keys) for c in configs}
     if len(splits) > 1:
         settings = sorted(splits, key=str)
-        print(f"warning: the runs carved validation differently {settings}; using the first.", file=sys.stderr)
+        print(f"warning: the runs carved train differently {settings} ({', '.join(keys)}); using the first.",
+              file=sys.stderr)
     first = configs[0] if configs else {}
     if data is None:
         data = first.get("manifest") or first.get("data_dir") or None
-    if val_fraction is None:
-        val_fraction = first.get("val_fraction", 0.15)
-    if seed is None:
-        seed = first.get("seed", 0)
-    return data, val_fraction, seed
+    carve = {
+        "val_fraction": first.get("val_fraction", 0.15) if val_fraction is None else val_fraction,
+        "seed": first.get("seed", 0) if seed is None else seed,
+        "holdout_fraction": first.get("holdout_fraction", 0.0),
+        "holdout_seed": first.get("holdout_seed", 0),
+    }
+    return data, carve
 
 
-def validation_probabilities(infected_model, covid_model, source, val_fraction=0.15, seed=0, batch_size=64):
-    """(p_infected [N], p_covid [N], labels3 [N]) on the validation split carved from train of `source`.
+def selection_split(carve):
+    """Where thresholds are picked: "holdout" when the runs carved one (no epoch picked there), else "validation"."""
+    return "holdout" if carve["holdout_fraction"] else "validation"
+
+
+def selection_probabilities(infected_model, covid_model, source, carve, batch_size=64):
+    """(p_infected [N], p_covid [N], labels3 [N]) on `selection_split(carve)` of `source`, never test.
 
     Images are read at the classifiers' input size.
     """
-    splits = data_lib.load_splits(source, val_fraction, seed)
-    if not splits.validation:
-        raise data_lib.DatasetError(f"{source}: the validation split is empty (val_fraction={val_fraction}).")
-    images = data_lib.load_images([s.path for s in splits.validation], int(infected_model.input_shape[1]))
-    labels = np.asarray([CLASSES.index(s.label) for s in splits.validation], dtype="int64")
+    split = selection_split(carve)
+    samples = data_lib.load_splits(source, **carve).get(split)
+    if not samples:
+        raise data_lib.DatasetError(f"{source}: the {split} split is empty ({carve}).")
+    images = data_lib.load_images([s.path for s in samples], int(infected_model.input_shape[1]))
+    labels = np.asarray([CLASSES.index(s.label) for s in samples], dtype="int64")
     p_i = infected_model.predict(images, batch_size=batch_size, verbose=0)[:, 0]
     p_c = covid_model.predict(images, batch_size=batch_size, verbose=0)[:, 0]
     return p_i, p_c, labels
+
+
+def load_stage(paths, task):
+    """The classifier for `task` at `paths` (one path or several): one model, or an ensemble averaging them."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ValueError(f"No {task} classifier given.")
+    members = [load_classifier(path, task) for path in paths]
+    return members[0] if len(members) == 1 else cascade_lib.build_ensemble(members, task)
 
 
 def make_cascade(
@@ -85,38 +107,43 @@ def make_cascade(
 ):
     """Build and save a cascade folder; returns the record written to cascade.json.
 
+    `infected_path` and `covid_path` are a run (or .keras file) each, or lists
+    of runs: a stage of several averages their probabilities (an ensemble).
     With `target` (e.g. {"covid": 0.95}) the thresholds are chosen on the
-    validation split of `data` (default: the runs' dataset, split with their
-    val_fraction and seed); otherwise `t_infected` / `t_covid` are used.
-    A folder that already holds a model is refused (ModelError) unless
-    `overwrite`; every file is written through a temporary name and a rename.
+    runs' holdout when they carved one, else on their validation split (of
+    `data`, default the runs' dataset, split with the runs' settings);
+    otherwise `t_infected` / `t_covid` are used. A folder that already holds a
+    model is refused (ModelError) unless `overwrite`; every file is written
+    through a temporary name and a rename.
     """
     check_out_dir(out_dir, overwrite)
-    infected = load_classifier(infected_path, "infected")
-    covid = load_classifier(covid_path, "covid")
+    infected = load_stage(infected_path, "infected")
+    covid = load_stage(covid_path, "covid")
+    paths = _as_list(infected_path) + _as_list(covid_path)
     record = {
         "thresholds": {"infected": float(t_infected), "covid": float(t_covid)},
-        "sources": {"infected": os.fspath(infected_path), "covid": os.fspath(covid_path)},
+        "sources": {"infected": _source(infected_path), "covid": _source(covid_path)},
     }
+    first_config = next((c for c in (runs.run_config(p) for p in paths) if c), None)
+    if first_config and isinstance(first_config.get("data"), dict):
+        record["data"] = first_config["data"]  # how train was carved: `evaluate --split holdout` reads it
     selection = None
     if target is not None:
         parse_target(target)
-        source, val_fraction, seed = validation_settings([infected_path, covid_path], data, val_fraction, seed)
+        source, carve = validation_settings(paths, data, val_fraction, seed)
         if source is None:
             raise ValueError(
                 "Choosing thresholds needs the runs' dataset (`data`; --data on the command line): "
                 "their config.json names none."
             )
-        p_i, p_c, labels = validation_probabilities(infected, covid, source, val_fraction, seed)
+        p_i, p_c, labels = selection_probabilities(infected, covid, source, carve)
         selection = choose_thresholds(p_i, p_c, labels, target)
         record["thresholds"] = {"infected": selection["t_infected"], "covid": selection["t_covid"]}
-        record["validation"] = {
-            "data": os.fspath(source),
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "images": len(labels),
-        }
+        split = selection_split(carve)
+        settings = ("val_fraction", "seed") if split == "validation" else ("holdout_fraction", "holdout_seed")
+        record[split] = {"data": os.fspath(source), **{k: carve[k] for k in settings}, "images": len(labels)}
         record["selection"] = {k: v for k, v in selection.items() if k != "table"}
+        record["selection"]["split"] = split
     model = cascade_lib.build_cascade(infected, covid, record["thresholds"]["infected"], record["thresholds"]["covid"])
     os.makedirs(out_dir, exist_ok=True)
     save_model_atomic(model, os.path.join(out_dir, runs.MODEL_FILE))
@@ -127,6 +154,16 @@ def make_cascade(
         record["table"] = selection["table"]
     write_json_atomic(os.path.join(out_dir, runs.CASCADE_FILE), record)
     return record
+
+
+def _as_list(paths):
+    return [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+
+
+def _source(paths):
+    """One run's path as given, or the list of an ensemble's."""
+    listed = _as_list(paths)
+    return listed[0] if len(listed) == 1 else listed
 
 
 def check_out_dir(out_dir, overwrite=False):

@@ -40,6 +40,7 @@ import numpy as np
 
 from cxrkeras import data as data_lib
 from cxrkeras.config import (
+    AUGMENTATIONS,
     CLASS_WEIGHTS,
     DISTRIBUTES,
     MONITORS,
@@ -102,6 +103,11 @@ def check_train_config(train):
     _require(_number(train.weight_decay) and train.weight_decay >= 0, "weight_decay", train.weight_decay,
              "expected a number >= 0")
     _require(train.schedule in SCHEDULES, "schedule", train.schedule, f"expected one of {list(SCHEDULES)}")
+    _require(isinstance(train.warmup_epochs, int) and not isinstance(train.warmup_epochs, bool)
+             and train.warmup_epochs >= 0, "warmup_epochs", train.warmup_epochs, "expected an integer >= 0")
+    _require(_number(train.label_smoothing) and 0 <= train.label_smoothing < 1, "label_smoothing",
+             train.label_smoothing, "expected a number in [0, 1)")
+    _require(isinstance(train.ema, bool), "ema", train.ema, "expected true or false")
     _require(train.class_weight in CLASS_WEIGHTS, "class_weight", train.class_weight,
              f"expected one of {list(CLASS_WEIGHTS)}")
     _require(isinstance(train.seed, int) and not isinstance(train.seed, bool), "seed", train.seed,
@@ -119,6 +125,14 @@ def check_run_config(run_config):
     _require(bool(data.data_dir or data.manifest), "data_dir", data.data_dir, "expected a folder or a manifest")
     _require(_number(data.val_fraction) and 0 < data.val_fraction < 1, "val_fraction", data.val_fraction,
              "expected a fraction in (0, 1)")
+    _require(_number(data.holdout_fraction) and 0 <= data.holdout_fraction < 1, "holdout_fraction",
+             data.holdout_fraction, "expected a fraction in [0, 1)")
+    _require(isinstance(data.holdout_seed, int) and not isinstance(data.holdout_seed, bool), "holdout_seed",
+             data.holdout_seed, "expected an integer")
+    _require(data.augmentation in AUGMENTATIONS, "augmentation", data.augmentation,
+             f"expected one of {list(AUGMENTATIONS)}")
+    _require(_number(data.border_erase) and 0 <= data.border_erase < 0.5, "border_erase", data.border_erase,
+             "expected a fraction of the side in [0, 0.5)")
     check_config(run_config.model)
     check_train_config(run_config.train)
 
@@ -139,40 +153,88 @@ def _number(v):
 # ---------------------------------------------------------------- compile
 
 
-def make_optimizer(name="adam", learning_rate=1e-3, weight_decay=0.0):
-    """A Keras optimizer; `learning_rate` may be a schedule; `weight_decay` is decoupled (AdamW-style)."""
-    classes = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD, "rmsprop": keras.optimizers.RMSprop}
+def make_optimizer(name="adam", learning_rate=1e-3, weight_decay=0.0, ema_every=None):
+    """A Keras optimizer; `learning_rate` may be a schedule; `weight_decay` is decoupled (AdamW-style).
+
+    "adamw" is Keras' AdamW (its default decay 0.004 unless `weight_decay`).
+    `ema_every`: keep an exponential moving average of the weights and write
+    it into the model every `ema_every` steps (None: no EMA).
+    """
+    classes = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD,
+               "rmsprop": keras.optimizers.RMSprop}
     if name not in classes:
         raise ValueError(f"Unknown `optimizer`; expected one of {list(OPTIMIZERS)}. Received: optimizer={name!r}")
-    return classes[name](learning_rate=learning_rate, weight_decay=weight_decay or None)
+    kwargs = {"learning_rate": learning_rate}
+    if weight_decay or name != "adamw":
+        kwargs["weight_decay"] = weight_decay or None
+    if ema_every:
+        kwargs.update(use_ema=True, ema_momentum=EMA_MOMENTUM, ema_overwrite_frequency=ema_every)
+    return classes[name](**kwargs)
+
+
+EMA_MOMENTUM = 0.99  # Keras' default; about the last 100 steps
 
 
 def learning_rate_for(train, steps_per_epoch):
-    """The constant rate, or a CosineDecay over the whole run for schedule="cosine"."""
-    if train.schedule == "cosine":
+    """The constant rate, or a CosineDecay over the whole run for schedule="cosine" (after `warmup_epochs`)."""
+    if train.schedule != "cosine":
+        return train.learning_rate
+    warmup = min(train.warmup_epochs, train.epochs - 1) * steps_per_epoch
+    if not warmup:
         return keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=train.epochs * steps_per_epoch)
-    return train.learning_rate
+    return keras.optimizers.schedules.CosineDecay(  # linear from 0 to the rate over the warm-up, then the cosine
+        0.0, decay_steps=train.epochs * steps_per_epoch - warmup, warmup_target=train.learning_rate,
+        warmup_steps=warmup,
+    )
 
 
-def loss_and_accuracy(task):
-    """The study's loss for `task` and the matching accuracy metric (named "accuracy")."""
+def loss_and_accuracy(task, label_smoothing=0.0):
+    """The study's loss for `task` (with `label_smoothing`) and the matching accuracy metric (named "accuracy").
+
+    Sparse labels can't be smoothed by Keras' sparse loss: the three-class
+    task then uses CategoricalCrossentropy on one-hot labels inside the loss.
+    """
     if len(TASKS[check_task(task)]) == 2:
-        return keras.losses.BinaryCrossentropy(), keras.metrics.BinaryAccuracy(name="accuracy")
+        return (keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
+                keras.metrics.BinaryAccuracy(name="accuracy"))
+    if label_smoothing:
+        return SmoothedSparseCrossentropy(label_smoothing), keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     return keras.losses.SparseCategoricalCrossentropy(), keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+
+@keras.saving.register_keras_serializable(package="cxrkeras")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """CategoricalCrossentropy with `label_smoothing` on integer labels (one-hot encoded here)."""
+
+    def __init__(self, label_smoothing=0.0, name="smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+        self._loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=None)
+
+    def call(self, y_true, y_pred):
+        y_true = keras.ops.one_hot(keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,)), y_pred.shape[-1])
+        return self._loss(y_true, y_pred)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 def compile_model(model, train, task, steps_per_epoch=1, jit_compile=None, steps_per_execution=None):
     """Compile `model` with the training settings `train` (a TrainConfig) for `task`.
 
-    `steps_per_epoch` sizes the cosine schedule. `jit_compile` and
+    `steps_per_epoch` sizes the cosine schedule and, with `train.ema`, how
+    often the moving average is written into the model: at every epoch's end,
+    so the EMA weights are what is validated, checkpointed and saved.
+    `jit_compile` and
     `steps_per_execution` default to DEFAULT_JIT_COMPILE (off) and
     DEFAULT_STEPS_PER_EXECUTION (1), the fastest measured on a 2-core CPU
     (benchmarks/train_speed.py): XLA trained 3-7x slower than TensorFlow's oneDNN
     kernels there and recompiles for every new batch shape; more steps per
     execution did not help beyond noise.
     """
-    loss, accuracy = loss_and_accuracy(task)
-    optimizer = make_optimizer(train.optimizer, learning_rate_for(train, steps_per_epoch), train.weight_decay)
+    loss, accuracy = loss_and_accuracy(task, train.label_smoothing)
+    optimizer = make_optimizer(train.optimizer, learning_rate_for(train, steps_per_epoch), train.weight_decay,
+                               ema_every=steps_per_epoch if train.ema else None)
     model.compile(
         optimizer=optimizer,
         loss=loss,
@@ -217,7 +279,8 @@ class TaskData:
 def load_task_data(cfg):
     """Find, check and split `cfg.data` for `cfg.model.task`; raises DatasetError for unusable data."""
     task = cfg.model.task
-    splits = data_lib.load_splits(cfg.data.manifest or cfg.data.data_dir, cfg.data.val_fraction, cfg.data.seed)
+    splits = data_lib.load_splits(cfg.data.manifest or cfg.data.data_dir, cfg.data.val_fraction, cfg.data.seed,
+                                  cfg.data.holdout_fraction, cfg.data.holdout_seed)
     train_paths, train_labels = data_lib.task_arrays(splits.train, task)
     val_paths, val_labels = data_lib.task_arrays(splits.validation, task)
     used = [s for s in splits.train + splits.validation if task != "covid" or s.label != "normal"]
@@ -264,10 +327,10 @@ def make_datasets(cfg, data, augment_on="data", replicas=1, val_batch=None):
 
 
 def augmenter_for(cfg):
-    """The study's augmentation seeded from the config, or None when `cfg.data.augment` is off."""
-    from cxrkeras.augment import study_augmentation
+    """The config's augmentation (kind, border erasing) seeded from it, or None when `cfg.data.augment` is off."""
+    from cxrkeras.augment import augmentation
 
-    return study_augmentation(seed=cfg.train.seed) if cfg.data.augment else None
+    return augmentation(cfg.data.augmentation, cfg.data.border_erase, seed=cfg.train.seed) if cfg.data.augment else None
 
 
 def build_and_compile(cfg, steps=1, augment_on="data", strategy=None, jit_compile=None):

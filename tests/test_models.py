@@ -199,7 +199,7 @@ def test_saved_model_reloads_with_identical_predictions(task, tmp_path):
         ({"filters": []}, "filters=[]"),
         ({"filters": [24, -1]}, "filters=[24, -1]"),
         ({"arch": "residual", "filters": [8, 16, 32]}, "filters=[8, 16, 32]"),
-        ({"dense_units": 0}, "dense_units=0"),
+        ({"dense_units": -1}, "dense_units=-1"),
         ({"dropout": 1.0}, "dropout=1.0"),
         ({"conv_dropout": -0.1}, "conv_dropout=-0.1"),
         ({"image_size": "150"}, "image_size='150'"),

@@ -19,7 +19,10 @@ from cxrkeras.models.classifiers import (
 from cxrkeras.models.cascade import (
     CascadeDecision,
     build_cascade,
+    build_ensemble,
     cascade_thresholds,
+    ensemble_members,
+    explained_classifier,
     model_kind,
 )
 
@@ -39,10 +42,13 @@ __all__ = [
     "TorchUniform",
     "build_model",
     "build_cascade",
+    "build_ensemble",
     "build_study_model",
     "cascade_thresholds",
     "check_config",
     "conv_layer_names",
+    "ensemble_members",
+    "explained_classifier",
     "last_conv_layer_name",
     "model_kind",
     "num_outputs",

@@ -60,12 +60,13 @@ def batch_norm(name, dtype=None):
     return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
-def conv(x, filters, name, *, padding, initializer, dtype=None):
-    """A 3x3 Conv2D without activation."""
-    kernel_init, bias_init = layer_initializers(initializer, 3 * 3 * x.shape[-1])
+def conv(x, filters, name, *, padding, initializer, kernel_size=3, strides=1, dtype=None):
+    """A Conv2D (3x3 unless `kernel_size`) without activation."""
+    kernel_init, bias_init = layer_initializers(initializer, kernel_size * kernel_size * x.shape[-1])
     return keras.layers.Conv2D(
         filters,
-        3,
+        kernel_size,
+        strides=strides,
         padding=padding,
         kernel_initializer=kernel_init,
         bias_initializer=bias_init,
@@ -95,6 +96,27 @@ def residual_block(x, prefix, *, initializer, batchnorm, skip=True, dtype=None):
     y = conv_block(y, channels, prefix, "2", relu=False, **options)
     if skip:
         y = keras.layers.Add(dtype=dtype, name=f"{prefix}_add")([y, x])
+    return keras.layers.ReLU(dtype=dtype, name=f"{prefix}_out")(y)
+
+
+def basic_block(x, filters, prefix, *, strides=1, initializer, dtype=None):
+    """ResNet's basic block with BatchNorm: out = ReLU(BN(Conv(ReLU(BN(Conv(x))))) + shortcut(x)).
+
+    The shortcut is x itself, or a strided 1x1 Conv and BatchNorm when the
+    shape changes (`{prefix}_short_conv`, `_short_bn`). Grad-CAM reads the
+    block's `{prefix}_out`: it follows the last conv through BatchNorm, Add and ReLU.
+    """
+    shortcut = x
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = conv(x, filters, f"{prefix}_short_conv", padding="same", initializer=initializer, kernel_size=1,
+                        strides=strides, dtype=dtype)
+        shortcut = batch_norm(f"{prefix}_short_bn", dtype)(shortcut)
+    y = conv(x, filters, f"{prefix}_conv1", padding="same", initializer=initializer, strides=strides, dtype=dtype)
+    y = batch_norm(f"{prefix}_bn1", dtype)(y)
+    y = keras.layers.ReLU(dtype=dtype, name=f"{prefix}_relu1")(y)
+    y = conv(y, filters, f"{prefix}_conv2", padding="same", initializer=initializer, dtype=dtype)
+    y = batch_norm(f"{prefix}_bn2", dtype)(y)
+    y = keras.layers.Add(dtype=dtype, name=f"{prefix}_add")([y, shortcut])
     return keras.layers.ReLU(dtype=dtype, name=f"{prefix}_out")(y)
 
 

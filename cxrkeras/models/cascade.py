@@ -5,6 +5,8 @@ with p_i = infected_classifier(image), p_c = covid_classifier(image), classes in
 the order normal, non-covid, covid, and the study's rule: normal if p_i <= t_i,
 else covid if p_c > t_c, else non-covid. The thresholds live in the
 `CascadeDecision` layer's config, so they survive `.keras` save/load and export.
+A stage may be an ensemble (`build_ensemble`): one model that averages the
+probabilities of several classifiers ("members") of the same task.
 
 Written with keras.ops only (no TensorFlow import), so any backend runs it.
 """
@@ -78,6 +80,49 @@ def build_cascade(infected_model, covid_model, t_infected=0.5, t_covid=0.5):
     decision = CascadeDecision(t_infected, t_covid, name="decision")
     probabilities, class_id = decision([infected_model(image), covid_model(image)])
     return keras.Model(image, {"probabilities": probabilities, "class_id": class_id}, name="cascade")
+
+
+ENSEMBLE_MEAN = "ensemble_mean"  # the Average layer that marks an ensemble
+
+
+def build_ensemble(members, task):
+    """One binary classifier for `task` whose output is the mean of `members`' probabilities.
+
+    The members (binary classifiers, same input) are nested as
+    "{task}_member1", "{task}_member2", ...; a `TaskInfo` layer says the
+    task, as a single classifier's does. Grad-CAM explains an ensemble
+    through its first member (`explained_classifier`).
+    """
+    from cxrkeras.models.classifiers import TaskInfo
+
+    members = list(members)
+    shapes = {tuple(m.input_shape[1:]) for m in members}
+    kinds = [model_kind(m) for m in members]
+    if len(members) < 2 or len(shapes) != 1 or set(kinds) != {"binary"}:
+        raise ModelError(
+            f"An ensemble needs two or more binary classifiers with the same input. "
+            f"Received: {len(members)} model(s), kinds {kinds}, input shapes {sorted(shapes)}"
+        )
+    if len({id(m) for m in members}) != len(members):
+        raise ModelError("An ensemble was given the same model object twice.")
+    for i, member in enumerate(members, start=1):
+        member.name = f"{task}_member{i}"
+    image = keras.Input(shapes.pop(), name="image")
+    x = TaskInfo(task, name="task_info")(image)
+    mean = keras.layers.Average(dtype="float32", name=ENSEMBLE_MEAN)([member(x) for member in members])
+    return keras.Model(image, mean, name=f"{task}_ensemble")
+
+
+def ensemble_members(model):
+    """The classifiers an ensemble averages, or [model] for a single classifier."""
+    if not any(layer.name == ENSEMBLE_MEAN for layer in model.layers):
+        return [model]
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+
+
+def explained_classifier(model):
+    """The classifier whose Grad-CAM explains `model`: itself, or an ensemble's first member."""
+    return ensemble_members(model)[0]
 
 
 def _decision_layer(model):

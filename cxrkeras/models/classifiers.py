@@ -5,6 +5,10 @@
 "residual" (the covid classifier): input BatchNorm -> 2 stem convs -> MaxPool 3
 -> N x [residual block -> MaxPool 2] -> Flatten -> Dropout -> Dense ReLU
 -> Dropout -> Dense.
+"resnet" (not the study's; cheaper and better on validation): input BatchNorm ->
+stem Conv 5x5 stride 2 -> MaxPool 3 stride 2 -> stages of basic residual blocks
+with BatchNorm (each stage after the first halves the size) -> global average
+pooling -> Dropout -> Dense.
 The models take raw pixels in [0, 1] and are returned uncompiled. Each carries
 its task and class names in a weightless `TaskInfo` layer, so a saved model
 says what it is wherever its file goes. `dtype` (a
@@ -12,12 +16,14 @@ policy name such as "mixed_bfloat16", or a `keras.DTypePolicy`) goes to every
 layer but the output, which stays float32; None means Keras' global policy.
 """
 
+import math
+
 import keras
 
-from cxrkeras.config import TASKS, check_task, study_model_config
+from cxrkeras.config import CONTRASTS, TASKS, check_task, study_model_config
 from cxrkeras.models import blocks
 
-ARCHS = ("plain", "residual")
+ARCHS = ("plain", "residual", "resnet")
 
 
 def build_model(config, dtype=None):
@@ -25,12 +31,13 @@ def build_model(config, dtype=None):
     check_config(config)
     inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
     x = TaskInfo(config.task, name="task_info")(inputs)
+    if config.contrast == "standardize":  # each image to zero mean and unit variance: exposure-blind input
+        x = keras.layers.LayerNormalization(axis=(1, 2, 3), epsilon=1e-6, center=False, scale=False,
+                                            dtype="float32", name="contrast")(x)
     if config.input_norm:
         x = blocks.batch_norm("input_norm", dtype)(x)
-    if config.arch == "plain":
-        x = plain_trunk(x, config, dtype)
-    else:
-        x = residual_trunk(x, config, dtype)
+    trunk = {"plain": plain_trunk, "residual": residual_trunk, "resnet": resnet_trunk}[config.arch]
+    x = trunk(x, config, dtype)
     outputs = head(x, config, dtype)
     name = config.task.replace("-", "_") + "_classifier"
     return keras.Model(inputs, outputs, name=name)
@@ -114,15 +121,34 @@ def residual_trunk(x, config, dtype=None):
     return x
 
 
+def resnet_trunk(x, config, dtype=None):
+    """Stem (Conv 5x5 stride 2, BatchNorm, ReLU, MaxPool 3 stride 2), then one stage per `filters[1:]`."""
+    x = blocks.conv(x, config.filters[0], "stem_conv", padding="same", initializer=config.initializer,
+                    kernel_size=5, strides=2, dtype=dtype)
+    x = blocks.batch_norm("stem_bn", dtype)(x)
+    x = keras.layers.ReLU(dtype=dtype, name="stem_relu")(x)
+    x = keras.layers.MaxPooling2D(3, strides=2, padding="same", dtype=dtype, name="stem_pool")(x)
+    for i, filters in enumerate(config.filters[1:], start=1):
+        for j in range(1, config.blocks + 1):
+            strides = 2 if i > 1 and j == 1 else 1
+            x = blocks.basic_block(x, filters, f"stage{i}_block{j}", strides=strides,
+                                   initializer=config.initializer, dtype=dtype)
+    return x
+
+
 def head(x, config, dtype=None):
-    """[Dropout] -> Flatten [-> Dropout] -> Dense ReLU -> Dropout -> predictions."""
+    """[Dropout] -> Flatten (resnet: global average pooling) [-> Dropout] [-> Dense ReLU] -> Dropout -> predictions."""
     x = blocks.dropout(x, config.conv_dropout, "conv_dropout", dtype)
-    x = keras.layers.Flatten(dtype=dtype, name="flatten")(x)
+    if config.arch == "resnet":
+        x = keras.layers.GlobalAveragePooling2D(dtype=dtype, name="avg_pool")(x)
+    else:
+        x = keras.layers.Flatten(dtype=dtype, name="flatten")(x)
     if config.arch == "residual":
         x = blocks.dropout(x, config.dropout, "flatten_dropout", dtype)
-    x = blocks.dense(
-        x, config.dense_units, "fc", initializer=config.initializer, activation="relu", dtype=dtype
-    )
+    if config.dense_units:
+        x = blocks.dense(
+            x, config.dense_units, "fc", initializer=config.initializer, activation="relu", dtype=dtype
+        )
     x = blocks.dropout(x, config.dropout, "fc_dropout", dtype)
     outputs, activation = num_outputs(config.task), "sigmoid"
     if outputs > 1:
@@ -178,8 +204,12 @@ def check_config(config):
         _fail("filters", filters, "expected a non-empty list of positive integers")
     if config.arch == "residual" and len(filters) > 2:
         _fail("filters", filters, "the residual arch takes [stem_filters, width] or [width]")
-    if not _positive_int(config.dense_units):
-        _fail("dense_units", config.dense_units, "expected a positive integer")
+    if config.arch == "resnet" and len(filters) < 2:
+        _fail("filters", filters, "the resnet arch takes [stem_filters, stage1_width, stage2_width, ...]")
+    if not (_positive_int(config.dense_units) or config.dense_units == 0 and type(config.dense_units) is int):
+        _fail("dense_units", config.dense_units, "expected a positive integer, or 0 for no hidden Dense layer")
+    if config.contrast not in CONTRASTS:
+        _fail("contrast", config.contrast, f"expected one of {list(CONTRASTS)}", "Unknown")
     for name in ("conv_dropout", "dropout"):
         rate = getattr(config, name)
         if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
@@ -201,6 +231,11 @@ def _final_size(config):
             size = (size - 2) // 2  # valid 3x3 conv, then 2x2 pool
             if size < 1:
                 return 0
+        return size
+    if config.arch == "resnet":
+        size = math.ceil(math.ceil(size / 2) / 2)  # stem conv and pool, "same" padding
+        for _ in config.filters[2:]:
+            size = math.ceil(size / 2)
         return size
     size //= 3
     for _ in range(config.blocks):
