@@ -294,7 +294,9 @@ def train_options(command):
         click.option("--class-weight", type=click.Choice(settings.CLASS_WEIGHTS),
                      help="balanced: weight each class n / (k * count) [study: none]."),
         click.option("--seed", type=int, help="Seed of init, shuffling, dropout and augmentation [0]."),
-        click.option("--precision", type=click.Choice(settings.PRECISIONS), help="[float32]"),
+        click.option("--precision", type=click.Choice(("auto",) + settings.PRECISIONS),
+                     help="auto: mixed_bfloat16 where the device computes bfloat16 natively (GPU compute "
+                          "capability >= 8, CPU with AVX-512 BF16 or AMX), else float32 [fit: auto; --config: its own]."),
         click.option("--augment/--no-augment", default=None, help="The study's augmentation of train images [on]."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Validation fraction carved from train, for model selection [0.15]."),
@@ -398,6 +400,8 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
             raise click.ClickException(str(e))
         run_config = build_run_config(task, data_path, base=base, **options)
     else:
+        if options["precision"] is None and not config_file:
+            options["precision"] = "auto"  # the study's float32 where bfloat16 would be emulated (slower)
         run_config = build_run_config(task, data_path, config_file, **options)
         run_dir = training.run_dir_for(out, task, name)
 
