@@ -1,9 +1,10 @@
 """`cxrkeras report`: the study's whole plan (data, trainings, cascade, studies) run or reused, and one README.
 
-A report folder holds one subfolder per stage and README.md. Each stage writes
-`stage.json` (its settings) when it finishes; a later report with the same
-settings reuses the folder instead of running the stage again, so an
-interrupted report resumes at the first unfinished stage.
+A report folder holds one subfolder per stage and README.md. Each stage keeps
+its settings in `stage.json`, marked finished at its end: a later report with
+the same settings reuses a finished stage, continues a started one (fits and
+tune studies resume after their last epoch or trial) and starts over a stage
+made with other settings. So an interrupted report resumes where it stopped.
 """
 
 import csv
@@ -75,7 +76,7 @@ def make_plan(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_S
     """
     source = os.path.abspath(data_dir)
     if fraction < 1:
-        source = subset_manifest(data_dir, fraction, os.path.join(out_dir, "data", "subset.csv"))
+        source = subset_manifest(data_dir, fraction, os.path.join(out_dir, "subset.csv"))
     common = {"data": os.path.abspath(data_dir), "fraction": fraction, "quick": quick}
     configs = {task: _run_config(task, source, quick, configure) for task in ("infected", "covid", "three-class")}
     folder = lambda name: os.path.join(out_dir, name)  # noqa: E731
@@ -128,9 +129,12 @@ def _quick_study(name):
 # ---------------------------------------------------------------- running it
 
 
-def stage_done(stage, folder):
-    """Whether `folder` holds `stage` finished with the same settings."""
-    return read_json(os.path.join(folder, STAGE_FILE), None) == _jsonable(stage.settings)
+def stage_record(stage, folder):
+    """"finished" or "started" when `folder` holds `stage` with the same settings, else None."""
+    record = read_json(os.path.join(folder, STAGE_FILE), None) or {}
+    if record.get("settings") != _jsonable(stage.settings):
+        return None
+    return "finished" if record.get("finished") else "started"
 
 
 def _jsonable(value):
@@ -144,20 +148,22 @@ def run_plan(plan, out_dir, log=print):
         folder = os.path.join(out_dir, stage.name)
         left = len(plan.stages) - i + 1
         eta = f", about {_duration(ran_seconds / ran * left)} left" if ran else ""
-        if stage_done(stage, folder):
+        record = stage_record(stage, folder)
+        if record == "finished":
             done[stage.name] = "reused"
             log(f"[{i}/{len(plan.stages)}] {stage.title}: reused ({folder})")
             continue
         log(f"[{i}/{len(plan.stages)}] {stage.title} (elapsed {_duration(time.perf_counter() - start)}{eta})")
         began = time.perf_counter()
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)  # a stage that did not finish, or other settings: start it over
-        os.makedirs(folder)
-        stage.run(folder)
+        if record is None and os.path.isdir(folder):
+            shutil.rmtree(folder)  # made with other settings (or by hand): start it over
+        os.makedirs(folder, exist_ok=True)
+        write_json_atomic(os.path.join(folder, STAGE_FILE), {"settings": stage.settings, "finished": False})
+        stage.run(folder)  # a started stage continues: fits and studies resume after their last epoch or trial
         seconds = time.perf_counter() - began
         timings_path = os.path.join(out_dir, TIMINGS_FILE)
         write_json_atomic(timings_path, {**read_json(timings_path, {}), stage.name: round(seconds, 1)})
-        write_json_atomic(os.path.join(folder, STAGE_FILE), stage.settings)
+        write_json_atomic(os.path.join(folder, STAGE_FILE), {"settings": stage.settings, "finished": True})
         ran_seconds, ran = ran_seconds + seconds, ran + 1
         done[stage.name] = "ran"
     log(f"report done in {_duration(time.perf_counter() - start)}")
@@ -189,7 +195,7 @@ def augmentation_preview(source, folder):
 def fit_stage(cfg, folder):
     from cxrkeras import training
 
-    training.fit(cfg, folder, verbose=0)
+    training.fit(cfg, folder, verbose=0, resume=os.path.exists(os.path.join(folder, training.CONFIG_FILE)))
 
 
 def cascade_stage(infected_run, covid_run, three_class_run, source, folder):
@@ -197,7 +203,7 @@ def cascade_stage(infected_run, covid_run, three_class_run, source, folder):
     from cxrkeras import evaluation, thresholds
 
     cascade_dir = os.path.join(folder, "cascade")
-    thresholds.make_cascade(infected_run, covid_run, cascade_dir, data=source)
+    thresholds.make_cascade(infected_run, covid_run, cascade_dir, data=source, overwrite=True)
     for name, model in (("cascade", cascade_dir), ("three-class", three_class_run)):
         evaluation.evaluate_run(model, source, split="validation", out_dir=os.path.join(folder, f"eval-{name}"),
                                 log=lambda message: None)

@@ -1,5 +1,6 @@
 """`cxrkeras report`: the study's plan on tiny synthetic data, every section and figure, and a rerun that reuses."""
 
+import json
 import os
 import re
 
@@ -50,13 +51,19 @@ def test_a_second_report_reuses_every_stage(quick_report, synthetic_dataset):
     assert lines[0].startswith("[1/7] Data: class distributions: reused")
 
 
-def test_an_unfinished_stage_runs_again_and_the_finished_are_kept(quick_report, synthetic_dataset):
+def test_a_started_stage_continues_and_the_finished_are_kept(quick_report, synthetic_dataset):
     out, _ = quick_report
-    os.remove(os.path.join(out, "augmentation", report.STAGE_FILE))  # as after a kill inside the stage
+    record_path = os.path.join(out, "fit-infected", report.STAGE_FILE)
+    record = json.loads(open(record_path).read())
+    with open(record_path, "w") as f:  # as after a kill at the end of the stage's fit
+        json.dump({**record, "finished": False}, f)
+    model = os.path.join(out, "fit-infected", "model.keras")
+    before = os.stat(model).st_mtime_ns
     done = report.report(synthetic_dataset, out, quick=True, studies=("augmentation",), configure=shrink,
                          log=lambda message: None)
-    assert done["augmentation"] == "ran"
-    assert [k for k, v in done.items() if v == "ran"] == ["augmentation"]
+    assert [k for k, v in done.items() if v == "ran"] == ["fit-infected"]
+    assert os.stat(model).st_mtime_ns == before  # its finished epoch was resumed, not trained again
+    assert json.loads(open(record_path).read())["finished"] is True
 
 
 def test_subset_manifest_keeps_a_fraction_of_each_train_class(synthetic_dataset, tmp_path):
