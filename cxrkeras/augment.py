@@ -243,3 +243,19 @@ def augmentation(kind="study", border_erase=0.0, seed=None):
     if border_erase:
         layers.append(BorderErase(border_erase, seed=seeds[3], name="border_erase"))
     return keras.Sequential(layers, name="augmentation")
+
+
+def preview_figure(train_samples, path, n_images=4, draws=4, seed=0, kind="study", border_erase=0.0):
+    """Draw `n_images` seeded picks of `train_samples` beside `draws` augmented versions of each (a PNG at `path`)."""
+    import numpy as np
+
+    from cxrkeras import data as data_lib
+    from cxrkeras import plots
+
+    picks = np.random.default_rng(seed).choice(len(train_samples), size=min(n_images, len(train_samples)),
+                                               replace=False)
+    chosen = [train_samples[i] for i in sorted(picks)]
+    originals = data_lib.load_images([s.path for s in chosen])
+    augmenter = augmentation(kind, border_erase, seed=seed)
+    augmented = np.stack([np.asarray(augmenter(originals, training=True)) for _ in range(draws)], axis=1)
+    return plots.augmentation_grid(originals, augmented, [s.label for s in chosen], path)

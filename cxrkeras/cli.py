@@ -244,22 +244,13 @@ def check(source, as_json):
               help="Also erase bands up to this fraction of the side at random edges (data.border_erase).")
 def preview(source, out_path, n_images, draws, seed, kind, border_erase):
     """Draw train images beside augmented versions of them (PNG), to see what augmentation does."""
-    import numpy as np
-
-    from cxrkeras import data as data_lib
-    from cxrkeras import plots
-    from cxrkeras.augment import augmentation
+    from cxrkeras.augment import preview_figure
 
     good, _ = _readable_samples(source)
     train = [s for s in good if s.split == "train"]
     if not train:
         raise click.ClickException(f"{source}: no readable train images to preview.")
-    picks = np.random.default_rng(seed).choice(len(train), size=min(n_images, len(train)), replace=False)
-    chosen = [train[i] for i in sorted(picks)]
-    originals = data_lib.load_images([s.path for s in chosen])
-    augmenter = augmentation(kind, border_erase, seed=seed)
-    augmented = np.stack([np.asarray(augmenter(originals, training=True)) for _ in range(draws)], axis=1)
-    plots.augmentation_grid(originals, augmented, [s.label for s in chosen], out_path)
+    preview_figure(train, out_path, n_images, draws, seed, kind, border_erase)
     click.echo(f"wrote {out_path}")
 
 
@@ -299,7 +290,9 @@ def train_options(command):
         click.option("--class-weight", type=click.Choice(settings.CLASS_WEIGHTS),
                      help="balanced: weight each class n / (k * count) [study: none]."),
         click.option("--seed", type=int, help="Seed of init, shuffling, dropout and augmentation [0]."),
-        click.option("--precision", type=click.Choice(settings.PRECISIONS), help="[float32]"),
+        click.option("--precision", type=click.Choice(("auto",) + settings.PRECISIONS),
+                     help="auto: mixed_bfloat16 where the device computes bfloat16 natively (GPU compute "
+                          "capability >= 8, CPU with AVX-512 BF16 or AMX), else float32 [fit: auto; --config: its own]."),
         click.option("--augment/--no-augment", default=None, help="The study's augmentation of train images [on]."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help="Validation fraction carved from train, for model selection [0.15]."),
@@ -405,6 +398,8 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
             raise click.ClickException(str(e))
         run_config = build_run_config(task, data_path, base=base, **options)
     else:
+        if options["precision"] is None and not config_file:
+            options["precision"] = "auto"  # the study's float32 where bfloat16 would be emulated (slower)
         run_config = build_run_config(task, data_path, config_file, **options)
         run_dir = training.run_dir_for(out, task, name)
 
@@ -868,6 +863,38 @@ def _echo_tune(result, as_json):
                    f"--config {_quote(result['best_config'])})")
     if result.get("figure"):
         click.echo(f"figure: {result['figure']}")
+
+
+# ---------------------------------------------------------------- report
+
+
+@main.command()
+@click.option("--data", "data_path", required=True, type=click.Path(), help="Dataset folder (the study's layout).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="The report folder, e.g. reports/NAME.")
+@click.option("--quick", is_flag=True, help="The same plan with 1-epoch trainings and 2 values per study, for a look.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Share of each train class used (a seeded subset).")
+def report(data_path, out_dir, quick, fraction):
+    """Run the study's whole plan and write OUT/README.md with every figure and table in the study's order.
+
+    Stages: data summary, augmentation preview, the infected, covid and
+    three-class fits, the cascade evaluated with the three-class classifier on
+    the validation split carved from train (test is never read), and the
+    one-factor studies. A stage already finished in OUT with the same settings
+    is reused, so an interrupted report resumes with the same command.
+    """
+    from cxrkeras import evaluation, training, tuning
+    from cxrkeras import report as report_lib
+
+    source = _dataset_source(data_path)
+    try:
+        report_lib.report(source, out_dir, quick, fraction, log=click.echo)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted. Finished stages are kept; the same command resumes the report.", err=True)
+        raise SystemExit(130)
+    except (*_model_errors(), training.RunDirError, tuning.TuneError, evaluation.EvaluationError) as e:
+        raise click.ClickException(str(e))
+    click.echo(f"wrote {os.path.join(out_dir, 'README.md')}")
 
 
 # ---------------------------------------------------------------- serve

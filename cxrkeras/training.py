@@ -82,7 +82,7 @@ KILL_ENV = "CXRKERAS_TEST_KILL_AFTER_EPOCH"
 BACKUP_METADATA = "training_metadata.json"  # BackupAndRestore's epoch count, in BACKUP_DIR
 
 # Measured with benchmarks/train_speed.py on a 2-core CPU (see compile_model).
-DEFAULT_JIT_COMPILE = False
+DEFAULT_JIT_COMPILE = False  # under TensorFlow; JAX and the other backends always compile (default_jit_compile)
 DEFAULT_STEPS_PER_EXECUTION = 1
 
 
@@ -112,7 +112,8 @@ def check_train_config(train):
              f"expected one of {list(CLASS_WEIGHTS)}")
     _require(isinstance(train.seed, int) and not isinstance(train.seed, bool), "seed", train.seed,
              "expected an integer")
-    _require(train.precision in PRECISIONS, "precision", train.precision, f"expected one of {list(PRECISIONS)}")
+    _require(train.precision in PRECISION_CHOICES, "precision", train.precision,
+             f"expected one of {list(PRECISION_CHOICES)}")
     _require(train.monitor in MONITORS, "monitor", train.monitor, f"expected one of {list(MONITORS)}")
     _require(train.distribute in DISTRIBUTES, "distribute", train.distribute, f"expected one of {list(DISTRIBUTES)}")
 
@@ -226,11 +227,11 @@ def compile_model(model, train, task, steps_per_epoch=1, jit_compile=None, steps
     often the moving average is written into the model: at every epoch's end,
     so the EMA weights are what is validated, checkpointed and saved.
     `jit_compile` and
-    `steps_per_execution` default to DEFAULT_JIT_COMPILE (off) and
+    `steps_per_execution` default to `default_jit_compile()` and
     DEFAULT_STEPS_PER_EXECUTION (1), the fastest measured on a 2-core CPU
-    (benchmarks/train_speed.py): XLA trained 3-7x slower than TensorFlow's oneDNN
-    kernels there and recompiles for every new batch shape; more steps per
-    execution did not help beyond noise.
+    (benchmarks/train_speed.py): under TensorFlow XLA trained 3-7x slower than
+    its oneDNN kernels there and recompiles for every new batch shape; more
+    steps per execution did not help beyond noise.
     """
     loss, accuracy = loss_and_accuracy(task, train.label_smoothing)
     optimizer = make_optimizer(train.optimizer, learning_rate_for(train, steps_per_epoch), train.weight_decay,
@@ -239,10 +240,15 @@ def compile_model(model, train, task, steps_per_epoch=1, jit_compile=None, steps
         optimizer=optimizer,
         loss=loss,
         metrics=[accuracy],
-        jit_compile=DEFAULT_JIT_COMPILE if jit_compile is None else jit_compile,
+        jit_compile=default_jit_compile() if jit_compile is None else jit_compile,
         steps_per_execution=steps_per_execution or DEFAULT_STEPS_PER_EXECUTION,
     )
     return model
+
+
+def default_jit_compile():
+    """DEFAULT_JIT_COMPILE under TensorFlow; on under JAX, whose steps run op by op (about 100x slower) without it."""
+    return DEFAULT_JIT_COMPILE if keras.backend.backend() == "tensorflow" else True
 
 
 def balanced_class_weight(labels, class_names):
@@ -344,13 +350,64 @@ def build_and_compile(cfg, steps=1, augment_on="data", strategy=None, jit_compil
     """
     keras.utils.set_random_seed(cfg.train.seed)
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model = build_model(cfg.model, dtype=cfg.train.precision)
+        model = build_model(cfg.model, dtype=resolve_precision(cfg.train.precision))
         trained = model
         augmenter = augmenter_for(cfg) if augment_on == "model" else None
         if augmenter is not None:
             trained = keras.Sequential([keras.Input(model.input_shape[1:]), augmenter, model], name="training")
         compile_model(trained, cfg.train, cfg.model.task, steps, jit_compile=jit_compile)
     return model, trained
+
+
+# ---------------------------------------------------------------- precision
+
+# "auto" resolves (at the start of a fit) to the fastest precision that keeps accuracy on the device at hand.
+PRECISION_CHOICES = ("auto",) + PRECISIONS
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bfloat16 arithmetic
+
+
+def resolve_precision(precision):
+    """`precision`, with "auto" made "mixed_bfloat16" where the device computes bfloat16 natively, else "float32".
+
+    Natively: a GPU of compute capability 8 or more (Ampere on), or, with no GPU,
+    a CPU with AVX-512 BF16 or AMX. Elsewhere mixed_bfloat16 is emulated and
+    slower than float32 (4-5x on a 2-core AVX2 EPYC, benchmarks/train_speed.py).
+    """
+    if precision != "auto":
+        return precision
+    capabilities = gpu_compute_capabilities()
+    if capabilities:
+        native = min(capabilities) >= (8, 0)
+    else:
+        native = any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+    return "mixed_bfloat16" if native else "float32"
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """The first CPU's feature flags from /proc/cpuinfo (an empty set where there is none, as on macOS)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def gpu_compute_capabilities():
+    """[(major, minor)] of the GPUs the Keras backend sees (empty without GPUs)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        details = [tf.config.experimental.get_device_details(g) for g in tf.config.list_physical_devices("GPU")]
+        return [tuple(d.get("compute_capability", (0, 0))) for d in details]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        return [tuple(int(x) for x in str(getattr(d, "compute_capability", "0.0")).split(".")[:2]) for d in gpus]
+    return []
 
 
 # ---------------------------------------------------------------- distribution
@@ -360,6 +417,11 @@ def make_strategy(name):
     """None, a MirroredStrategy over the local GPUs (else the logical CPUs), or a MultiWorkerMirroredStrategy."""
     if name == "none":
         return None
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            f"Invalid `distribute` under the {keras.backend.backend()} backend: TensorFlow's distribution "
+            f"strategies need KERAS_BACKEND=tensorflow. Received: distribute={name!r}"
+        )
     import tensorflow as tf
 
     if name == "mirrored":
@@ -414,10 +476,23 @@ def _worker_dir(strategy, run_dir):
 
 
 def default_augment_on():
-    """"model" when a GPU is visible (augment on the device), else "data" (in tf.data on the CPU)."""
-    import tensorflow as tf
+    """"data" (in tf.data, on the CPU) under TensorFlow without a GPU; else "model" (on the device).
 
-    return "model" if tf.config.list_physical_devices("GPU") else "data"
+    Under JAX (or torch) the augmentation layers compute with that backend's
+    ops, which cannot run inside tf.data's graph: they go in the model.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return "model"
+    return "model" if gpu_visible() else "data"
+
+
+def gpu_visible():
+    """Whether the Keras backend sees a GPU (under TensorFlow, without starting its runtime)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    return any(d.lower().startswith("gpu") for d in keras.distribution.list_devices())
 
 
 # ---------------------------------------------------------------- callbacks
@@ -665,6 +740,7 @@ class FitResult:
     seconds: float  # wall time of this call's training
     images_per_second: float  # training images per second (train steps only)
     replicas: int
+    precision: str = "float32"  # the precision that ran ("auto" resolved)
     history: dict = field(default_factory=dict)  # {column: [per-epoch values]}, the whole run
     skipped: list = field(default_factory=list)  # data.Problem for files that did not decode
     skipped_file: str = ""  # where the list of skipped files is ("" when none)
@@ -675,7 +751,7 @@ class FitResult:
         return (
             f"best epoch {self.best_epoch}/{self.epochs} ({metric}); {self.epochs_run} epoch(s) in "
             f"{_duration(self.seconds)}, {self.images_per_second:.0f} images/s"
-            f"{f' on {self.replicas} replicas' if self.replicas > 1 else ''}; run dir {self.run_dir}"
+            f"{f' on {self.replicas} replicas' if self.replicas > 1 else ''} in {self.precision}; run dir {self.run_dir}"
         )
 
     def to_dict(self):
@@ -690,6 +766,7 @@ class FitResult:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "replicas": self.replicas,
+            "precision": self.precision,
             "completed": self.completed,
             "skipped": len(self.skipped),
             "skipped_file": self.skipped_file,
@@ -794,7 +871,7 @@ def start_run(cfg, run_dir, work_dir, problems, log):
         _clear_run_files(work_dir)
     write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
     state = read_json(os.path.join(work_dir, STATE_FILE), {})
-    state.update(completed=False, epochs=cfg.train.epochs)
+    state.update(completed=False, epochs=cfg.train.epochs, precision=cfg.train.precision)
     write_json_atomic(os.path.join(work_dir, STATE_FILE), state)
     return done
 
@@ -859,6 +936,7 @@ def fit(
     log = log or (lambda message: None)
     cfg = copy.deepcopy(run_config)
     check_run_config(cfg)
+    cfg.train.precision = resolve_precision(cfg.train.precision)  # config.json records what ran
     augment_on = check_fit_options(augment_on, tensorboard)
     data = load_task_data(cfg)  # data first: a bad dataset fails before anything is written
     cfg.fingerprint = data.fingerprint
@@ -908,6 +986,11 @@ def check_fit_options(augment_on, tensorboard):
     """Raise ValueError for a bad `augment_on` or TensorBoard without its package; return the placement to use."""
     if augment_on not in AUGMENT_ON:
         raise ValueError(f"Unknown `augment_on`; expected one of {list(AUGMENT_ON)}. Received: augment_on={augment_on!r}")
+    if augment_on == "data" and keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            f"Invalid `augment_on` under the {keras.backend.backend()} backend: augmentation in tf.data runs "
+            f"TensorFlow ops; use \"model\" or \"auto\". Received: augment_on='data'"
+        )
     if tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError(
             "`tensorboard=True` needs the tensorboard package (pip install tensorboard). Received: tensorboard=True"
@@ -945,6 +1028,7 @@ def _result(cfg, run_dir, problems, epochs_run, seconds, ips, replicas):
         seconds=seconds,
         images_per_second=ips,
         replicas=replicas,
+        precision=cfg.train.precision,
         history=read_history(os.path.join(run_dir, HISTORY_FILE)),
         skipped=list(problems),
         skipped_file=skipped_file if os.path.exists(skipped_file) else "",

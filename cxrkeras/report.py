@@ -1,0 +1,345 @@
+"""`cxrkeras report`: the study's whole plan (data, trainings, cascade, studies) run or reused, and one README.
+
+A report folder holds one subfolder per stage and README.md. Each stage keeps
+its settings in `stage.json`, marked finished at its end: a later report with
+the same settings reuses a finished stage, continues a started one (fits and
+tune studies resume after their last epoch or trial) and starts over a stage
+made with other settings. So an interrupted report resumes where it stopped.
+"""
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+
+from cxrkeras import data as data_lib
+from cxrkeras.config import CLASSES
+from cxrkeras.files import read_json, write_json_atomic, write_text_atomic
+
+
+def subset_manifest(source, fraction, path, seed=0):
+    """Write a CSV manifest at `path` with a seeded `fraction` of each train class (all of val/); return `path`.
+
+    Raises ValueError for a fraction outside (0, 1].
+    """
+    import numpy as np
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"Invalid `fraction`; expected a number in (0, 1]. Received: fraction={fraction!r}")
+    samples = data_lib.find_samples(source)
+    rng = np.random.default_rng(seed)
+    kept = [s for s in samples if s.split == "val"]  # test, where there is one, stays out
+    for label in CLASSES:
+        group = sorted((s for s in samples if s.split == "train" and s.label == label), key=lambda s: s.path)
+        n = max(2, round(len(group) * fraction))
+        kept += [group[i] for i in sorted(rng.choice(len(group), min(n, len(group)), replace=False))]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows([os.path.abspath(s.path), s.label, s.split] for s in kept)
+    return path
+
+
+# ---------------------------------------------------------------- the plan
+
+QUICK_EPOCHS = 1
+QUICK_VALUES = 2  # values per one-factor study in --quick
+ONE_FACTOR_STUDIES = ("augmentation", "learning-rate", "optimizer", "batch-size", "weight-decay", "depth")
+STAGE_FILE = "stage.json"  # a finished stage's settings: the same settings reuse the stage
+TIMINGS_FILE = "timings.json"  # {stage: seconds} of the run that made each stage
+
+
+@dataclass
+class Stage:
+    name: str  # its folder in the report
+    title: str
+    run: object  # callable(folder) -> None
+    settings: dict  # what makes its output; a different value reruns it
+
+
+@dataclass
+class Plan:
+    source: str  # the dataset (folder or manifest) every stage reads
+    stages: list = field(default_factory=list)
+
+
+def make_plan(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_STUDIES, configure=None):
+    """The study's stages for `data_dir` (a `fraction` of each train class), writing under `out_dir`.
+
+    `configure(run_config)` may change every training's settings (tests shrink the model with it).
+    """
+    source = os.path.abspath(data_dir)
+    if fraction < 1:
+        source = subset_manifest(data_dir, fraction, os.path.join(out_dir, "subset.csv"))
+    common = {"data": os.path.abspath(data_dir), "fraction": fraction, "quick": quick}
+    configs = {task: _run_config(task, source, quick, configure) for task in ("infected", "covid", "three-class")}
+    folder = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    stages = [
+        Stage("data", "Data: class distributions", lambda d: data_summary(source, d), common),
+        Stage("augmentation", "Augmentation preview", lambda d: augmentation_preview(source, d), common),
+    ]
+    for task, cfg in configs.items():
+        stages.append(Stage(f"fit-{task}", f"Training: {task} classifier",
+                            lambda d, cfg=cfg: fit_stage(cfg, d), {**common, "config": cfg.to_dict()}))
+    stages.append(Stage("cascade", "Cascade and three-class classifier on the validation split",
+                        lambda d: cascade_stage(folder("fit-infected"), folder("fit-covid"),
+                                                folder("fit-three-class"), source, d),
+                        {**common, "runs": [configs[t].to_dict() for t in configs]}))
+    for name in studies:
+        study = _quick_study(name) if quick else _load_study(name)
+        stages.append(Stage(f"study-{name}", f"One-factor study: {study.description or name}",
+                            lambda d, study=study: study_stage(study, configs["infected"], d),
+                            {**common, "study": study.space, "config": configs["infected"].to_dict()}))
+    return Plan(source, stages)
+
+
+def _run_config(task, source, quick, configure):
+    from cxrkeras.config import RunConfig, study_model_config, study_train_config
+    from cxrkeras.training import resolve_precision
+
+    cfg = RunConfig(model=study_model_config(task), train=study_train_config(task))
+    cfg.data.data_dir, cfg.data.manifest = ("", source) if os.path.isfile(source) else (source, "")
+    cfg.train.precision = resolve_precision("auto")
+    if quick:
+        cfg.train.epochs = QUICK_EPOCHS
+    if configure:
+        configure(cfg)
+    return cfg
+
+
+def _load_study(name):
+    from cxrkeras import tuning
+
+    return tuning.load_study(name)
+
+
+def _quick_study(name):
+    """The study with its first QUICK_VALUES values of each listed factor."""
+    study = _load_study(name)
+    space = {k: v[:QUICK_VALUES] if isinstance(v, list) else v for k, v in study.space.items()}
+    return dataclasses.replace(study, space=space)
+
+
+# ---------------------------------------------------------------- running it
+
+
+def stage_record(stage, folder):
+    """"finished" or "started" when `folder` holds `stage` with the same settings, else None."""
+    record = read_json(os.path.join(folder, STAGE_FILE), None) or {}
+    if record.get("settings") != _jsonable(stage.settings):
+        return None
+    return "finished" if record.get("finished") else "started"
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def run_plan(plan, out_dir, log=print):
+    """Run every stage of `plan` not already finished in `out_dir`; return {stage name: "ran" | "reused"}."""
+    done, start, ran_seconds, ran = {}, time.perf_counter(), 0.0, 0
+    for i, stage in enumerate(plan.stages, 1):
+        folder = os.path.join(out_dir, stage.name)
+        left = len(plan.stages) - i + 1
+        eta = f", about {_duration(ran_seconds / ran * left)} left" if ran else ""
+        record = stage_record(stage, folder)
+        if record == "finished":
+            done[stage.name] = "reused"
+            log(f"[{i}/{len(plan.stages)}] {stage.title}: reused ({folder})")
+            continue
+        log(f"[{i}/{len(plan.stages)}] {stage.title} (elapsed {_duration(time.perf_counter() - start)}{eta})")
+        began = time.perf_counter()
+        if record is None and os.path.isdir(folder):
+            shutil.rmtree(folder)  # made with other settings (or by hand): start it over
+        os.makedirs(folder, exist_ok=True)
+        write_json_atomic(os.path.join(folder, STAGE_FILE), {"settings": stage.settings, "finished": False})
+        stage.run(folder)  # a started stage continues: fits and studies resume after their last epoch or trial
+        seconds = time.perf_counter() - began
+        timings_path = os.path.join(out_dir, TIMINGS_FILE)
+        write_json_atomic(timings_path, {**read_json(timings_path, {}), stage.name: round(seconds, 1)})
+        write_json_atomic(os.path.join(folder, STAGE_FILE), {"settings": stage.settings, "finished": True})
+        ran_seconds, ran = ran_seconds + seconds, ran + 1
+        done[stage.name] = "ran"
+    log(f"report done in {_duration(time.perf_counter() - start)}")
+    return done
+
+
+def _duration(seconds):
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def data_summary(source, folder):
+    """counts.json and the study's three distribution charts, from the files that decode."""
+    from cxrkeras import plots
+
+    good, problems = data_lib.check_dataset(source)
+    counts = data_lib.class_counts(good)
+    write_json_atomic(os.path.join(folder, "counts.json"), {"counts": counts, "not_images": len(problems)})
+    plots.distribution_charts(counts, folder)
+
+
+def augmentation_preview(source, folder):
+    from cxrkeras.augment import preview_figure
+
+    good, _ = data_lib.check_dataset(source)
+    preview_figure([s for s in good if s.split == "train"], os.path.join(folder, "augmentation_preview.png"))
+
+
+def fit_stage(cfg, folder):
+    from cxrkeras import training
+
+    training.fit(cfg, folder, verbose=0, resume=os.path.exists(os.path.join(folder, training.CONFIG_FILE)))
+
+
+def cascade_stage(infected_run, covid_run, three_class_run, source, folder):
+    """The cascade at the 0.5 thresholds, evaluated with the three-class classifier on the validation split."""
+    from cxrkeras import evaluation, thresholds
+
+    cascade_dir = os.path.join(folder, "cascade")
+    thresholds.make_cascade(infected_run, covid_run, cascade_dir, data=source, overwrite=True)
+    for name, model in (("cascade", cascade_dir), ("three-class", three_class_run)):
+        evaluation.evaluate_run(model, source, split="validation", out_dir=os.path.join(folder, f"eval-{name}"),
+                                log=lambda message: None)
+
+
+def study_stage(study, base, folder):
+    from cxrkeras import tuning
+
+    tuning.tune(study, base, os.path.join(folder, "project"), log=lambda message: None)
+
+
+# ---------------------------------------------------------------- README.md
+
+# The study's own figures (test split, 615 images; ../shared/reference.md), shown beside ours.
+STUDY_TABLES = {
+    "cascade": {"accuracy": 0.9008, "f1": {"normal": 0.9241, "non-covid": 0.9274, "covid": 0.8182}},
+    "three-class": {"accuracy": 0.8943, "f1": {"normal": 0.923, "non-covid": 0.917, "covid": 0.804}},
+}
+NOT_COMPARABLE = (
+    "The study's figures are on its test split, which it also used to pick its models (it passed its test set "
+    "as the validation set while training). Ours are on a validation split carved from train; the test split is "
+    "held back. The two are not comparable number for number."
+)
+SECTIONS = (  # (heading, stage, figure files in the stage folder) in the study's order
+    ("1. Data: class distributions", "data",
+     ["distribution_three_class.png", "distribution_infected.png", "distribution_covid.png"]),
+    ("2. Augmentation preview", "augmentation", ["augmentation_preview.png"]),
+    ("3. With and without augmentation", "study-augmentation", ["project/study.png"]),
+    ("4. One-factor hyperparameter studies", None, []),
+    ("5. Training curves", None, []),
+    ("6. Cascade and three-class classifier", "cascade", []),
+    ("7. Confusion matrices, ROC, PR and calibration", "cascade",
+     ["eval-cascade/confusion_matrix.png", "eval-three-class/confusion_matrix.png", "eval-cascade/roc.png",
+      "eval-cascade/pr.png", "eval-cascade/calibration.png"]),
+    ("8. The 25-image grid, feature maps and Grad-CAM", "cascade",
+     ["eval-cascade/grid.png", "eval-cascade/feature_maps.png"]),
+    ("9. Timing", None, []),
+)
+
+
+def write_readme(plan, out_dir, timings):
+    """reports/NAME/README.md: every section in the study's order, our figures and tables beside the study's."""
+    lines = ["# The study, reproduced by `cxrkeras report`", "", f"Data: `{plan.source}`. {NOT_COMPARABLE}", ""]
+    stage_names = [s.name for s in plan.stages]
+    for heading, stage, figures in SECTIONS:
+        lines += [f"## {heading}", ""]
+        if stage and stage not in stage_names:
+            lines += ["Not in this plan.", ""]
+            continue
+        lines += [f"![{name}]({stage}/{name})" for name in figures if os.path.exists(os.path.join(out_dir, stage, name))]
+        lines += _section_body(heading, plan, out_dir, timings) + [""]
+    write_text_atomic(os.path.join(out_dir, "README.md"), "\n".join(lines) + "\n")
+    return os.path.join(out_dir, "README.md")
+
+
+def _section_body(heading, plan, out_dir, timings):
+    if heading.startswith("1."):
+        counts = read_json(os.path.join(out_dir, "data", "counts.json"), {}).get("counts", {})
+        return ["", "| split | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"] + [
+            f"| {split} | " + " | ".join(str(c[k]) for k in CLASSES) + " |" for split, c in counts.items()]
+    if heading.startswith("3."):
+        return _study_table(out_dir, "study-augmentation")
+    if heading.startswith("4."):
+        return _studies(plan, out_dir)
+    if heading.startswith("5."):
+        return [f"![{s.name}]({s.name}/curves.png)" for s in plan.stages if s.name.startswith("fit-")]
+    if heading.startswith("6."):
+        return _tables(out_dir)
+    if heading.startswith("8."):
+        return [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"
+                for p in sorted(glob.glob(os.path.join(out_dir, "cascade", "eval-cascade", "gradcam*.png")))]
+    if heading.startswith("9."):
+        rows = [f"| {name} | {_duration(seconds)} |" for name, seconds in timings.items()]
+        return [f"Machine: {machine_name()}. Stages reused from an earlier run keep that run's time.", "",
+                "| stage | wall time |", "|---|---|"] + rows
+    return []
+
+
+def _studies(plan, out_dir):
+    lines = []
+    for stage in plan.stages:
+        if stage.name.startswith("study-") and stage.name != "study-augmentation":
+            lines += [f"### {stage.title}", ""]
+            if os.path.exists(os.path.join(out_dir, stage.name, "project", "study.png")):
+                lines.append(f"![{stage.name}]({stage.name}/project/study.png)")
+            lines += _study_table(out_dir, stage.name)
+    return lines
+
+
+def _study_table(out_dir, stage_name):
+    """The study's results.md (trials best first), or nothing when the stage has none."""
+    table = os.path.join(out_dir, stage_name, "project", "results.md")
+    if not os.path.exists(table):
+        return []
+    with open(table, encoding="utf-8") as f:
+        return ["", f.read().rstrip(), ""]
+
+
+def machine_name():
+    """The CPU's model name and core count (and the GPUs Keras sees), for the timing table."""
+    from cxrkeras.training import gpu_compute_capabilities
+
+    names = [line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")]
+    gpus = gpu_compute_capabilities()
+    return f"{names[0] if names else platform.processor() or 'CPU'}, {os.cpu_count()} cores" + (
+        f", {len(gpus)} GPU(s)" if gpus else ", no GPU")
+
+
+def _cpuinfo_lines():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.readlines()
+    except OSError:
+        return []
+
+
+def _tables(out_dir):
+    lines = ["| | ours: accuracy | study: accuracy | " + " | ".join(f"ours / study: F1 {c}" for c in CLASSES) + " |",
+             "|---" * (3 + len(CLASSES)) + "|"]
+    for name, study in STUDY_TABLES.items():
+        metrics = read_json(os.path.join(out_dir, "cascade", f"eval-{name}", "metrics.json"), None)
+        if not metrics:
+            continue
+        f1 = [f"{metrics['per_class'][c]['f1']:.4f} / {study['f1'][c]:.4f}" for c in CLASSES]
+        lines.append(f"| {name} (n={metrics['n']}) | {metrics['accuracy']:.4f} | {study['accuracy']:.4f} | "
+                     + " | ".join(f1) + " |")
+    return lines + ["", NOT_COMPARABLE, "", "The operating-point table is not drawn: the cascade keeps the study's "
+                    "0.5 thresholds (`cxrkeras cascade --target-recall` picks others on validation)."]
+
+
+def report(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_STUDIES, configure=None, log=print):
+    """Run or reuse every stage of the study's plan into `out_dir`, then write its README.md; return
+    {stage: "ran" | "reused"}."""
+    os.makedirs(out_dir, exist_ok=True)
+    plan = make_plan(data_dir, out_dir, quick, fraction, studies, configure)
+
+    done = run_plan(plan, out_dir, log=log)
+    write_readme(plan, out_dir, read_json(os.path.join(out_dir, TIMINGS_FILE), {}))
+    return done

@@ -1,0 +1,85 @@
+"""`cxrkeras report`: the study's plan on tiny synthetic data, every section and figure, and a rerun that reuses."""
+
+import json
+import os
+import re
+
+import pytest
+
+from cxrkeras import report
+
+
+def shrink(cfg):
+    """A two-block classifier on 48x48 images: each training is mostly Keras' start-up."""
+    cfg.model.blocks, cfg.model.filters, cfg.model.dense_units = 2, [4, 8], 8
+    if cfg.model.arch == "residual":
+        cfg.model.blocks = 1
+    cfg.model.image_size = cfg.data.image_size = 48
+    cfg.train.batch_size = 8
+
+
+@pytest.fixture(scope="module")
+def quick_report(synthetic_dataset, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("report") / "quick")
+    done = report.report(synthetic_dataset, out, quick=True, studies=("augmentation",), configure=shrink,
+                         log=lambda message: None)
+    return out, done
+
+
+def test_quick_report_writes_every_section_and_figure(quick_report):
+    out, done = quick_report
+    assert set(done.values()) == {"ran"} and len(done) == 7
+    text = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    for heading, _, _ in report.SECTIONS:
+        assert f"## {heading}" in text
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(figures) >= 15, figures
+    for figure in figures:
+        assert os.path.getsize(os.path.join(out, figure)) > 0, figure
+    assert "| cascade (n=" in text and "| three-class (n=" in text and report.NOT_COMPARABLE in text
+
+
+def test_a_second_report_reuses_every_stage(quick_report, synthetic_dataset):
+    out, _ = quick_report
+    model = os.path.join(out, "fit-infected", "model.keras")
+    before = os.stat(model).st_mtime_ns
+    lines = []
+    done = report.report(synthetic_dataset, out, quick=True, studies=("augmentation",), configure=shrink,
+                         log=lines.append)
+    assert set(done.values()) == {"reused"}
+    assert os.stat(model).st_mtime_ns == before
+    assert lines[0].startswith("[1/7] Data: class distributions: reused")
+
+
+def test_a_started_stage_continues_and_the_finished_are_kept(quick_report, synthetic_dataset):
+    out, _ = quick_report
+    record_path = os.path.join(out, "fit-infected", report.STAGE_FILE)
+    record = json.loads(open(record_path).read())
+    with open(record_path, "w") as f:  # as after a kill at the end of the stage's fit
+        json.dump({**record, "finished": False}, f)
+    model = os.path.join(out, "fit-infected", "model.keras")
+    before = os.stat(model).st_mtime_ns
+    done = report.report(synthetic_dataset, out, quick=True, studies=("augmentation",), configure=shrink,
+                         log=lambda message: None)
+    assert [k for k, v in done.items() if v == "ran"] == ["fit-infected"]
+    assert os.stat(model).st_mtime_ns == before  # its finished epoch was resumed, not trained again
+    assert json.loads(open(record_path).read())["finished"] is True
+
+
+def test_subset_manifest_keeps_a_fraction_of_each_train_class(synthetic_dataset, tmp_path):
+    path = report.subset_manifest(synthetic_dataset, 0.5, str(tmp_path / "subset.csv"))
+    rows = open(path).read().splitlines()[1:]
+    train = [r for r in rows if r.endswith(",train")]
+    assert len(train) == 15 and not any(r.endswith(",test") for r in rows)
+    with pytest.raises(ValueError, match="Received: fraction=0"):
+        report.subset_manifest(synthetic_dataset, 0, str(tmp_path / "x.csv"))
+
+
+def test_report_command_refuses_a_missing_dataset(tmp_path):
+    from click.testing import CliRunner
+
+    from cxrkeras.cli import main
+
+    result = CliRunner().invoke(main, ["report", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "no such folder or manifest" in result.output
+    assert not (tmp_path / "r").exists()
