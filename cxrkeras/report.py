@@ -50,6 +50,8 @@ def subset_manifest(source, fraction, path, seed=0):
 
 QUICK_EPOCHS = 1
 QUICK_VALUES = 2  # values per one-factor study in --quick
+QUICK_NOTE = ("**--quick**: one epoch per training and the first two values of each study: this shows the plan "
+              "and its figures, not the study's results.")
 ONE_FACTOR_STUDIES = ("augmentation", "learning-rate", "optimizer", "batch-size", "weight-decay", "depth")
 STAGE_FILE = "stage.json"  # a finished stage's settings: the same settings reuse the stage
 TIMINGS_FILE = "timings.json"  # {stage: seconds} of the run that made each stage
@@ -67,6 +69,7 @@ class Stage:
 class Plan:
     source: str  # the dataset (folder or manifest) every stage reads
     stages: list = field(default_factory=list)
+    quick: bool = False
 
 
 def make_plan(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_STUDIES, configure=None):
@@ -96,7 +99,7 @@ def make_plan(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_S
         stages.append(Stage(f"study-{name}", f"One-factor study: {study.description or name}",
                             lambda d, study=study: study_stage(study, configs["infected"], d),
                             {**common, "study": study.space, "config": configs["infected"].to_dict()}))
-    return Plan(source, stages)
+    return Plan(source, stages, quick)
 
 
 def _run_config(task, source, quick, configure):
@@ -247,6 +250,8 @@ SECTIONS = (  # (heading, stage, figure files in the stage folder) in the study'
 def write_readme(plan, out_dir, timings):
     """reports/NAME/README.md: every section in the study's order, our figures and tables beside the study's."""
     lines = ["# The study, reproduced by `cxrkeras report`", "", f"Data: `{plan.source}`. {NOT_COMPARABLE}", ""]
+    if plan.quick:
+        lines += [QUICK_NOTE, ""]
     stage_names = [s.name for s in plan.stages]
     for heading, stage, figures in SECTIONS:
         lines += [f"## {heading}", ""]

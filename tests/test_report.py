@@ -37,6 +37,7 @@ def test_quick_report_writes_every_section_and_figure(quick_report):
     for figure in figures:
         assert os.path.getsize(os.path.join(out, figure)) > 0, figure
     assert "| cascade (n=" in text and "| three-class (n=" in text and report.NOT_COMPARABLE in text
+    assert report.QUICK_NOTE in text  # a quick report says it shows the plan, not results
 
 
 def test_a_second_report_reuses_every_stage(quick_report, synthetic_dataset):
