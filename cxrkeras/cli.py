@@ -257,24 +257,6 @@ def preview(source, out_path, n_images, draws, seed, kind, border_erase):
 # ---------------------------------------------------------------- fit
 
 # Options that set one RunConfig field: (section, key). Unset options (None) leave the base config alone.
-TRAIN_OPTION_FIELDS = {
-    "epochs": ("train", "epochs"),
-    "batch_size": ("train", "batch_size"),
-    "optimizer": ("train", "optimizer"),
-    "learning_rate": ("train", "learning_rate"),
-    "weight_decay": ("train", "weight_decay"),
-    "schedule": ("train", "schedule"),
-    "class_weight": ("train", "class_weight"),
-    "seed": ("train", "seed"),
-    "precision": ("train", "precision"),
-    "monitor": ("train", "monitor"),
-    "distribute": ("train", "distribute"),
-    "augment": ("data", "augment"),
-    "val_fraction": ("data", "val_fraction"),
-    "holdout_fraction": ("data", "holdout_fraction"),
-}
-
-
 def train_options(command):
     """The training-setting options (each overrides the study's default or --config), for any command that trains."""
     from cxrkeras import config as settings
@@ -323,7 +305,12 @@ def build_run_config(task, data_path=None, config_file=None, base=None, **option
     Raises click.UsageError naming --config, the bad key or the bad value.
     """
     from cxrkeras import training
-    from cxrkeras.config import RunConfig, study_model_config, study_train_config
+    from cxrkeras.config import (
+        SETTING_FIELDS,
+        RunConfig,
+        study_model_config,
+        study_train_config,
+    )
 
     config = base or RunConfig(model=study_model_config(task), train=study_train_config(task))
     source = "options"
@@ -341,7 +328,7 @@ def build_run_config(task, data_path=None, config_file=None, base=None, **option
             raise click.UsageError(f"{source} is for task {config.model.task!r}, not {task!r}.")
     for option, value in options.items():
         if value is not None:
-            section, key = TRAIN_OPTION_FIELDS[option]
+            section, key = SETTING_FIELDS[option]
             setattr(getattr(config, section), key, value)
     if data_path is not None:
         path = os.path.abspath(_dataset_source(data_path))

@@ -29,6 +29,32 @@ DISTRIBUTES = ("none", "mirrored", "multiworker")
 # What a ModelConfig and DataConfig may name (checked by models.check_config and training.check_run_config).
 CONTRASTS = ("none", "standardize")  # "standardize": each image to zero mean, unit variance, inside the model
 AUGMENTATIONS = ("study", "strong")  # cxrkeras.augment.AUGMENTATION_SETTINGS
+# Where each setting that a command-line option or a tuning hyperparameter names lives in a RunConfig.
+SETTING_FIELDS = {
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "optimizer": ("train", "optimizer"),
+    "learning_rate": ("train", "learning_rate"),
+    "weight_decay": ("train", "weight_decay"),
+    "schedule": ("train", "schedule"),
+    "warmup_epochs": ("train", "warmup_epochs"),
+    "label_smoothing": ("train", "label_smoothing"),
+    "ema": ("train", "ema"),
+    "class_weight": ("train", "class_weight"),
+    "seed": ("train", "seed"),
+    "precision": ("train", "precision"),
+    "monitor": ("train", "monitor"),
+    "distribute": ("train", "distribute"),
+    "augment": ("data", "augment"),
+    "augmentation": ("data", "augmentation"),
+    "border_erase": ("data", "border_erase"),
+    "val_fraction": ("data", "val_fraction"),
+    "holdout_fraction": ("data", "holdout_fraction"),
+    "depth": ("model", "blocks"),  # conv blocks (plain), residual blocks (residual) or blocks per stage (resnet)
+    "dropout": ("model", "dropout"),
+    "dense_units": ("model", "dense_units"),
+    "batchnorm": ("model", "batchnorm"),
+}
 
 
 def check_task(task):

@@ -39,30 +39,25 @@ from dataclasses import dataclass
 import keras
 import keras_tuner
 import numpy as np
-from keras_tuner.src.engine import tuner_utils  # SaveBestEpoch, TunerCallback: what Tuner.run_trial uses
+from keras_tuner.src.engine import (
+    tuner_utils,  # SaveBestEpoch, TunerCallback: what Tuner.run_trial uses
+)
 from keras_tuner.src.tuners import gridsearch  # its LinkedList, for GridOracle
 
 from cxrkeras import training
-from cxrkeras.config import RunConfig
+from cxrkeras.config import SETTING_FIELDS, RunConfig
 from cxrkeras.files import read_json, write_json_atomic, write_text_atomic
 from cxrkeras.models import check_config as check_model_config
 
 STUDIES_PACKAGE = "cxrkeras.studies"  # the repository's tuning/ folder (setup.cfg maps it)
 TUNERS = ("grid", "random", "hyperband", "bayesian")
 # A study's hyperparameter names and the RunConfig field each one sets.
-FIELDS = {
-    "depth": ("model", "blocks"),  # conv blocks (infected) or residual blocks (covid)
-    "batch_size": ("train", "batch_size"),
-    "optimizer": ("train", "optimizer"),
-    "learning_rate": ("train", "learning_rate"),
-    "weight_decay": ("train", "weight_decay"),
-    "schedule": ("train", "schedule"),
-    "class_weight": ("train", "class_weight"),
-    "augment": ("data", "augment"),
-    "dropout": ("model", "dropout"),
-    "dense_units": ("model", "dense_units"),
-    "batchnorm": ("model", "batchnorm"),
-}
+# The settings a study may search (where each lives: config.SETTING_FIELDS).
+TUNABLE = (
+    "depth", "batch_size", "optimizer", "learning_rate", "weight_decay", "schedule", "warmup_epochs",
+    "label_smoothing", "ema", "class_weight", "augment", "augmentation", "border_erase", "dropout", "dense_units",
+    "batchnorm",
+)
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 SETTINGS_FILE = "tune.json"
@@ -156,10 +151,10 @@ def check_study(study):
     if study.max_trials is not None and not (isinstance(study.max_trials, int) and study.max_trials > 0):
         raise StudyError(f"{where}: `max_trials` must be a positive integer. Received: max_trials={study.max_trials!r}")
     if not isinstance(study.space, dict) or not study.space:
-        raise StudyError(f"{where}: no [hyperparameters]; expected some of {sorted(FIELDS)}.")
+        raise StudyError(f"{where}: no [hyperparameters]; expected some of {sorted(TUNABLE)}.")
     for name, spec in study.space.items():
-        if name not in FIELDS:
-            raise StudyError(f"{where}: unknown hyperparameter {name!r}; expected one of {sorted(FIELDS)}.")
+        if name not in TUNABLE:
+            raise StudyError(f"{where}: unknown hyperparameter {name!r}; expected one of {sorted(TUNABLE)}.")
         _check_spec(where, name, spec)
 
 
@@ -206,7 +201,7 @@ def declare(hp, study, base):
     """
     cfg = RunConfig.from_dict(base.to_dict())
     for name, spec in study.space.items():
-        section, key = FIELDS[name]
+        section, key = SETTING_FIELDS[name]
         current = getattr(getattr(cfg, section), key)
         setattr(getattr(cfg, section), key, _register(hp, name, spec, current))
     check_model_config(cfg.model)

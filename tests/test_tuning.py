@@ -13,7 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 from cxrkeras import cli, training, tuning
-from cxrkeras.config import RunConfig, study_model_config, study_train_config
+from cxrkeras.config import (
+    SETTING_FIELDS,
+    RunConfig,
+    study_model_config,
+    study_train_config,
+)
 from cxrkeras.models import conv_layer_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +48,7 @@ def test_every_study_declares_its_values_with_the_study_defaults(name, task):
     config = tuning.declare(hp, study, base)
     assert set(hp.values) == set(study.space) == set(study.factors)
     for factor, values in study.space.items():
-        section, key = tuning.FIELDS[factor]
+        section, key = SETTING_FIELDS[factor]
         default = getattr(getattr(base, section), key)
         registered = {p.name: p for p in hp.space}[factor]
         assert list(registered.values) == values, factor
