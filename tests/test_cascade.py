@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tiny_models import write_runs
 
 from cxrkeras.cli import main
 from cxrkeras.config import CLASSES, ModelConfig, RunConfig
@@ -25,7 +26,13 @@ from cxrkeras.models.cascade import (
     predict_classes,
     predict_probabilities,
 )
-from cxrkeras.runs import TaskUnknownError, class_names, load_model, model_task, run_config
+from cxrkeras.runs import (
+    TaskUnknownError,
+    class_names,
+    load_model,
+    model_task,
+    run_config,
+)
 from cxrkeras.thresholds import choose_thresholds
 
 TINY = {
@@ -252,17 +259,7 @@ def test_choose_thresholds_rejects_bad_targets(target):
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, synthetic_dataset):
     """Two run folders as `fit` writes them (model.keras + config.json), split with val_fraction 0.3."""
-    root = tmp_path_factory.mktemp("runs")
-    paths = {}
-    for task in ("infected", "covid"):
-        folder = root / task
-        folder.mkdir()
-        build_model(TINY[task]).save(folder / "model.keras")
-        config = RunConfig(model=TINY[task])
-        config.data.data_dir, config.data.val_fraction, config.data.seed = synthetic_dataset, 0.3, 1
-        config.save(folder / "config.json")
-        paths[task] = folder
-    return paths
+    return write_runs(tmp_path_factory.mktemp("runs"), synthetic_dataset)
 
 
 def test_cascade_command_rejects_swapped_runs(runs, tmp_path):

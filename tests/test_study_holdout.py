@@ -4,17 +4,12 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from tiny_models import TINY, write_runs
 
 from cxrkeras import data
 from cxrkeras.cli import main
-from cxrkeras.config import ModelConfig, RunConfig
 from cxrkeras.evaluation import carve_settings
 from cxrkeras.models import build_model
-
-TINY = {
-    "infected": ModelConfig(task="infected", blocks=2, filters=[4, 8], dense_units=8),
-    "covid": ModelConfig(task="covid", arch="residual", blocks=1, filters=[4, 8], dense_units=8),
-}
 
 
 def paths(samples):
@@ -58,18 +53,7 @@ def test_too_few_images_for_a_holdout_names_it():
 @pytest.fixture(scope="module")
 def holdout_runs(tmp_path_factory, synthetic_dataset):
     """Two run folders whose config carved a holdout of 0.2 (and validation 0.3, seed 1)."""
-    root = tmp_path_factory.mktemp("holdout-runs")
-    folders = {}
-    for task in ("infected", "covid"):
-        folder = root / task
-        folder.mkdir()
-        build_model(TINY[task]).save(folder / "model.keras")
-        config = RunConfig(model=TINY[task])
-        config.data.data_dir, config.data.val_fraction, config.data.seed = synthetic_dataset, 0.3, 1
-        config.data.holdout_fraction = 0.2
-        config.save(folder / "config.json")
-        folders[task] = folder
-    return folders
+    return write_runs(tmp_path_factory.mktemp("holdout-runs"), synthetic_dataset, holdout_fraction=0.2)
 
 
 def test_evaluate_split_holdout_reads_exactly_the_holdout(holdout_runs, synthetic_dataset, tmp_path):

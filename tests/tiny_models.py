@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 from cxrkeras import export as export_lib
-from cxrkeras.config import ModelConfig
+from cxrkeras.config import ModelConfig, RunConfig
 from cxrkeras.models import build_model
 from cxrkeras.models.cascade import build_cascade
 
@@ -66,3 +66,21 @@ def write_crafted_savedmodel(folder, marker):
 
     tf.saved_model.save(module, str(folder), signatures={"serving_default": serve})
     return folder
+
+
+def write_runs(root, dataset, holdout_fraction=0.0):
+    """Infected and covid run folders under `root` as `fit` writes them (model.keras + config.json).
+
+    Their config carves validation 0.3 with seed 1 (and a holdout of `holdout_fraction`) from `dataset`.
+    """
+    folders = {}
+    for task in ("infected", "covid"):
+        folder = root / task
+        folder.mkdir()
+        build_model(TINY[task]).save(folder / "model.keras")
+        config = RunConfig(model=TINY[task])
+        config.data.data_dir, config.data.val_fraction, config.data.seed = dataset, 0.3, 1
+        config.data.holdout_fraction = holdout_fraction
+        config.save(folder / "config.json")
+        folders[task] = folder
+    return folders
