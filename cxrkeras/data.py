@@ -49,7 +49,8 @@ class Problem:
     reason: str
 
     def __str__(self):
-        return f"{printable(self.path)}: {self.reason}"
+        where = printable(self.path)
+        return self.reason if self.reason.startswith(where) else f"{where}: {self.reason}"  # named once
 
 
 # ---------------------------------------------------------------- finding files

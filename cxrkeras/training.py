@@ -978,8 +978,11 @@ class RunWriteError(RunDirError):
 def _write_failure(error, run_dir):
     path = error.filename or run_dir
     reason = error.strerror or str(error)
+    done = epochs_done(run_dir) if os.path.isdir(run_dir) else 0
+    if not done:
+        return f"{path}: {reason}. No epoch was trained yet; rerun the same command once the file can be written."
     return (f"{path}: {reason}. The run keeps every finished epoch "
-            f"({epochs_done(run_dir)} so far); continue it with --resume once the file can be written.")
+            f"({done} so far); continue it with --resume once the file can be written.")
 
 
 def check_fit_options(augment_on, tensorboard):

@@ -191,6 +191,16 @@ def test_real_dataset_short_fit_learns(real_dataset, tmp_path):
     assert max(summary["history"]["val_accuracy"]) > 0.8  # well above the 0.73 of always answering "infected"
 
 
+def test_a_run_folder_that_cannot_be_made_says_nothing_was_trained(tmp_path, synthetic_dataset):
+    name = "n" * 300  # longer than any file name may be
+    args = ["fit", "infected", "--data", synthetic_dataset, "--epochs", "1", "--out", str(tmp_path), "--name", name]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    (message,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert message.endswith("File name too long. No epoch was trained yet; rerun the same command once the file "
+                            "can be written."), message
+
+
 def test_a_full_disk_during_fit_is_one_line_and_the_run_resumes(tmp_path, dataset_with_a_broken_file, monkeypatch):
     out, real_write_atomic = str(tmp_path / "runs"), training.write_atomic
     writes = []

@@ -161,6 +161,9 @@ def test_manifest_problems_are_one_line_errors(tmp_path):
     latin1.write_bytes("path,label\ncafé.png,normal\n".encode("latin-1"))
     with pytest.raises(data.DatasetError, match=r"latin1.csv: not a CSV manifest \('utf-8' codec"):
         data.find_samples(latin1)
+    for source in (missing_cell, tmp_path / "a.png"):  # `data check` names the file once
+        (problem,) = data.check_dataset(source)[1]
+        assert str(problem).count(str(source)) == 1, str(problem)
 
 
 def test_verdicts_are_cached_by_path_size_and_mtime(synthetic_dataset, tmp_path, monkeypatch):
