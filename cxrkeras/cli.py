@@ -680,14 +680,17 @@ def export(model_path, base_dir, task, as_json):
         raise click.UsageError(f"{e} Pass --task infected or --task covid.")
     except _model_errors() as e:
         raise click.ClickException(str(e))
+    from cxrkeras import savedmodel
+
     metadata = export_lib.read_metadata(version_dir)
+    signatures = sorted(set(savedmodel.signature_defs(savedmodel.read_proto(version_dir))) - {"__saved_model_init_op"})
     if as_json:
         _echo_json({"path": version_dir, **metadata})
         return
     thresholds = ", ".join(f"{k} {v:g}" for k, v in metadata["thresholds"].items()) or "argmax"
     click.echo(
         f"exported {metadata['kind']} model to {version_dir} (classes {', '.join(metadata['class_names'])}; "
-        f"thresholds: {thresholds}; signatures: serving_default, predict_images)"
+        f"thresholds: {thresholds}; signatures: {', '.join(signatures)})"
     )
 
 

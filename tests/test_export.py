@@ -197,6 +197,7 @@ def test_binary_model_without_config_needs_a_task(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert f"exported binary model to {tmp_path / 'out' / '1'} (classes non-covid, covid" in result.output
+    assert "signatures: classify, predict_images, serving_default)" in result.output  # no conv layer: no explain
     assert export_lib.read_metadata(tmp_path / "out" / "1")["class_names"] == ["non-covid", "covid"]
 
 
@@ -210,6 +211,7 @@ def test_export_command_records_the_cascade(tmp_path):
     metadata = json.loads(result.output)
     assert metadata["path"] == str(tmp_path / "serving" / "1")
     assert metadata["cascade"] == {"thresholds": {"infected": 0.4, "covid": 0.6}}
+    assert sorted(metadata["signatures"]) == ["classify", "explain", "predict_images", "serving_default"]
     result = CliRunner().invoke(main, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "serving")])
     assert result.exit_code == 1 and "nothing: no such file or folder" in result.output
 
