@@ -87,14 +87,14 @@ def _gradcam_border_mass(model, images, class_id, px, batch_size):
     """`border_mass` of the Grad-CAM of each image's decision `class_id`, batch by batch (None: no Grad-CAM)."""
     import tensorflow as tf
 
-    from cxrkeras.export import _explainers, explain_batch
+    from cxrkeras.export import explain_batch, stage_explainers
 
-    explainers = _explainers(model, cascade_lib.model_kind(model))
+    explainers = stage_explainers(model, cascade_lib.model_kind(model))
     if not explainers:
         return None
-    shares = []
+    heatmaps = []
     for start in range(0, len(images), batch_size):
         batch = tf.constant(images[start:start + batch_size])
         heat, _ = explain_batch(explainers, batch, tf.constant(class_id[start:start + batch_size]))
-        shares.append(heat.numpy())
-    return border_mass(np.concatenate(shares), px)
+        heatmaps.append(heat.numpy())
+    return border_mass(np.concatenate(heatmaps), px)

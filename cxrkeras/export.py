@@ -88,7 +88,7 @@ def serving_module(model, info):
     )
     module.kind = tf.Variable(kind, dtype=tf.string, trainable=False, name="kind")
     module.image_size = tf.Variable(size, dtype=tf.int32, trainable=False, name="image_size")
-    explainers = _explainers(model, kind)
+    explainers = stage_explainers(model, kind)
 
     def outputs(images):
         out = model(images, training=False)
@@ -145,7 +145,7 @@ def serving_module(model, info):
 # ---------------------------------------------------------------- Grad-CAM in the graph
 
 
-def _explainers(model, kind):
+def stage_explainers(model, kind):
     """[(classifier name, grad model: image -> (Grad-CAM layer output, logits' input), head)], one per stage.
 
     A cascade has two (infected, then covid: the order `explain_batch` picks

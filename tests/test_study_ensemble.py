@@ -80,5 +80,5 @@ def test_an_ensemble_cascade_is_explained_by_each_stage_s_first_member(ensemble_
     cascade = build_cascade(infected, covid)
     assert explained_model(cascade, "cascade", 0) == (ensemble_members(infected)[0], 0)
     assert explained_model(cascade, "cascade", 2) == (ensemble_members(covid)[0], 1)
-    explainers = export_lib._explainers(cascade, "cascade")
+    explainers = export_lib.stage_explainers(cascade, "cascade")
     assert [name for name, _, _ in explainers] == ["infected_member1", "covid_member1"]
