@@ -115,6 +115,7 @@ def check_train_config(train):
     _require(train.precision in PRECISION_CHOICES, "precision", train.precision,
              f"expected one of {list(PRECISION_CHOICES)}")
     _require(train.monitor in MONITORS, "monitor", train.monitor, f"expected one of {list(MONITORS)}")
+    _require(train.distribute != "multiworker", "distribute", train.distribute, MULTIWORKER_UNSUPPORTED)
     _require(train.distribute in DISTRIBUTES, "distribute", train.distribute, f"expected one of {list(DISTRIBUTES)}")
 
 
@@ -413,8 +414,16 @@ def gpu_compute_capabilities():
 # ---------------------------------------------------------------- distribution
 
 
+# Tried on localhost with two workers (TF_CONFIG): Keras 3.15's fit cannot reduce per-replica values across
+# workers (its first batch, then the metrics), keras-team/keras#20585, so it is refused before anything runs.
+MULTIWORKER_UNSUPPORTED = (
+    "not supported: Keras 3's fit fails under TensorFlow's MultiWorkerMirroredStrategy "
+    "(keras-team/keras#20585); use \"mirrored\" for the GPUs of one machine"
+)
+
+
 def make_strategy(name):
-    """None, a MirroredStrategy over the local GPUs (else the logical CPUs), or a MultiWorkerMirroredStrategy."""
+    """None, or a MirroredStrategy over the local GPUs (else the logical CPUs)."""
     if name == "none":
         return None
     if keras.backend.backend() != "tensorflow":
@@ -427,8 +436,6 @@ def make_strategy(name):
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()  # the cluster comes from TF_CONFIG
     raise ValueError(f"Unknown `distribute`; expected one of {list(DISTRIBUTES)}. Received: distribute={name!r}")
 
 
@@ -461,18 +468,6 @@ def replica_batch_sizes(n_train, n_val, batch_size, replicas):
         f"{n_val} validation images cannot be split evenly over {replicas} replicas; "
         f"use more data or a larger `val_fraction`."
     )
-
-
-def _worker_dir(strategy, run_dir):
-    """The run dir for the chief; a private folder under it for the other workers of a multi-worker run."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return run_dir
-    task_type, task_id = resolver.task_type, resolver.task_id or 0
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    if task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief):
-        return run_dir
-    return os.path.join(run_dir, "workers", f"{task_type}-{task_id}")
 
 
 def default_augment_on():
@@ -948,7 +943,7 @@ def fit(
     strategy = make_strategy(cfg.train.distribute)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     val_batch = replica_batch_sizes(len(data.train_paths), len(data.val_paths), cfg.train.batch_size, replicas)
-    work_dir = _worker_dir(strategy, run_dir) if strategy is not None else run_dir
+    work_dir = run_dir
     try:
         start_run(cfg, run_dir, work_dir, data.problems, log)
         steps = steps_per_epoch(cfg, len(data.train_paths), replicas)
