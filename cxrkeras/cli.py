@@ -14,6 +14,7 @@ import importlib.abc
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import click
@@ -21,10 +22,39 @@ import click
 from cxrkeras.config import CLASSES, DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 
 
+# Commands whose work is TensorFlow's (a SavedModel; Grad-CAM by GradientTape): under another Keras backend
+# they rerun themselves with KERAS_BACKEND=tensorflow, as a .keras file loads the same under any backend.
+TENSORFLOW_COMMANDS = ("evaluate", "export", "serve")
+
+
+def keras_backend():
+    """The Keras backend this process has or will have (without importing Keras when it is not loaded yet)."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    config = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "keras.json")
+    try:
+        with open(config) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
 class Group(click.Group):
     """A click group whose commands end in one line on an OSError (exit 1) or Ctrl-C (exit 130)."""
 
     group_class = type  # subgroups (`data`) are Groups too
+
+    def parse_args(self, ctx, args):
+        command = next((a for a in args if a in self.commands), None)
+        if ctx.parent is None and command in TENSORFLOW_COMMANDS and keras_backend() != "tensorflow" \
+                and not {"-h", "--help"} & set(args):
+            click.echo(f"{command} runs under TensorFlow: rerunning it with KERAS_BACKEND=tensorflow "
+                       f"(a .keras file loads the same under any backend).", err=True)
+            code = [sys.executable, "-c", "from cxrkeras.cli import main; main()", *args]
+            raise SystemExit(subprocess.call(code, env=dict(os.environ, KERAS_BACKEND="tensorflow")))
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -283,7 +313,8 @@ def train_options(command):
         click.option("--monitor", type=click.Choice(list(settings.MONITORS)),
                      help="Validation metric that picks the kept epoch [val_loss]."),
         click.option("--distribute", type=click.Choice(settings.DISTRIBUTES),
-                     help="mirrored: all local GPUs (else logical CPUs); multiworker: the TF_CONFIG cluster [none]."),
+                     help="mirrored: all local GPUs (else logical CPUs) [none]; multiworker is refused "
+                     "(Keras 3's fit does not support it)."),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                      help="A RunConfig JSON (a run's config.json, a tuning result); options given here override it."),
     ]

@@ -59,6 +59,10 @@ record = json.loads(result.stdout[result.stdout.index("{"):])
 model = load_model(record["run_dir"])
 np.save(pixels.replace("pixels", "jax_probs"), np.asarray(model.predict(np.load(pixels), verbose=0)))
 json.dump(record, open(pixels.replace("pixels.npy", "record.json"), "w"))
+# evaluate and export are TensorFlow's work: under JAX they rerun themselves under TensorFlow
+for args in (["evaluate", record["run_dir"], "--data", data, "--split", "val"],
+             ["export", record["run_dir"], "--out", out + "/export"]):
+    assert CliRunner().invoke(main, args).exit_code == 0, args
 """
 
 
@@ -75,8 +79,8 @@ def tiny_config(path, data_dir):
     return str(path)
 
 
-@pytest.mark.slow  # ~55 s of CPU here (XLA compiles the step for each batch shape): pip install -e '.[jax]'; pytest -m slow
-def test_a_fit_under_jax_loads_and_predicts_the_same_under_tensorflow(tmp_path):
+def test_a_fit_under_jax_evaluates_exports_and_predicts_the_same_under_tensorflow(tmp_path):
+    """fit, evaluate and export with KERAS_BACKEND=jax (JAX's CPU build, a test dependency); ~45 s of CPU here."""
     pytest.importorskip("jax")
     import keras
 
@@ -98,4 +102,12 @@ def test_a_fit_under_jax_loads_and_predicts_the_same_under_tensorflow(tmp_path):
     from cxrkeras.runs import load_model
 
     model = load_model(record["run_dir"])
-    np.testing.assert_allclose(model.predict(pixels, verbose=0), np.load(tmp_path / "jax_probs.npy"), atol=1e-4)
+    jax_probabilities = np.load(tmp_path / "jax_probs.npy")
+    np.testing.assert_allclose(model.predict(pixels, verbose=0), jax_probabilities, atol=1e-4)
+    metrics = json.loads((tmp_path / "runs" / "infected" / "jax" / "eval-val" / "metrics.json").read_text())
+    assert metrics["n"] == 6 and metrics["classes"] == ["normal", "infected"]
+    import tensorflow as tf
+
+    exported = tf.saved_model.load(str(tmp_path / "runs" / "export" / "1"))
+    answer = exported.signatures["predict_images"](images=tf.constant(pixels))["probabilities"].numpy()
+    np.testing.assert_allclose(answer[:, 1], jax_probabilities[:, 0], atol=1e-4)
