@@ -36,7 +36,7 @@ def test_the_readme_plan_is_what_this_test_runs():
     commands = [args[:2] for args in readme_plan()]
     assert commands == [["data", "synth"], ["fit", "infected"], ["fit", "covid"], ["cascade", "saved_models/infected/quickstart"],
                         ["evaluate", "saved_models/cascade-quickstart"], ["export", "saved_models/cascade-quickstart"],
-                        ["predict", "saved_models/cascade"]]
+                        ["predict", "saved_models/quickstart"]]
 
 
 def test_the_quickstart_infected_classifier_learns_in_its_first_epochs(tmp_path, monkeypatch):
