@@ -4,12 +4,13 @@ import os
 import shutil
 
 import keras
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from images import png_declaring
 
 from cxrkeras.cli import main
-from cxrkeras.config import DataConfig, ModelConfig, RunConfig
+from cxrkeras.config import CLASSES, DataConfig, ModelConfig, RunConfig
 from cxrkeras.models import build_model
 from cxrkeras.models.cascade import build_cascade
 
@@ -122,12 +123,16 @@ def test_missing_test_split_names_the_path(models, synthetic_dataset, tmp_path):
     assert f"Error: {data / 'test'}: missing split folder" in result.output
 
 
-def test_compare_prints_a_row_per_evaluation(models, synthetic_dataset, tmp_path):
-    outs = []
+def test_compare_prints_a_row_per_evaluation(tmp_path):
+    """Two evaluations' metrics.json (the keys `evaluate` writes; its figures are tested above) side by side."""
+    outs, rng = [], np.random.default_rng(0)
     for kind in ("three-class", "cascade"):
         out = tmp_path / kind
-        result = run("evaluate", models[kind], "--data", synthetic_dataset, "--split", "val", "--out", out)
-        assert result.exit_code == 0, result.output
+        out.mkdir()
+        per_class = {c: {"f1": float(rng.uniform()), "recall": 0.5, "precision": 0.5} for c in CLASSES}
+        metrics = {"model": f"saved_models/{kind}", "kind": kind, "classes": list(CLASSES), "per_class": per_class,
+                   "accuracy": float(rng.uniform()), "n": 9, "split": "val"}
+        (out / "metrics.json").write_text(json.dumps(metrics))
         outs.append(out)
     result = run("compare", outs[0] / "metrics.json", outs[1], "--chart", tmp_path / "compare.png")
     assert result.exit_code == 0, result.output
@@ -136,7 +141,8 @@ def test_compare_prints_a_row_per_evaluation(models, synthetic_dataset, tmp_path
     for kind, out in zip(("three-class", "cascade"), outs):
         metrics = json.loads((out / "metrics.json").read_text())
         row = next(line for line in lines if line.startswith(("three", "cascade")[kind == "cascade"]))
-        assert row.split()[-2:] == [f"{metrics['accuracy']:.4f}", "9"]
+        f1 = [f"{metrics['per_class'][c]['f1']:.4f}" for c in CLASSES]
+        assert row.split()[-5:] == [*f1, f"{metrics['accuracy']:.4f}", "9"]
     assert (tmp_path / "compare.png").stat().st_size > 5000
 
 
