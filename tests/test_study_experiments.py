@@ -1,23 +1,17 @@
 """experiments/seeds.py: its recipes are valid fit configs, and its table summarises the evaluations it finds."""
 
-import importlib.util
 import json
-import os
 
 import pytest
+from scripts import load_script
 
 from cxrkeras import training
 from cxrkeras.config import RunConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="module")
 def seeds():
-    spec = importlib.util.spec_from_file_location("seeds", os.path.join(ROOT, "experiments", "seeds.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/seeds.py")
 
 
 def test_every_recipe_is_a_valid_run_config_with_the_holdout(seeds):
