@@ -96,12 +96,23 @@ def test_tensorflow_start_up_lines_only_with_verbose(one_image_dataset, tmp_path
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def wait_for_tensorflow_import(pid, timeout=60):
+    """Return once process `pid` has mapped TensorFlow's first shared library (its import is under way)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/maps") as f:
+            if "libtensorflow" in f.read():
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} did not start importing TensorFlow in {timeout} s")
+
+
 def test_ctrl_c_during_start_up_is_one_line(one_image_dataset, tmp_path):
     """A real SIGINT while the command imports TensorFlow (its first seconds)."""
     env = {**os.environ, data_lib.CACHE_ENV: str(tmp_path)}
     process = subprocess.Popen([*CLI, "data", "check", one_image_dataset], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(1.5)
+    wait_for_tensorflow_import(process.pid)  # a fixed sleep missed it once, on a loaded machine
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert "Traceback" not in err
