@@ -34,7 +34,7 @@ ALLOWED_OPS = frozenset(
     AvgPool AvgPoolGrad BatchMatMulV2 BatchMatMulV3 BiasAdd BiasAddGrad BroadcastArgs BroadcastGradientArgs
     BroadcastTo Cast Ceil CheckNumerics ConcatV2 Const Conv2D Conv2DBackpropFilter Conv2DBackpropInput Cos
     Cumsum DepthwiseConv2dNative DepthwiseConv2dNativeBackpropInput DecodeBmp DecodeGif DecodeImage DecodeJpeg
-    DecodePng DisableCopyOnRead DivNoNan Einsum Elu EluGrad EmptyTensorList Equal Erf Exp ExpandDims Fill Floor FloorDiv
+    DecodePng DisableCopyOnRead DivNoNan DynamicStitch Einsum Elu EluGrad EmptyTensorList Equal Erf Exp ExpandDims Fill Floor FloorDiv
     FloorMod FusedBatchNormV3 GatherNd GatherV2 Greater GreaterEqual Identity IdentityN If IsFinite L2Loss
     LeakyRelu LeakyReluGrad Less LessEqual Log Log1p LogicalAnd LogicalNot LogicalOr LogSoftmax MatMul Max
     MaxPool MaxPoolGrad Maximum Mean Min Minimum Mod Mul Neg NoOp NotEqual OnesLike Pack Pad PadV2
