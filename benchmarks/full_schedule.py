@@ -33,7 +33,7 @@ def timed_fit(cfg, run_dir):
     cfg.fingerprint = data.fingerprint
     lap("data check")
     augment_on = training.check_fit_options("auto", False)
-    training.start_run(cfg, run_dir, run_dir, data.problems, log=print)
+    training.start_run(cfg, run_dir, data.problems, log=print)
     steps = training.steps_per_epoch(cfg, len(data.train_paths))
     model, trained = training.build_and_compile(cfg, steps, augment_on)
     lap("build and compile")
@@ -43,7 +43,7 @@ def timed_fit(cfg, run_dir):
     trained.fit(sets.train, validation_data=sets.val, epochs=cfg.train.epochs, class_weight=sets.class_weight,
                 callbacks=[steps_clock] + training.run_callbacks(cfg, run_dir, model, meter), verbose=0, shuffle=False)
     lap("epochs")
-    training.finish_run(cfg, run_dir, run_dir, data.problems, meter, sum(meter.epoch_seconds), 1)
+    training.finish_run(cfg, run_dir, data.problems, meter, sum(meter.epoch_seconds), 1)
     lap("saving (state, curves)")
     epochs = stages.pop("epochs")
     stages["train steps"] = steps_clock.steps

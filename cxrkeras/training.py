@@ -584,9 +584,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             self.on_commit(self._current_epoch)
 
 
-def epochs_done(work_dir):
-    """Epochs a run in `work_dir` has committed (its backup's epoch count); 0 when none."""
-    return read_json(os.path.join(work_dir, BACKUP_DIR, BACKUP_METADATA), {}).get("epoch", 0)
+def epochs_done(run_dir):
+    """Epochs a run in `run_dir` has committed (its backup's epoch count); 0 when none."""
+    return read_json(os.path.join(run_dir, BACKUP_DIR, BACKUP_METADATA), {}).get("epoch", 0)
 
 
 class ThroughputMeter(keras.callbacks.Callback):
@@ -612,8 +612,16 @@ class ThroughputMeter(keras.callbacks.Callback):
 
     def _stop(self):
         if self._start is not None:
+            self._wait_for_steps()
             self.epoch_seconds.append(time.perf_counter() - self._start)
             self._start = None
+
+    def _wait_for_steps(self):
+        """Block until the epoch's steps have run: JAX dispatches them asynchronously, so reading the
+        step counter waits for the last (without this the rate under JAX counted dispatch, not work)."""
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None and optimizer.built:
+            keras.ops.convert_to_numpy(optimizer.iterations)
 
     @property
     def epochs(self):
@@ -651,20 +659,20 @@ def schedule_callbacks(cfg):
                                               min_lr=1e-6)]
 
 
-def run_callbacks(cfg, work_dir, model, meter=None, extra=(), tensorboard=False):
-    """The callbacks of a run in `work_dir`, ordered so a kill at any moment leaves a consistent run.
+def run_callbacks(cfg, run_dir, model, meter=None, extra=(), tensorboard=False):
+    """The callbacks of a run in `run_dir`, ordered so a kill at any moment leaves a consistent run.
 
     Per epoch: the history row, the staged best model, the schedule, `extra`,
     then the backup, which commits the epoch (and the staged best with it).
     """
-    best = BestModelCheckpoint(os.path.join(work_dir, MODEL_FILE), os.path.join(work_dir, STATE_FILE),
+    best = BestModelCheckpoint(os.path.join(run_dir, MODEL_FILE), os.path.join(run_dir, STATE_FILE),
                                cfg.train.monitor, model=model)
     callbacks = [meter] if meter is not None else []
-    callbacks += [keras.callbacks.CSVLogger(os.path.join(work_dir, HISTORY_FILE), append=True), best]
+    callbacks += [keras.callbacks.CSVLogger(os.path.join(run_dir, HISTORY_FILE), append=True), best]
     callbacks += schedule_callbacks(cfg) + list(extra) + testing_callbacks()
-    callbacks.append(AtomicBackupAndRestore(os.path.join(work_dir, BACKUP_DIR), on_commit=best.commit))
+    callbacks.append(AtomicBackupAndRestore(os.path.join(run_dir, BACKUP_DIR), on_commit=best.commit))
     if tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(work_dir, LOGS_DIR)))
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(run_dir, LOGS_DIR)))
     return callbacks
 
 
@@ -844,7 +852,7 @@ def check_run_dir(cfg, run_dir, resume):
         )
 
 
-def start_run(cfg, run_dir, work_dir, problems, log):
+def start_run(cfg, run_dir, problems, log):
     """Write the run's config and state, tidy what a kill left; return the epochs already done.
 
     A run with finished epochs continues after the last one: its history is cut
@@ -852,22 +860,22 @@ def start_run(cfg, run_dir, work_dir, problems, log):
     Anything else (a first start, a start that failed before its first epoch)
     starts from a clean run dir.
     """
-    os.makedirs(work_dir, exist_ok=True)
+    os.makedirs(run_dir, exist_ok=True)
     skipped_file = _write_skipped(run_dir, problems)
     if problems:
         log(f"skipped {len(problems)} file(s) that do not decode; list in {skipped_file}")
-    _remove_temp_files(work_dir)
-    done = epochs_done(work_dir)
+    _remove_temp_files(run_dir)
+    done = epochs_done(run_dir)
     if done:
-        settle_pending(os.path.join(work_dir, MODEL_FILE), os.path.join(work_dir, STATE_FILE), done)
-        truncate_history(os.path.join(work_dir, HISTORY_FILE), done)
+        settle_pending(os.path.join(run_dir, MODEL_FILE), os.path.join(run_dir, STATE_FILE), done)
+        truncate_history(os.path.join(run_dir, HISTORY_FILE), done)
         log(f"resuming {run_dir} after epoch {done} of {cfg.train.epochs}")
     else:
-        _clear_run_files(work_dir)
+        _clear_run_files(run_dir)
     write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
-    state = read_json(os.path.join(work_dir, STATE_FILE), {})
+    state = read_json(os.path.join(run_dir, STATE_FILE), {})
     state.update(completed=False, epochs=cfg.train.epochs, precision=cfg.train.precision)
-    write_json_atomic(os.path.join(work_dir, STATE_FILE), state)
+    write_json_atomic(os.path.join(run_dir, STATE_FILE), state)
     return done
 
 
@@ -877,13 +885,13 @@ def run_completed(run_dir, epochs):
     return bool(state.get("completed")) and state.get("epochs", 0) >= epochs
 
 
-def _clear_run_files(work_dir):
-    model = os.path.join(work_dir, MODEL_FILE)
-    for path in (model, pending_model_path(model), os.path.join(work_dir, HISTORY_FILE),
-                 os.path.join(work_dir, STATE_FILE), os.path.join(work_dir, CURVES_FILE)):
+def _clear_run_files(run_dir):
+    model = os.path.join(run_dir, MODEL_FILE)
+    for path in (model, pending_model_path(model), os.path.join(run_dir, HISTORY_FILE),
+                 os.path.join(run_dir, STATE_FILE), os.path.join(run_dir, CURVES_FILE)):
         if os.path.exists(path):
             os.remove(path)
-    shutil.rmtree(os.path.join(work_dir, BACKUP_DIR), ignore_errors=True)
+    shutil.rmtree(os.path.join(run_dir, BACKUP_DIR), ignore_errors=True)
 
 
 def _write_skipped(run_dir, problems):
@@ -943,9 +951,8 @@ def fit(
     strategy = make_strategy(cfg.train.distribute)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     val_batch = replica_batch_sizes(len(data.train_paths), len(data.val_paths), cfg.train.batch_size, replicas)
-    work_dir = run_dir
     try:
-        start_run(cfg, run_dir, work_dir, data.problems, log)
+        start_run(cfg, run_dir, data.problems, log)
         steps = steps_per_epoch(cfg, len(data.train_paths), replicas)
         model, trained = build_and_compile(cfg, steps, augment_on, strategy, jit_compile)
         sets = make_datasets(cfg, data, augment_on, replicas, val_batch)
@@ -956,12 +963,12 @@ def fit(
             validation_data=sets.val,
             epochs=cfg.train.epochs,
             class_weight=sets.class_weight,
-            callbacks=run_callbacks(cfg, work_dir, model, meter, callbacks, tensorboard),
+            callbacks=run_callbacks(cfg, run_dir, model, meter, callbacks, tensorboard),
             verbose=verbose,
             shuffle=False,  # the dataset shuffles itself
         )
         seconds = time.perf_counter() - start
-        return finish_run(cfg, run_dir, work_dir, data.problems, meter, seconds, replicas)
+        return finish_run(cfg, run_dir, data.problems, meter, seconds, replicas)
     except OSError as e:
         raise RunWriteError(_write_failure(e, run_dir)) from e
 
@@ -996,17 +1003,17 @@ def check_fit_options(augment_on, tensorboard):
     return default_augment_on() if augment_on == "auto" else augment_on
 
 
-def finish_run(cfg, run_dir, work_dir, problems, meter, seconds, replicas):
+def finish_run(cfg, run_dir, problems, meter, seconds, replicas):
     """Mark the run completed, draw its curves, and return its FitResult."""
-    state_path = os.path.join(work_dir, STATE_FILE)
+    state_path = os.path.join(run_dir, STATE_FILE)
     state = read_json(state_path, {})
     state.update(completed=True, epochs=cfg.train.epochs)
     write_json_atomic(state_path, state)
-    result = _result(cfg, work_dir, problems, meter.epochs, seconds, meter.images_per_second, replicas)
+    result = _result(cfg, run_dir, problems, meter.epochs, seconds, meter.images_per_second, replicas)
     if result.history:
         from cxrkeras import plots
 
-        plots.training_curves(result.history, os.path.join(work_dir, CURVES_FILE), best_epoch=result.best_epoch,
+        plots.training_curves(result.history, os.path.join(run_dir, CURVES_FILE), best_epoch=result.best_epoch,
                               title=f"{cfg.model.task} ({os.path.basename(os.path.normpath(run_dir))})")
     return result
 
