@@ -126,6 +126,10 @@ def collect(args, evaluations, members):
     study = os.path.join(cascades, "study-s0", "eval-validation")
     with open(os.path.join(args.runs, "timing.json")) as f:
         timing = json.load(f)
+    provenance = {}  # written by experiments/gpu_levers.py runs: where the fits ran, how to rebuild, the levers
+    if os.path.exists(os.path.join(args.runs, "provenance.json")):
+        with open(os.path.join(args.runs, "provenance.json")) as f:
+            provenance = json.load(f)
     with open(os.path.join(args.runs, "configs", f"{args.recipe}-covid.json")) as f:
         data = json.load(f)["data"]
     carve = {k: data[k] for k in ("val_fraction", "seed", "holdout_fraction", "holdout_seed")}
@@ -140,9 +144,22 @@ def collect(args, evaluations, members):
         "over_seeds": spread(per_seed),
         "ensemble": evaluations,
         "study_recipe_seed0": read_summary(study) if os.path.isdir(study) else None,
+        "study_recipe": study_recipe(cascades),
         "fit_seconds": {f"{t}/{args.recipe}-s{s}": timing[f"{t}/{args.recipe}-s{s}"] for t in TASKS for s in args.seeds},
-        "machine": machine(),
+        "machine": provenance.get("machine") or machine(),
+        "rebuild": provenance.get("rebuild"),
+        "levers": provenance.get("levers"),
     }
+
+
+def study_recipe(cascades):
+    """The study's recipe over the seeds that ran (validation summaries) and their ensemble, or None."""
+    rows = []
+    for name in sorted(os.listdir(cascades)):
+        path = os.path.join(cascades, name, "eval-validation")
+        if name.startswith("study-") and os.path.isdir(path):
+            rows.append(dict(name=name, **read_summary(path)))
+    return rows or None
 
 
 def machine():
@@ -177,14 +194,22 @@ def shortcut_note(audit):
             f"  which is half the image's area. A new source's marks may still mislead it.")
 
 
+def study_name(cascade):
+    """ "seed 0" for study-s0, "ensemble of its seeds" for study-ensemble."""
+    suffix = cascade.split("-", 1)[1]
+    return "ensemble of its seeds" if suffix == "ensemble" else f"seed {suffix[1:]}"
+
+
 def selection_note(m):
-    """Why this cascade and not the study's recipe: the figures of both on validation."""
-    study, ours = m["study_recipe_seed0"], m["ensemble"]["validation"]
+    """Why this cascade and not the study's recipe: the figures of both on validation (its ensemble when run)."""
+    ensembles = [r for r in m.get("study_recipe") or [] if r["name"] == "study-ensemble"]
+    study, ours = (ensembles[0] if ensembles else m["study_recipe_seed0"]), m["ensemble"]["validation"]
     if not study:
         return ""
+    which = "the ensemble of its seeds" if ensembles else "seed 0"
     n = ours["n"]
     se = (ours["accuracy"] * (1 - ours["accuracy"]) / n) ** 0.5
-    return (f"\nAgainst the study's recipe (seed 0, same split and operating-point rule): accuracy "
+    return (f"\nAgainst the study's recipe ({which}, same split and operating-point rule): accuracy "
             f"{ours['accuracy']:.4f} vs {study['accuracy']:.4f} (one standard error on {n} images: {se:.4f}), covid F1 "
             f"{ours['per_class']['covid']['f1']:.4f} vs {study['per_class']['covid']['f1']:.4f}, border-only score "
             f"{ours['audit']['border_only']:.4f} vs {study['audit']['border_only']:.4f}, Grad-CAM heat in the border band "
@@ -201,7 +226,9 @@ def render_card(m):
     rows = [_row(f"{m['recipe']} seed {r['seed']}", r) for r in m["per_seed"]]
     names = m["members"]["covid"]
     rows.append(_row(f"**shipped**: mean of {', '.join(names)}", ens["validation"]))
-    if m["study_recipe_seed0"]:
+    if m.get("study_recipe"):
+        rows += [_row(f"study's recipe, {study_name(r['name'])}", r) for r in m["study_recipe"]]
+    elif m["study_recipe_seed0"]:
         rows.append(_row("study's recipe, seed 0", m["study_recipe_seed0"]))
     hold = ens["holdout"]
     minutes = sum(m["fit_seconds"].values()) / 60
@@ -215,6 +242,12 @@ def render_card(m):
         f"    cxrkeras cascade {runs['infected']} {runs['covid']} --out exp-seeds/cascades/{m['cascade']} "
         f"--target-recall {m['target_recall']}\n"
         f"    cxrkeras evaluate exp-seeds/cascades/{m['cascade']} --data ../shared/cxr-dataset --split validation\n")
+    rebuild = "\n".join(f"    {line}" for line in m["rebuild"]) + "\n" if m.get("rebuild") else (
+        f"    python experiments/seeds.py --data ../shared/cxr-dataset --out exp-seeds --recipes {m['recipe']} "
+        f"--seeds {' '.join(map(str, m['seeds']))}\n"
+        f"    python experiments/seeds.py --data ../shared/cxr-dataset --out exp-seeds --recipes study --seeds 0\n"
+        f"{build}    python experiments/ship.py --runs exp-seeds --data ../shared/cxr-dataset --recipe {m['recipe']} "
+        f"--cascade {m['cascade']} --overwrite\n")
     return f"""# Model card: the shipped cxrkeras cascade (`saved_models/cascade`)
 
 A cascade of two binary classifiers for 150x150 grayscale chest X-rays: normal vs infected, then (for
@@ -263,13 +296,27 @@ infected {hold['stage_accuracy']['normal_vs_infected']:.4f}, covid vs non-covid
 - Covid vs non-covid is the weak stage; a covid call is a prompt for a test, not a diagnosis.
 - Inputs are resized to 150x150 grayscale; DICOM is read with its VOI LUT, colour images are converted.
 
-## Rebuild
+{levers_section(m)}## Rebuild
 On {m['machine']}: {timing}.
 
-    python experiments/seeds.py --data ../shared/cxr-dataset --out exp-seeds --recipes {m['recipe']} --seeds {' '.join(map(str, m['seeds']))}
-    python experiments/seeds.py --data ../shared/cxr-dataset --out exp-seeds --recipes study --seeds 0
-{build}    python experiments/ship.py --runs exp-seeds --data ../shared/cxr-dataset --recipe {m['recipe']} --cascade {m['cascade']} --overwrite
-"""
+{rebuild}"""
+
+
+def levers_section(m):
+    """The card's table of the levers over seeds (experiments/gpu_levers.py table), when the recipe came from it."""
+    if not m.get("levers"):
+        return ""
+    rows = [f"| {r['recipe']} | {r['seeds']} | {r['accuracy_mean']:.4f} ({r['accuracy_spread']:.4f}) | "
+            f"{r['covid_f1_mean']:.3f} | {r['ensemble_accuracy']:.4f} | {r['ensemble_covid_f1']:.3f} |"
+            for r in m["levers"]]
+    return ("## Levers (validation, over seeds)\n"
+            "Each recipe's cascades on the same validation split, thresholds picked on the holdout, computed from\n"
+            "the probabilities the fits wrote on the GPU machine (Pillow's JPEG decoding, which differs from\n"
+            "TensorFlow's by up to 3 grey levels: the tables above are `cxrkeras evaluate`'s). `long` is the resnet\n"
+            "recipe at three times its epochs; each `long-*` changes one thing of it.\n\n"
+            "| recipe | seeds | accuracy mean (spread) | covid F1 mean | ensemble accuracy | ensemble covid F1 |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
+
 
 
 def main(argv=None):

@@ -1,0 +1,542 @@
+"""The study's recipe and the resnet levers over three seeds on a GPU machine (Keras on JAX), timed.
+
+A GPU machine lent here has JAX but no TensorFlow (its wheels are too large to
+carry), so `cxrkeras fit` and its tf.data pipeline cannot run there. This
+script trains with cxrkeras' own pieces instead: `training.build_and_compile`
+(the model, the augmentation inside it, as `fit` places it on an accelerator,
+the optimizer, schedule and loss of the config), `ThroughputMeter`, the best
+epoch by the config's monitor; only the images come from memory (decoded by
+Pillow, which rounds JPEG's inverse DCT slightly differently from
+TensorFlow: up to 3 grey levels, so the final figures come from `cxrkeras
+evaluate` here, on TensorFlow's decoding). Three steps:
+
+    # here: copy train/ and val/ with the carve of experiments/seeds.py (holdout 10%, then validation 15%, seed 0)
+    python experiments/gpu_levers.py bundle --data ../shared/cxr-dataset --out .gpu
+    # on the GPU machine, carrying .gpu (not committed) and a keras wheel:
+    KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out $OUT --budget 480
+    # here: per recipe, a cascade per seed and the ensemble of its seeds (thresholds on the holdout), on validation
+    python experiments/gpu_levers.py table OUT        # or the committed run: experiments/results-h200-levers.json
+    # here: run folders of recipes' members, their cascades and validation evaluations (as seeds.py's)
+    python experiments/gpu_levers.py runs OUT --recipes long study --data ../shared/cxr-dataset --out exp-gpu
+
+`train` first times the study's two classifiers alone on the GPU (their full
+schedules, augmentation on, validation each epoch) against the bare model's
+step rate (no augmentation, no validation), then runs the recipes' fits
+several at a time, most important first, until --budget seconds have gone.
+Test is never read: the bundle holds train/ and val/ only.
+"""
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+CLASSES = ("normal", "non-covid", "covid")
+SPLITS = ("train", "validation", "holdout", "val")
+HOLDOUT = 0.1  # experiments/seeds.py's carve: the same validation and holdout as the shipped cascade
+LONG_EPOCHS = {"infected": 24, "covid": 42}  # three times the resnet recipe's (seeds.RESNET_EPOCHS)
+# Each lever is one change to the "long" recipe (the resnet recipe with LONG_EPOCHS), as dotted RunConfig fields.
+LEVERS = {
+    "long-no-erase": {"data.border_erase": 0.0},
+    "long-no-smoothing": {"train.label_smoothing": 0.0},
+    "long-balanced": {"train.class_weight": "balanced"},
+    "long-wide": {"model.filters": [48, 48, 96, 192]},
+    "long-deep": {"model.blocks": 2},
+    "long-study-aug": {"data.augmentation": "study"},
+    "long-ema": {"train.ema": True},
+}
+# What runs first when the budget can't hold everything: (recipes, seeds), seed by seed within a group.
+PRIORITY = [
+    (["resnet", "long", "study"], (0, 1, 2)),
+    (["long-no-erase", "long-balanced", "long-wide", "long-no-smoothing"], (0, 1, 2)),
+    (["long-deep", "long-study-aug", "long-ema"], (0, 1, 2)),
+]
+TASKS = ("infected", "covid")
+MEMBER_TAR_BYTES = 15 * 2**20  # what comes back from the machine: files of at most 16 MiB, 8 files
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def recipe_config(recipe, task):
+    """The RunConfig dict of `recipe` for `task`: seeds.py's "study" and "resnet", "long", or a lever on "long"."""
+    from seeds import recipes
+
+    base = recipes(HOLDOUT)
+    if recipe in base:
+        return json.loads(json.dumps(base[recipe][task]))
+    config = json.loads(json.dumps(base["resnet"][task]))
+    config["train"]["epochs"] = LONG_EPOCHS[task]
+    if recipe == "long":
+        return config
+    for dotted, value in LEVERS[recipe].items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    return config
+
+
+def jobs():
+    """[(recipe, task, seed)] in priority order (the study's seed 0 comes from the timing runs)."""
+    out = []
+    for recipes, seeds in PRIORITY:
+        for seed in seeds:
+            for recipe in recipes:
+                out += [(recipe, task, seed) for task in TASKS if (recipe, seed) != ("study", 0)]
+    return out
+
+
+def job_name(recipe, task, seed, precision="float32"):
+    return f"{recipe}-{task}-s{seed}" + ("" if precision == "float32" else "-bf16")
+
+
+# ---------------------------------------------------------------- here: the bundle
+
+
+def bundle(data, out):
+    """Copy train/ and val/ of `data` into OUT/data and write OUT/split.csv (relative path, class, split)."""
+    from cxrkeras.data import load_splits
+
+    splits = load_splits(data, 0.15, 0, HOLDOUT, 0)
+    rows = []
+    for split in SPLITS:
+        for s in splits.get(split):
+            rel = os.path.relpath(s.path, data)
+            os.makedirs(os.path.join(out, "data", os.path.dirname(rel)), exist_ok=True)
+            shutil.copyfile(s.path, os.path.join(out, "data", rel))
+            rows.append((rel, s.label, split))
+    with open(os.path.join(out, "split.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "split")] + rows)
+    print(f"{len(rows)} files into {out}: " + ", ".join(f"{sp} {sum(r[2] == sp for r in rows)}" for sp in SPLITS))
+
+
+def read_split(bundle_dir):
+    with open(os.path.join(bundle_dir, "split.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_bundle(bundle_dir, cache):
+    """{split: (uint8 images [N, 150, 150, 1], class ids [N])}, decoded once by Pillow and kept in `cache` (.npz)."""
+    if not os.path.exists(cache):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from PIL import Image
+
+        rows = read_split(bundle_dir)
+
+        def decode(row):
+            with Image.open(os.path.join(bundle_dir, "data", row["path"])) as image:
+                return np.asarray(image.convert("L"), dtype="uint8")[..., None]
+
+        with ThreadPoolExecutor(16) as pool:
+            images = np.stack(list(pool.map(decode, rows)))
+        split = np.array([r["split"] for r in rows])
+        labels = np.array([CLASSES.index(r["label"]) for r in rows], dtype="int32")
+        arrays = {}
+        for sp in SPLITS:
+            arrays[f"x_{sp}"], arrays[f"y_{sp}"] = images[split == sp], labels[split == sp]
+        np.savez(cache + ".tmp.npz", **arrays)
+        os.replace(cache + ".tmp.npz", cache)
+    with np.load(cache) as f:
+        return {sp: (f[f"x_{sp}"], f[f"y_{sp}"]) for sp in SPLITS}
+
+
+def task_xy(x, labels3, task):
+    """Images and labels of `task` (covid: infected images only), as `data.task_arrays` and `make_dataset` give."""
+    if task == "covid":
+        keep = labels3 != 0
+        x, labels3 = x[keep], labels3[keep]
+        y = (labels3 == 2).astype("float32")[:, None]
+    elif task == "infected":
+        y = (labels3 != 0).astype("float32")[:, None]
+    else:
+        y = labels3.astype("int32")
+    return x, y
+
+
+def as_float(x):
+    return x.astype("float32") / 255.0
+
+
+# ---------------------------------------------------------------- on the GPU: one fit
+
+
+def fit_one(bundle_dir, cache, recipe, task, seed, precision, work, bare_epochs=0, epochs=None):
+    """Train one classifier; write WORK/NAME.json (history, probabilities per split, timing) and WORK/NAME.keras."""
+    from cxrkeras import training
+    from cxrkeras.config import TASKS as TASK_CLASSES
+    from cxrkeras.config import RunConfig
+
+    name = job_name(recipe, task, seed, precision)
+    arrays = load_bundle(bundle_dir, cache)
+    x_train, y_train = task_xy(*arrays["train"], task)
+    x_val, y_val = task_xy(*arrays["validation"], task)
+    x_train, x_val = as_float(x_train), as_float(x_val)
+    cfg = RunConfig.from_dict(recipe_config(recipe, task))
+    cfg.train.seed, cfg.train.precision = seed, precision
+    cfg.train.epochs = epochs or cfg.train.epochs
+    batch = cfg.train.batch_size
+    steps = int(np.ceil(len(x_train) / batch))
+    start = time.perf_counter()
+    model, trained = training.build_and_compile(cfg, steps, augment_on="model")
+    meter = training.ThroughputMeter(len(x_train))
+    best = BestWeights(model, cfg.train.monitor)
+    class_weight = None
+    if cfg.train.class_weight == "balanced":
+        class_weight = training.balanced_class_weight(y_train.reshape(-1).astype("int32"), TASK_CLASSES[task])
+    history = trained.fit(
+        x_train, y_train, batch_size=batch, epochs=cfg.train.epochs, validation_data=(x_val, y_val),
+        validation_batch_size=256, shuffle=True, class_weight=class_weight, verbose=0,
+        callbacks=[meter, best] + training.schedule_callbacks(cfg),
+    )
+    fit_seconds = time.perf_counter() - start
+    model.set_weights(best.weights)
+    result = {
+        "name": name, "recipe": recipe, "task": task, "seed": seed, "precision": precision,
+        "config": cfg.to_dict(), "epochs": cfg.train.epochs, "best_epoch": best.epoch + 1,
+        "history": {k: [round(float(v), 5) for v in vs] for k, vs in history.history.items()},
+        "train_images": len(x_train), "fit_seconds": round(fit_seconds, 2),
+        "fit_images_per_s": round(len(x_train) * cfg.train.epochs / fit_seconds, 1),
+        "step_images_per_s": round(meter.images_per_second, 1),
+        "first_epoch_seconds": round(meter.epoch_seconds[0], 2),
+        "probabilities": {},
+        "device": device_name(),
+    }
+    for split in ("validation", "holdout", "val"):  # every image of the split: the cascade runs both stages on all
+        p = model.predict(as_float(arrays[split][0]), batch_size=256, verbose=0)
+        result["probabilities"][split] = np.round(np.asarray(p, dtype="float64"), 6).tolist()
+    if bare_epochs:
+        result["bare_images_per_s"] = bare_rate(cfg, x_train, y_train, bare_epochs)
+    if precision == "float32":
+        model.save(os.path.join(work, name + ".keras"), include_optimizer=False)
+    write_json(os.path.join(work, name + ".json"), result)
+    print(f"{name}: best epoch {result['best_epoch']}/{cfg.train.epochs}, {fit_seconds:.1f}s, "
+          f"fit {result['fit_images_per_s']:.0f} img/s, steps {result['step_images_per_s']:.0f} img/s"
+          + (f", bare {result['bare_images_per_s']:.0f} img/s" if bare_epochs else ""), flush=True)
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps the classifier's weights of the best epoch by `monitor` (what `fit`'s BestModelCheckpoint keeps)."""
+
+    def __init__(self, classifier, monitor):
+        super().__init__()
+        self.classifier, self.monitor = classifier, monitor
+        self.value, self.epoch, self.weights = None, -1, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        from cxrkeras.config import MONITORS
+
+        value = float(logs[self.monitor])
+        better = self.weights is None or (value < self.value if MONITORS[self.monitor] == "min" else value > self.value)
+        if better:
+            self.value, self.epoch, self.weights = value, epoch, self.classifier.get_weights()
+
+
+def bare_rate(cfg, x, y, epochs):
+    """Images/s of the classifier alone (no augmentation, no validation), same compile: the step rate to compare."""
+    from cxrkeras import training
+
+    steps = int(np.ceil(len(x) / cfg.train.batch_size))
+    model, _ = training.build_and_compile(cfg, steps, augment_on="data")  # no augmenter attached: the bare model
+    meter = training.ThroughputMeter(len(x))
+    model.fit(x, y, batch_size=cfg.train.batch_size, epochs=epochs, shuffle=True, verbose=0, callbacks=[meter])
+    return round(meter.images_per_second, 1)
+
+
+def device_name():
+    """The accelerator the fit ran on, and Keras' backend and versions."""
+    import importlib
+
+    backend = keras.backend.backend()
+    devices = keras.distribution.list_devices()
+    kind = devices[0]
+    if backend == "jax":
+        import jax
+
+        kind = jax.devices()[0].device_kind
+    version = importlib.import_module(backend).__version__
+    return f"{kind} (Keras {keras.__version__} on {backend} {version})"
+
+
+def write_json(path, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------- on the GPU: the plan
+
+
+def train(args):
+    """Timing runs alone, then the jobs `args.workers` at a time until the budget; results and members into OUT."""
+    start = time.perf_counter()
+    work = os.path.join(args.work, "runs")
+    os.makedirs(work, exist_ok=True)
+    cache = os.path.join(args.work, "images.npz")
+    load_bundle(args.bundle, cache)
+    print(f"images decoded in {time.perf_counter() - start:.1f}s", flush=True)
+    base = [sys.executable, os.path.abspath(__file__), "one", "--bundle", args.bundle, "--cache", cache, "--work", work]
+    base += ["--epochs", str(args.epochs)] if args.epochs else []
+    timing = [("study", task, 0, "float32") for task in TASKS]
+    timing += [("study", task, 0, "mixed_bfloat16") for task in TASKS] if args.bf16 else []
+    for recipe, task, seed, precision in timing:  # alone on the GPU, so their rates are the machine's
+        subprocess.run(base + [recipe, task, str(seed), "--precision", precision, "--bare-epochs", "3"], check=False)
+    queue, running = [(r, t, s) for r, t, s in jobs() if not args.only or r in args.only], []
+    deadline = start + args.budget
+    while queue or running:
+        running = [p for p in running if p.poll() is None]
+        if time.perf_counter() > deadline:
+            for p in running:
+                p.kill()
+            print(f"budget spent: {len(running)} fit(s) stopped, {len(queue)} not started", flush=True)
+            break
+        while queue and len(running) < args.workers:
+            recipe, task, seed = queue.pop(0)
+            running.append(subprocess.Popen(base + [recipe, task, str(seed)]))
+        time.sleep(0.5)
+    collect(work, args.out)
+    print(f"done in {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def collect(work, out):
+    """OUT/results.json (every finished fit) and OUT/members-K.tar (their .keras files, priority order, 15 MiB each)."""
+    results = []
+    for name in sorted(os.listdir(work)):
+        if name.endswith(".json"):
+            with open(os.path.join(work, name)) as f:
+                results.append(json.load(f))
+    write_json(os.path.join(out, "results.json"), results)
+    order = {job_name(*j): i for i, j in enumerate(jobs())}
+    members = sorted((n for n in os.listdir(work) if n.endswith(".keras")), key=lambda n: order.get(n[:-6], -1))
+    part, size, tar = 0, 0, None
+    for name in members:
+        path = os.path.join(work, name)
+        if tar is None or size + os.path.getsize(path) > MEMBER_TAR_BYTES:
+            if tar is not None:
+                tar.close()
+            if part == 4:
+                print(f"not brought back (64 MiB at most): {members[members.index(name):]}")
+                return
+            part, size = part + 1, 0
+            tar = tarfile.open(os.path.join(out, f"members-{part}.tar"), "w")
+        tar.add(path, arcname=name)
+        size += os.path.getsize(path)
+    if tar is not None:
+        tar.close()
+
+
+# ---------------------------------------------------------------- here: the table and the run folders
+
+
+def load_results(path):
+    """{(recipe, task, seed): result} of the float32 fits in PATH/results.json (or the file PATH)."""
+    with open(path if path.endswith(".json") else os.path.join(path, "results.json")) as f:
+        results = json.load(f)
+    return {(r["recipe"], r["task"], r["seed"]): r for r in results if r["precision"] == "float32"}
+
+
+def labels_of(bundle_dir):
+    rows = read_split(bundle_dir)
+    return {sp: np.array([CLASSES.index(r["label"]) for r in rows if r["split"] == sp]) for sp in SPLITS}
+
+
+def cascade_scores(p_infected, p_covid, labels, target_recall=0.5):
+    """Thresholds picked on the holdout (covid recall >= target, most accurate), scored on validation."""
+    from sklearn.metrics import f1_score
+
+    from cxrkeras.thresholds import choose_thresholds
+
+    pick = choose_thresholds(p_infected["holdout"], p_covid["holdout"], labels["holdout"], {"covid": target_recall})
+    ti, tc = pick["t_infected"], pick["t_covid"]
+    pi, pc = (np.asarray(p["validation"]).reshape(-1) for p in (p_infected, p_covid))
+    pred = np.where(pi <= ti, 0, np.where(pc > tc, 2, 1))
+    y = labels["validation"]
+    f1 = f1_score(y, pred, labels=[0, 1, 2], average=None)
+    return {"accuracy": float(np.mean(pred == y)), "f1": [round(float(v), 4) for v in f1],
+            "t_infected": ti, "t_covid": tc, "n": int(len(y))}
+
+
+def table(results_dir, bundle_dir):
+    """{recipe: {"seeds": {seed: scores}, "ensemble": scores}} for every recipe with both stages of some seed."""
+    results, labels = load_results(results_dir), labels_of(bundle_dir)
+    out = {}
+    for recipe in sorted({r for r, _, _ in results}):
+        seeds = sorted(s for r, t, s in results if r == recipe and t == "infected" and (r, "covid", s) in results)
+        if not seeds:
+            continue
+        probs = {s: {t: results[(recipe, t, s)]["probabilities"] for t in TASKS} for s in seeds}
+        row = {"seeds": {s: cascade_scores(probs[s]["infected"], probs[s]["covid"], labels) for s in seeds}}
+        mean = {t: {sp: np.mean([np.asarray(probs[s][t][sp]) for s in seeds], axis=0) for sp in ("validation", "holdout")}
+                for t in TASKS}
+        row["ensemble"] = cascade_scores(mean["infected"], mean["covid"], labels)
+        row["best_epochs"] = {t: [results[(recipe, t, s)]["best_epoch"] for s in seeds] for t in TASKS}
+        row["fit_seconds"] = sum(results[(recipe, t, s)]["fit_seconds"] for s in seeds for t in TASKS)
+        out[recipe] = row
+    return out
+
+
+def lever_rows(rows):
+    """One summary per recipe (what ship.py's model card shows): mean and spread over seeds, the ensemble."""
+    out = []
+    for recipe, row in rows.items():
+        accs = [v["accuracy"] for v in row["seeds"].values()]
+        out.append({
+            "recipe": recipe, "seeds": len(accs), "accuracy_per_seed": [round(a, 4) for a in accs],
+            "accuracy_mean": round(float(np.mean(accs)), 4), "accuracy_spread": round(max(accs) - min(accs), 4),
+            "covid_f1_mean": round(float(np.mean([v["f1"][2] for v in row["seeds"].values()])), 4),
+            "ensemble_accuracy": round(row["ensemble"]["accuracy"], 4), "ensemble_f1": row["ensemble"]["f1"],
+            "ensemble_covid_f1": row["ensemble"]["f1"][2], "best_epochs": row["best_epochs"],
+        })
+    return out
+
+
+def print_table(rows):
+    print("| recipe | seeds | accuracy per seed | mean (spread) | covid F1 mean | ensemble accuracy | ensemble F1 "
+          "normal / non-covid / covid | best epochs infected; covid |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in lever_rows(rows):
+        print(f"| {r['recipe']} | {r['seeds']} | {' / '.join(f'{a:.4f}' for a in r['accuracy_per_seed'])} | "
+              f"{r['accuracy_mean']:.4f} ({r['accuracy_spread']:.4f}) | {r['covid_f1_mean']:.3f} | "
+              f"{r['ensemble_accuracy']:.4f} | {' / '.join(f'{v:.3f}' for v in r['ensemble_f1'])} | "
+              f"{r['best_epochs']['infected']}; {r['best_epochs']['covid']} |")
+
+
+def write_provenance(args):
+    """OUT/provenance.json, read by ship.py: where the fits ran, the commands that rebuild them, the lever table."""
+    shipped = args.recipes[0]  # the first recipe named is the one ship.py ships
+    rebuild = [
+        "python experiments/gpu_levers.py bundle --data ../shared/cxr-dataset --out .gpu",
+        "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out --bf16  # GPU machine",
+        f"python experiments/gpu_levers.py runs gpu-out --recipes {' '.join(args.recipes)} "
+        f"--data ../shared/cxr-dataset --out exp-gpu --machine '{args.machine}'",
+        f"python experiments/ship.py --runs exp-gpu --data ../shared/cxr-dataset --recipe {shipped} "
+        f"--cascade {shipped}-ensemble --overwrite",
+    ]
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "provenance.json"), {
+        "machine": args.machine, "rebuild": rebuild, "levers": lever_rows(table(args.results, args.bundle)),
+    })
+
+
+def runs(args):
+    """Run folders of `args.recipes`' members, then seeds.py's cascades and validation evaluations of them.
+
+    OUT/TASK/RECIPE-sSEED/{model.keras, config.json} is what `cxrkeras cascade`
+    and ship.py read from a fit's run; OUT/timing.json holds the fits' seconds
+    (on the GPU machine), OUT/configs/RECIPE-TASK.json the configs; then, per
+    seed and for the ensemble of the seeds, `cxrkeras cascade` (thresholds on
+    the holdout) and `cxrkeras evaluate --split validation` (TensorFlow's
+    decoding, the shortcut audit) under OUT/cascades, as experiments/seeds.py does.
+    """
+    from seeds import cascade_and_evaluate, cxrkeras
+
+    from cxrkeras.config import RunConfig
+    from cxrkeras.training import load_task_data
+
+    write_provenance(args)
+    results = load_results(args.results)
+    members_dir = os.path.join(args.out, "members")
+    for tar_name in sorted(n for n in os.listdir(args.results) if n.startswith("members-")):
+        with tarfile.open(os.path.join(args.results, tar_name)) as tar:
+            tar.extractall(members_dir, filter="data")
+    timing, seeds = {}, {}
+    for (recipe, task, seed), result in sorted(results.items()):
+        member = os.path.join(members_dir, job_name(recipe, task, seed) + ".keras")
+        if recipe not in args.recipes or not os.path.exists(member):
+            continue
+        run_dir = os.path.join(args.out, task, f"{recipe}-s{seed}")
+        os.makedirs(run_dir, exist_ok=True)
+        shutil.copyfile(member, os.path.join(run_dir, "model.keras"))
+        cfg = RunConfig.from_dict(result["config"])
+        cfg.data.data_dir = os.path.abspath(args.data)
+        cfg.fingerprint = load_task_data(cfg).fingerprint
+        cfg.save(os.path.join(run_dir, "config.json"))
+        os.makedirs(os.path.join(args.out, "configs"), exist_ok=True)
+        cfg.save(os.path.join(args.out, "configs", f"{recipe}-{task}.json"))
+        timing[f"{task}/{recipe}-s{seed}"] = result["fit_seconds"]
+        seeds.setdefault(recipe, set()).add((task, seed))
+    write_json(os.path.join(args.out, "timing.json"), timing)
+    for recipe in args.recipes:
+        done = sorted(s for t, s in seeds.get(recipe, ()) if ("infected", s) in seeds[recipe] and t == "covid")
+        for seed in done:
+            cascade_and_evaluate(cxrkeras(), args, f"{recipe}-s{seed}", [f"{recipe}-s{seed}"])
+        if len(done) > 1:
+            cascade_and_evaluate(cxrkeras(), args, f"{recipe}-ensemble", [f"{recipe}-s{s}" for s in done])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("bundle", help="Copy the data and write the carve (here).")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default=".gpu")
+    p = sub.add_parser("train", help="Timing runs, then the recipes' fits (on the GPU machine).")
+    p.add_argument("--bundle", default=".gpu")
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", default="/tmp/gpu-levers")
+    p.add_argument("--budget", type=float, default=480, help="Seconds after which no fit runs on.")
+    p.add_argument("--workers", type=int, default=6, help="Fits at a time, each its own process.")
+    p.add_argument("--bf16", action="store_true", help="Also time the study's classifiers in mixed_bfloat16.")
+    p.add_argument("--only", nargs="+", help="Only these recipes (tries).")
+    p.add_argument("--epochs", type=int, help="Override every schedule's epochs (tries).")
+    p = sub.add_parser("one", help="One fit (train runs these).")
+    p.add_argument("recipe")
+    p.add_argument("task")
+    p.add_argument("seed", type=int)
+    p.add_argument("--precision", default="float32")
+    p.add_argument("--bare-epochs", type=int, default=0)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--work", required=True)
+    p = sub.add_parser("table", help="The validation table of what train brought back (here).")
+    p.add_argument("results")
+    p.add_argument("--bundle", default=".gpu")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("runs", help="Run folders of recipes' members, their cascades and evaluations (here).")
+    p.add_argument("results")
+    p.add_argument("--recipes", nargs="+", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--target-recall", default="covid=0.5", help="The cascades' operating point, on the holdout.")
+    p.add_argument("--dry-run", action="store_true", help="Print the cascade and evaluate commands only.")
+    p.add_argument("--bundle", default=".gpu", help="The bundle train read (its carve labels the probabilities).")
+    p.add_argument("--machine", default="a GPU machine", help="Where train ran, for the model card.")
+    args = parser.parse_args(argv)
+    if args.command == "bundle":
+        bundle(args.data, args.out)
+    elif args.command == "train":
+        os.makedirs(args.out, exist_ok=True)
+        train(args)
+    elif args.command == "one":
+        enable_compile_cache(args.work)
+        fit_one(args.bundle, args.cache, args.recipe, args.task, args.seed, args.precision, args.work,
+                args.bare_epochs, args.epochs)
+    elif args.command == "table":
+        rows = table(args.results, args.bundle)
+        print(json.dumps(rows, indent=1)) if args.json else print_table(rows)
+    else:
+        runs(args)
+
+
+def enable_compile_cache(work):
+    """JAX's persistent compilation cache, shared by the fit processes: seeds of one recipe compile once."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(work), "jax-cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+if __name__ == "__main__":
+    main()
