@@ -15,7 +15,7 @@ evaluate` here, on TensorFlow's decoding). Three steps:
     # on the GPU machine, carrying .gpu (not committed) and a keras wheel:
     KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out $OUT --budget 480
     # here: per recipe, a cascade per seed and the ensemble of its seeds (thresholds on the holdout), on validation
-    python experiments/gpu_levers.py table OUT        # or the committed run: experiments/results-h200-levers.json
+    python experiments/gpu_levers.py table OUT [OUT2]   # or the committed runs: experiments/results-h200-levers.json
     # here: run folders of recipes' members, their cascades and validation evaluations (as seeds.py's)
     python experiments/gpu_levers.py runs OUT --recipes long study --data ../shared/cxr-dataset --out exp-gpu
 
@@ -63,6 +63,10 @@ PRIORITY = [
     (["long-deep", "long-study-aug", "long-ema"], (0, 1, 2)),
 ]
 TASKS = ("infected", "covid")
+# The second run on the H200 (--extra): the single three-class CNNs (the study's comparison) and the lever
+# seeds that the first run's budget left out.
+EXTRA_JOBS = [f"{r}:three-class:{s}" for s in (0, 1, 2) for r in ("study", "long")] + [
+    f"{r}:{t}:{s}" for s in (1, 2) for r in ("long-deep", "long-study-aug", "long-ema") for t in TASKS]
 MEMBER_TAR_BYTES = 15 * 2**20  # what comes back from the machine: files of at most 16 MiB, 8 files
 
 
@@ -73,6 +77,16 @@ def recipe_config(recipe, task):
     """The RunConfig dict of `recipe` for `task`: seeds.py's "study" and "resnet", "long", or a lever on "long"."""
     from seeds import recipes
 
+    if task == "three-class":  # the study's single three-class CNN, or a recipe's trunk with three outputs
+        from cxrkeras.config import RunConfig, study_model_config, study_train_config
+
+        if recipe == "study":
+            config = RunConfig(model=study_model_config(task), train=study_train_config(task)).to_dict()
+            config["data"]["holdout_fraction"] = HOLDOUT
+            return config
+        config = recipe_config(recipe, "covid")
+        config["model"]["task"] = task
+        return config
     base = recipes(HOLDOUT)
     if recipe in base:
         return json.loads(json.dumps(base[recipe][task]))
@@ -287,11 +301,13 @@ def train(args):
     print(f"images decoded in {time.perf_counter() - start:.1f}s", flush=True)
     base = [sys.executable, os.path.abspath(__file__), "one", "--bundle", args.bundle, "--cache", cache, "--work", work]
     base += ["--epochs", str(args.epochs)] if args.epochs else []
-    timing = [("study", task, 0, "float32") for task in TASKS]
+    timing = [] if args.no_timing else [("study", task, 0, "float32") for task in TASKS]
     timing += [("study", task, 0, "mixed_bfloat16") for task in TASKS] if args.bf16 else []
     for recipe, task, seed, precision in timing:  # alone on the GPU, so their rates are the machine's
         subprocess.run(base + [recipe, task, str(seed), "--precision", precision, "--bare-epochs", "3"], check=False)
-    queue, running = [(r, t, s) for r, t, s in jobs() if not args.only or r in args.only], []
+    explicit = EXTRA_JOBS if args.extra else args.jobs
+    queue = [tuple(j.split(":")[:2]) + (int(j.split(":")[2]),) for j in explicit] if explicit else jobs()
+    queue, running = [(r, t, s) for r, t, s in queue if not args.only or r in args.only], []
     deadline = start + args.budget
     while queue or running:
         running = [p for p in running if p.poll() is None]
@@ -338,10 +354,12 @@ def collect(work, out):
 # ---------------------------------------------------------------- here: the table and the run folders
 
 
-def load_results(path):
-    """{(recipe, task, seed): result} of the float32 fits in PATH/results.json (or the file PATH)."""
-    with open(path if path.endswith(".json") else os.path.join(path, "results.json")) as f:
-        results = json.load(f)
+def load_results(paths):
+    """{(recipe, task, seed): result} of the float32 fits in each PATH/results.json (or the file PATH)."""
+    results = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        with open(path if path.endswith(".json") else os.path.join(path, "results.json")) as f:
+            results += json.load(f)
     return {(r["recipe"], r["task"], r["seed"]): r for r in results if r["precision"] == "float32"}
 
 
@@ -385,6 +403,23 @@ def table(results_dir, bundle_dir):
     return out
 
 
+def three_class_rows(results, labels):
+    """{recipe: {"seeds": {seed: accuracy}, "ensemble": accuracy, "f1": [...]}}: single three-class CNNs on validation."""
+    from sklearn.metrics import f1_score
+
+    out, y = {}, labels["validation"]
+    for recipe in sorted({r for r, t, _ in results if t == "three-class"}):
+        probs = {s: np.asarray(results[(r, t, s)]["probabilities"]["validation"])
+                 for r, t, s in results if r == recipe and t == "three-class"}
+        mean = np.mean(list(probs.values()), axis=0).argmax(axis=1)
+        out[recipe] = {
+            "seeds": {s: round(float(np.mean(p.argmax(axis=1) == y)), 4) for s, p in sorted(probs.items())},
+            "ensemble": round(float(np.mean(mean == y)), 4),
+            "ensemble_f1": [round(float(v), 4) for v in f1_score(y, mean, labels=[0, 1, 2], average=None)],
+        }
+    return out
+
+
 def lever_rows(rows):
     """One summary per recipe (what ship.py's model card shows): mean and spread over seeds, the ensemble."""
     out = []
@@ -417,7 +452,8 @@ def write_provenance(args):
     rebuild = [
         "python experiments/gpu_levers.py bundle --data ../shared/cxr-dataset --out .gpu",
         "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out --bf16  # GPU machine",
-        f"python experiments/gpu_levers.py runs gpu-out --recipes {' '.join(args.recipes)} "
+        "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out2 --no-timing --extra",
+        f"python experiments/gpu_levers.py runs gpu-out gpu-out2 --recipes {' '.join(args.recipes)} "
         f"--data ../shared/cxr-dataset --out exp-gpu --machine '{args.machine}'",
         f"python experiments/ship.py --runs exp-gpu --data ../shared/cxr-dataset --recipe {shipped} "
         f"--cascade {shipped}-ensemble --overwrite",
@@ -425,6 +461,7 @@ def write_provenance(args):
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "provenance.json"), {
         "machine": args.machine, "rebuild": rebuild, "levers": lever_rows(table(args.results, args.bundle)),
+        "three_class": three_class_rows(load_results(args.results), labels_of(args.bundle)),
     })
 
 
@@ -446,9 +483,10 @@ def runs(args):
     write_provenance(args)
     results = load_results(args.results)
     members_dir = os.path.join(args.out, "members")
-    for tar_name in sorted(n for n in os.listdir(args.results) if n.startswith("members-")):
-        with tarfile.open(os.path.join(args.results, tar_name)) as tar:
-            tar.extractall(members_dir, filter="data")
+    for folder in args.results:
+        for tar_name in sorted(n for n in os.listdir(folder) if n.startswith("members-")):
+            with tarfile.open(os.path.join(folder, tar_name)) as tar:
+                tar.extractall(members_dir, filter="data")
     timing, seeds = {}, {}
     for (recipe, task, seed), result in sorted(results.items()):
         member = os.path.join(members_dir, job_name(recipe, task, seed) + ".keras")
@@ -489,6 +527,9 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="Also time the study's classifiers in mixed_bfloat16.")
     p.add_argument("--only", nargs="+", help="Only these recipes (tries).")
     p.add_argument("--epochs", type=int, help="Override every schedule's epochs (tries).")
+    p.add_argument("--jobs", nargs="+", help="RECIPE:TASK:SEED fits to run instead of the plan (task three-class too).")
+    p.add_argument("--extra", action="store_true", help="Run EXTRA_JOBS (the three-class CNNs, the last seeds).")
+    p.add_argument("--no-timing", action="store_true", help="Skip the timing runs of the study's classifiers.")
     p = sub.add_parser("one", help="One fit (train runs these).")
     p.add_argument("recipe")
     p.add_argument("task")
@@ -500,11 +541,11 @@ def main(argv=None):
     p.add_argument("--cache", required=True)
     p.add_argument("--work", required=True)
     p = sub.add_parser("table", help="The validation table of what train brought back (here).")
-    p.add_argument("results")
+    p.add_argument("results", nargs="+", help="train's --out folders (or results.json files).")
     p.add_argument("--bundle", default=".gpu")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("runs", help="Run folders of recipes' members, their cascades and evaluations (here).")
-    p.add_argument("results")
+    p.add_argument("results", nargs="+", help="train's --out folders (or results.json files).")
     p.add_argument("--recipes", nargs="+", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
@@ -524,7 +565,15 @@ def main(argv=None):
                 args.bare_epochs, args.epochs)
     elif args.command == "table":
         rows = table(args.results, args.bundle)
-        print(json.dumps(rows, indent=1)) if args.json else print_table(rows)
+        three = three_class_rows(load_results(args.results), labels_of(args.bundle))
+        if args.json:
+            print(json.dumps({"cascades": rows, "three_class": three}, indent=1))
+        else:
+            print_table(rows)
+            for recipe, row in three.items():
+                accs = list(row["seeds"].values())
+                print(f"three-class {recipe}: accuracy per seed {accs}, mean {np.mean(accs):.4f} "
+                      f"(spread {max(accs) - min(accs):.4f}), ensemble {row['ensemble']:.4f}, F1 {row['ensemble_f1']}")
     else:
         runs(args)
 

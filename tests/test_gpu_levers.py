@@ -94,3 +94,21 @@ def test_best_weights_keeps_the_epoch_with_the_best_monitored_value():
     for epoch, accuracy in enumerate([0.5, 0.7, 0.6]):
         best.on_epoch_end(epoch, {"val_accuracy": accuracy})
     assert best.epoch == 1
+
+
+def test_three_class_recipes_and_their_scores():
+    study = levers.recipe_config("study", "three-class")
+    assert study["model"]["task"] == "three-class" and study["model"]["arch"] == "residual"
+    assert study["train"]["epochs"] == 35 and study["data"]["holdout_fraction"] == levers.HOLDOUT
+    long, covid = flat(levers.recipe_config("long", "three-class")), flat(levers.recipe_config("long", "covid"))
+    assert {k for k in long if long[k] != covid[k]} == {"model.task"}
+    assert all(levers.recipe_config(*job.split(":")[:2]) for job in levers.EXTRA_JOBS)
+
+    labels = {"validation": np.array([0, 1, 2, 2])}
+    p0 = [[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.1, 0.6, 0.3]]  # 3 of 4 right
+    p1 = [[0.2, 0.7, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.1, 0.2, 0.7]]  # 3 of 4 right
+    results = {("study", "three-class", s): {"probabilities": {"validation": p}} for s, p in enumerate([p0, p1])}
+    results[("study", "infected", 0)] = {"probabilities": {}}  # other tasks are not three-class rows
+    rows = levers.three_class_rows(results, labels)
+    assert list(rows) == ["study"] and rows["study"]["seeds"] == {0: 0.75, 1: 0.75}
+    assert rows["study"]["ensemble"] == 1.0  # the mean of the two gets all four right
