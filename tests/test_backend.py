@@ -79,7 +79,6 @@ def tiny_config(path, data_dir):
     return str(path)
 
 
-@pytest.mark.slow  # pip install -e '.[jax]'; pytest -m slow tests/test_backend.py
 def test_a_fit_under_jax_evaluates_exports_and_predicts_the_same_under_tensorflow(tmp_path):
     """fit, evaluate and export with KERAS_BACKEND=jax (JAX's CPU build); ~45 s of CPU here."""
     pytest.importorskip("jax")
