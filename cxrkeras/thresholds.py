@@ -213,7 +213,7 @@ def choose_thresholds(infected_probs, covid_probs, labels3, target, grid=None):
     ti, tc = np.meshgrid(grid, grid, indexing="ij")
     ti, tc = ti.reshape(-1), tc.reshape(-1)
     # decisions [pairs, N] by the study's rule
-    pred = np.where(p_i[None] <= ti[:, None], 0, np.where(p_c[None] > tc[:, None], 2, 1))
+    pred = cascade_lib.cascade_decisions(p_i[None], p_c[None], ti[:, None], tc[:, None])
     is_k, said_k = labels[None] == k, pred == k
     fn = np.sum(is_k & ~said_k, axis=1)
     fp = np.sum(~is_k & said_k, axis=1)

@@ -200,7 +200,7 @@ def fit_one(bundle_dir, cache, recipe, task, seed, precision, work, bare_epochs=
     cfg.train.seed, cfg.train.precision = seed, precision
     cfg.train.epochs = epochs or cfg.train.epochs
     batch = cfg.train.batch_size
-    steps = int(np.ceil(len(x_train) / batch))
+    steps = training.steps_per_epoch(cfg, len(x_train))
     start = time.perf_counter()
     model, trained = training.build_and_compile(cfg, steps, augment_on="model")
     meter = training.ThroughputMeter(len(x_train))
@@ -260,7 +260,7 @@ def bare_rate(cfg, x, y, epochs):
     """Images/s of the classifier alone (no augmentation, no validation), same compile: the step rate to compare."""
     from cxrkeras import training
 
-    steps = int(np.ceil(len(x) / cfg.train.batch_size))
+    steps = training.steps_per_epoch(cfg, len(x))
     model, _ = training.build_and_compile(cfg, steps, augment_on="data")  # no augmenter attached: the bare model
     meter = training.ThroughputMeter(len(x))
     model.fit(x, y, batch_size=cfg.train.batch_size, epochs=epochs, shuffle=True, verbose=0, callbacks=[meter])
@@ -372,21 +372,21 @@ def cascade_scores(p_infected, p_covid, labels, target_recall=0.5):
     """Thresholds picked on the holdout (covid recall >= target, most accurate), scored on validation."""
     from sklearn.metrics import f1_score
 
+    from cxrkeras.models.cascade import cascade_decisions
     from cxrkeras.thresholds import choose_thresholds
 
     pick = choose_thresholds(p_infected["holdout"], p_covid["holdout"], labels["holdout"], {"covid": target_recall})
     ti, tc = pick["t_infected"], pick["t_covid"]
     pi, pc = (np.asarray(p["validation"]).reshape(-1) for p in (p_infected, p_covid))
-    pred = np.where(pi <= ti, 0, np.where(pc > tc, 2, 1))
+    pred = cascade_decisions(pi, pc, ti, tc)
     y = labels["validation"]
     f1 = f1_score(y, pred, labels=[0, 1, 2], average=None)
     return {"accuracy": float(np.mean(pred == y)), "f1": [round(float(v), 4) for v in f1],
             "t_infected": ti, "t_covid": tc, "n": int(len(y))}
 
 
-def table(results_dir, bundle_dir):
+def table(results, labels):
     """{recipe: {"seeds": {seed: scores}, "ensemble": scores}} for every recipe with both stages of some seed."""
-    results, labels = load_results(results_dir), labels_of(bundle_dir)
     out = {}
     for recipe in sorted({r for r, _, _ in results}):
         seeds = sorted(s for r, t, s in results if r == recipe and t == "infected" and (r, "covid", s) in results)
@@ -449,6 +449,7 @@ def print_table(rows):
 def write_provenance(args):
     """OUT/provenance.json, read by ship.py: where the fits ran, the commands that rebuild them, the lever table."""
     shipped = args.recipes[0]  # the first recipe named is the one ship.py ships
+    results, labels = load_results(args.results), labels_of(args.bundle)
     rebuild = [
         "python experiments/gpu_levers.py bundle --data ../shared/cxr-dataset --out .gpu",
         "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out --bf16  # GPU machine",
@@ -460,8 +461,8 @@ def write_provenance(args):
     ]
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "provenance.json"), {
-        "machine": args.machine, "rebuild": rebuild, "levers": lever_rows(table(args.results, args.bundle)),
-        "three_class": three_class_rows(load_results(args.results), labels_of(args.bundle)),
+        "machine": args.machine, "rebuild": rebuild, "levers": lever_rows(table(results, labels)),
+        "three_class": three_class_rows(results, labels),
     })
 
 
@@ -564,8 +565,8 @@ def main(argv=None):
         fit_one(args.bundle, args.cache, args.recipe, args.task, args.seed, args.precision, args.work,
                 args.bare_epochs, args.epochs)
     elif args.command == "table":
-        rows = table(args.results, args.bundle)
-        three = three_class_rows(load_results(args.results), labels_of(args.bundle))
+        results, labels = load_results(args.results), labels_of(args.bundle)
+        rows, three = table(results, labels), three_class_rows(results, labels)
         if args.json:
             print(json.dumps({"cascades": rows, "three_class": three}, indent=1))
         else:

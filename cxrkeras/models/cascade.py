@@ -190,6 +190,14 @@ def predict_probabilities(model, images, batch_size=64):
     return predict(model, images, batch_size)[0]
 
 
+def cascade_decisions(p_infected, p_covid, t_infected, t_covid):
+    """Class ids by the study's rule: normal unless p_infected > t_infected, then covid if p_covid > t_covid.
+
+    Plain numpy, broadcasting: thresholds may be arrays (a grid of pairs, see thresholds.choose_thresholds).
+    """
+    return np.where(p_infected <= t_infected, 0, np.where(p_covid > t_covid, 2, 1))
+
+
 def predict_classes(model, probabilities):
     """Class ids [N] from `predict_probabilities` output, honouring a cascade's thresholds.
 
@@ -202,7 +210,7 @@ def predict_classes(model, probabilities):
         t_infected, t_covid = cascade_thresholds(model)
         p_i = probabilities[:, 1] + probabilities[:, 2]
         p_c = np.divide(probabilities[:, 2], p_i, out=np.zeros_like(p_i), where=p_i > 0)
-        return np.where(p_i <= t_infected, 0, np.where(p_c > t_covid, 2, 1)).astype("int64")
+        return cascade_decisions(p_i, p_c, t_infected, t_covid).astype("int64")
     if kind == "binary":
         return (probabilities[:, 1] > 0.5).astype("int64")
     return np.argmax(probabilities, axis=-1).astype("int64")
