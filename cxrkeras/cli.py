@@ -893,23 +893,28 @@ def _echo_tune(result, as_json):
 @click.option("--data", "data_path", required=True, type=click.Path(), help="Dataset folder (the study's layout).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="The report folder, e.g. reports/NAME.")
 @click.option("--quick", is_flag=True, help="The same plan with 1-epoch trainings and 2 values per study, for a look.")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Stop every training after this many epochs (default: the study's 35 / 25 / 35).")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Share of each train class used (a seeded subset).")
-def report(data_path, out_dir, quick, fraction):
+def report(data_path, out_dir, quick, epochs, fraction):
     """Run the study's whole plan and write OUT/README.md with every figure and table in the study's order.
 
     Stages: data summary, augmentation preview, the infected, covid and
     three-class fits, the cascade evaluated with the three-class classifier on
     the validation split carved from train (test is never read), and the
-    one-factor studies. A stage already finished in OUT with the same settings
-    is reused, so an interrupted report resumes with the same command.
+    one-factor studies. A line per stage and per training epoch says where it
+    is and about how long the plan has left. A stage already finished in OUT
+    with the same settings is reused, so an interrupted report resumes with
+    the same command. The study's full plan is many CPU-hours (its timing
+    section shows each epoch's cost): `--epochs 2` or `--quick` for a look.
     """
     from cxrkeras import evaluation, training, tuning
     from cxrkeras import report as report_lib
 
     source = _dataset_source(data_path)
     try:
-        report_lib.report(source, out_dir, quick, fraction, log=click.echo)
+        report_lib.report(source, out_dir, quick, fraction, log=click.echo, epochs=epochs)
     except KeyboardInterrupt:
         click.echo("\nInterrupted. Finished stages are kept; the same command resumes the report.", err=True)
         raise SystemExit(130)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from cxrkeras import data as data_lib
 from cxrkeras.config import CLASSES
 from cxrkeras.files import read_json, write_json_atomic, write_text_atomic
+from cxrkeras.runs import duration
 
 
 def subset_manifest(source, fraction, path, seed=0):
@@ -55,14 +56,23 @@ QUICK_NOTE = ("**--quick**: one epoch per training and the first two values of e
 ONE_FACTOR_STUDIES = ("augmentation", "learning-rate", "optimizer", "batch-size", "weight-decay", "depth")
 STAGE_FILE = "stage.json"  # a finished stage's settings: the same settings reuse the stage
 TIMINGS_FILE = "timings.json"  # {stage: seconds} of the run that made each stage
+COVID_TARGETS = (0.8, 0.9, 0.95)  # covid recalls of the operating-point table
+
+
+def epochs_note(epochs):
+    return (f"**--epochs {epochs}**: every training stops after {epochs} epoch(s) (the study's schedules: "
+            "infected 35, covid 25, three-class 35): this shows the plan on this data, not the study's results.")
 
 
 @dataclass
 class Stage:
     name: str  # its folder in the report
     title: str
-    run: object  # callable(folder) -> None
+    run: object  # callable(folder, callbacks, log) -> None; callbacks join every training's fit
     settings: dict  # what makes its output; a different value reruns it
+    task: str = ""  # the task it trains, for a training stage
+    epochs: int = 0  # epochs it trains in all (a study: trials x epochs)
+    full_epochs: int = 0  # the same at the study's schedules
 
 
 @dataclass
@@ -70,50 +80,69 @@ class Plan:
     source: str  # the dataset (folder or manifest) every stage reads
     stages: list = field(default_factory=list)
     quick: bool = False
+    epochs: int = 0  # the cap on every training's epochs (0: the study's schedules)
 
 
-def make_plan(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_STUDIES, configure=None):
+def make_plan(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_STUDIES, configure=None, epochs=None):
     """The study's stages for `data_dir` (a `fraction` of each train class), writing under `out_dir`.
 
-    `configure(run_config)` may change every training's settings (tests shrink the model with it).
+    `epochs` caps every training (default: the study's schedules, or 1 with
+    `quick`); `configure(run_config)` may change every training's settings
+    (tests shrink the model with it).
     """
+    from cxrkeras.config import STUDY_EPOCHS
+
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"Invalid `epochs`; expected a whole number >= 1. Received: epochs={epochs!r}")
+    epochs = epochs or (QUICK_EPOCHS if quick else None)
     source = os.path.abspath(data_dir)
     if fraction < 1:
         source = subset_manifest(data_dir, fraction, os.path.join(out_dir, "subset.csv"))
     common = {"data": os.path.abspath(data_dir), "fraction": fraction, "quick": quick}
-    configs = {task: _run_config(task, source, quick, configure) for task in ("infected", "covid", "three-class")}
+    configs = {task: _run_config(task, source, epochs, configure) for task in ("infected", "covid", "three-class")}
     folder = lambda name: os.path.join(out_dir, name)  # noqa: E731
     stages = [
-        Stage("data", "Data: class distributions", lambda d: data_summary(source, d), common),
-        Stage("augmentation", "Augmentation preview", lambda d: augmentation_preview(source, d), common),
+        Stage("data", "Data: class distributions", lambda d, *_: data_summary(source, d), common),
+        Stage("augmentation", "Augmentation preview", lambda d, *_: augmentation_preview(source, d), common),
     ]
     for task, cfg in configs.items():
         stages.append(Stage(f"fit-{task}", f"Training: {task} classifier",
-                            lambda d, cfg=cfg: fit_stage(cfg, d), {**common, "config": cfg.to_dict()}))
+                            lambda d, callbacks, _, cfg=cfg: fit_stage(cfg, d, callbacks),
+                            {**common, "config": cfg.to_dict()}, task, cfg.train.epochs, STUDY_EPOCHS[task]))
     stages.append(Stage("cascade", "Cascade and three-class classifier on the validation split",
-                        lambda d: cascade_stage(folder("fit-infected"), folder("fit-covid"),
-                                                folder("fit-three-class"), source, d),
+                        lambda d, *_: cascade_stage(folder("fit-infected"), folder("fit-covid"),
+                                                   folder("fit-three-class"), source, d),
                         {**common, "runs": [configs[t].to_dict() for t in configs]}))
     for name in studies:
         study = _quick_study(name) if quick else _load_study(name)
+        trials = _trials(study)
         stages.append(Stage(f"study-{name}", f"One-factor study: {study.description or name}",
-                            lambda d, study=study: study_stage(study, configs["infected"], d),
-                            {**common, "study": study.space, "config": configs["infected"].to_dict()}))
-    return Plan(source, stages, quick)
+                            lambda d, callbacks, log, study=study: study_stage(
+                                study, configs["infected"], d, callbacks, log),
+                            {**common, "study": study.space, "config": configs["infected"].to_dict()},
+                            "infected", trials * configs["infected"].train.epochs,
+                            _trials(_load_study(name)) * STUDY_EPOCHS["infected"]))
+    return Plan(source, stages, quick, epochs or 0)
 
 
-def _run_config(task, source, quick, configure):
+def _run_config(task, source, epochs, configure):
     from cxrkeras.config import RunConfig, study_model_config, study_train_config
     from cxrkeras.training import resolve_precision
 
     cfg = RunConfig(model=study_model_config(task), train=study_train_config(task))
     cfg.data.data_dir, cfg.data.manifest = ("", source) if os.path.isfile(source) else (source, "")
     cfg.train.precision = resolve_precision("auto")
-    if quick:
-        cfg.train.epochs = QUICK_EPOCHS
+    if epochs:
+        cfg.train.epochs = epochs
     if configure:
         configure(cfg)
     return cfg
+
+
+def _trials(study):
+    from cxrkeras import tuning
+
+    return tuning.grid_size(study) if study.tuner == "grid" else study.max_trials
 
 
 def _load_study(name):
@@ -144,38 +173,92 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
+class Progress:
+    """The plan's progress in epochs: one line per training epoch, with the time the plan has left.
+
+    Time left: every stage's unfinished epochs at the mean epoch time of its
+    task measured so far in this run (the mean over all tasks for one not yet
+    seen); stages that train nothing count as no time.
+    """
+
+    def __init__(self, plan, log):
+        self.plan, self.log = plan, log
+        self.done = {s.name: 0 for s in plan.stages}  # epochs finished, per stage
+        self.by_task, self.by_stage = {}, {}  # [seconds, epochs] measured in this run
+        self.stage, self._began = None, 0.0
+
+    def callbacks(self, stage):
+        import keras
+
+        self.stage = stage
+        return [keras.callbacks.LambdaCallback(on_epoch_begin=self._begin, on_epoch_end=self._end)]
+
+    def finish(self, stage):
+        self.done[stage.name] = stage.epochs
+
+    def epoch_seconds(self, stage):
+        seconds, epochs = self.by_stage.get(stage.name, (0.0, 0))
+        return round(seconds / epochs, 1) if epochs else None
+
+    def seconds_left(self):
+        """Seconds the unfinished epochs should take, or None before any epoch was timed."""
+        if not self.by_task:
+            return None
+        overall = sum(s for s, _ in self.by_task.values()) / sum(n for _, n in self.by_task.values())
+        left = 0.0
+        for stage in self.plan.stages:
+            seconds, epochs = self.by_task.get(stage.task, (0.0, 0))
+            left += (stage.epochs - self.done[stage.name]) * (seconds / epochs if epochs else overall)
+        return left
+
+    def _begin(self, epoch, logs=None):
+        self._began = time.perf_counter()
+
+    def _end(self, epoch, logs=None):
+        stage, seconds = self.stage, time.perf_counter() - self._began
+        for key, table in ((stage.task, self.by_task), (stage.name, self.by_stage)):
+            spent = table.setdefault(key, [0.0, 0])
+            spent[0], spent[1] = spent[0] + seconds, spent[1] + 1
+        # a fit resumed at epoch k counts from k; a study's trials count on from the last trial
+        self.done[stage.name] = min(stage.epochs, max(self.done[stage.name], epoch) + 1)
+        done, total = sum(self.done.values()), sum(s.epochs for s in self.plan.stages)
+        self.log(f"    {stage.name}: epoch {self.done[stage.name]}/{stage.epochs} in {duration(seconds)}; "
+                 f"plan {done}/{total} epochs, about {duration(self.seconds_left())} left")
+
+
 def run_plan(plan, out_dir, log=print):
-    """Run every stage of `plan` not already finished in `out_dir`; return {stage name: "ran" | "reused"}."""
-    done, start, ran_seconds, ran = {}, time.perf_counter(), 0.0, 0
+    """Run every stage of `plan` not already finished in `out_dir`; return {stage name: "ran" | "reused"}.
+
+    One line per stage, and one per training epoch with the time the plan has left (Progress).
+    """
+    done, start, progress = {}, time.perf_counter(), Progress(plan, log)
     for i, stage in enumerate(plan.stages, 1):
         folder = os.path.join(out_dir, stage.name)
-        left = len(plan.stages) - i + 1
-        eta = f", about {_duration(ran_seconds / ran * left)} left" if ran else ""
         record = stage_record(stage, folder)
         if record == "finished":
             done[stage.name] = "reused"
+            progress.finish(stage)
             log(f"[{i}/{len(plan.stages)}] {stage.title}: reused ({folder})")
             continue
-        log(f"[{i}/{len(plan.stages)}] {stage.title} (elapsed {_duration(time.perf_counter() - start)}{eta})")
+        left = progress.seconds_left()
+        eta = f", about {duration(left)} left" if left is not None else ""
+        log(f"[{i}/{len(plan.stages)}] {stage.title} (elapsed {duration(time.perf_counter() - start)}{eta})")
         began = time.perf_counter()
         if record is None and os.path.isdir(folder):
             shutil.rmtree(folder)  # made with other settings (or by hand): start it over
         os.makedirs(folder, exist_ok=True)
         write_json_atomic(os.path.join(folder, STAGE_FILE), {"settings": stage.settings, "finished": False})
-        stage.run(folder)  # a started stage continues: fits and studies resume after their last epoch or trial
+        # a started stage continues after its last epoch or trial
+        stage.run(folder, progress.callbacks(stage), lambda line, name=stage.name: log(f"    {name}: {line}"))
         seconds = time.perf_counter() - began
+        progress.finish(stage)
         timings_path = os.path.join(out_dir, TIMINGS_FILE)
         write_json_atomic(timings_path, {**read_json(timings_path, {}), stage.name: round(seconds, 1)})
-        write_json_atomic(os.path.join(folder, STAGE_FILE), {"settings": stage.settings, "finished": True})
-        ran_seconds, ran = ran_seconds + seconds, ran + 1
+        write_json_atomic(os.path.join(folder, STAGE_FILE), {"settings": stage.settings, "finished": True,
+                                                             "epoch_seconds": progress.epoch_seconds(stage)})
         done[stage.name] = "ran"
-    log(f"report done in {_duration(time.perf_counter() - start)}")
+    log(f"report done in {duration(time.perf_counter() - start)}")
     return done
-
-
-def _duration(seconds):
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def data_summary(source, folder):
@@ -195,14 +278,16 @@ def augmentation_preview(source, folder):
     preview_figure([s for s in good if s.split == "train"], os.path.join(folder, "augmentation_preview.png"))
 
 
-def fit_stage(cfg, folder):
+def fit_stage(cfg, folder, callbacks=()):
     from cxrkeras import training
 
-    training.fit(cfg, folder, verbose=0, resume=os.path.exists(os.path.join(folder, training.CONFIG_FILE)))
+    training.fit(cfg, folder, verbose=0, resume=os.path.exists(os.path.join(folder, training.CONFIG_FILE)),
+                 callbacks=callbacks)
 
 
 def cascade_stage(infected_run, covid_run, three_class_run, source, folder):
-    """The cascade at the 0.5 thresholds, evaluated with the three-class classifier on the validation split."""
+    """The cascade at the 0.5 thresholds and the three-class classifier, evaluated on the validation split,
+    and the cascade's operating points there."""
     from cxrkeras import evaluation, thresholds
 
     cascade_dir = os.path.join(folder, "cascade")
@@ -210,12 +295,32 @@ def cascade_stage(infected_run, covid_run, three_class_run, source, folder):
     for name, model in (("cascade", cascade_dir), ("three-class", three_class_run)):
         evaluation.evaluate_run(model, source, split="validation", out_dir=os.path.join(folder, f"eval-{name}"),
                                 log=lambda message: None)
+    operating_points(infected_run, covid_run, source, folder)
 
 
-def study_stage(study, base, folder):
+def operating_points(infected_run, covid_run, source, folder):
+    """operating_points.json and tradeoff.png: for each covid recall of COVID_TARGETS, the most accurate
+    thresholds that reach it on the runs' selection split (validation here, which also picked the epochs)."""
+    from cxrkeras import plots, thresholds
+
+    infected, covid = thresholds.load_stage(infected_run, "infected"), thresholds.load_stage(covid_run, "covid")
+    _, carve = thresholds.validation_settings([infected_run, covid_run], source)
+    p_i, p_c, labels = thresholds.selection_probabilities(infected, covid, source, carve)
+    rows = []
+    for target in COVID_TARGETS:
+        selection = thresholds.choose_thresholds(p_i, p_c, labels, {"covid": target})
+        rows.append({"target": target, "reached": selection["reached"], **selection["chosen"]})
+        if target == 0.9:
+            plots.threshold_tradeoff(selection, os.path.join(folder, "tradeoff.png"))
+    write_json_atomic(os.path.join(folder, "operating_points.json"), {
+        "split": thresholds.selection_split(carve), "images": len(labels), "default": selection["default"],
+        "rows": rows})
+
+
+def study_stage(study, base, folder, callbacks=(), log=None):
     from cxrkeras import tuning
 
-    tuning.tune(study, base, os.path.join(folder, "project"), log=lambda message: None)
+    tuning.tune(study, base, os.path.join(folder, "project"), log=log or (lambda message: None), callbacks=callbacks)
 
 
 # ---------------------------------------------------------------- README.md
@@ -252,6 +357,8 @@ def write_readme(plan, out_dir, timings):
     lines = ["# The study, reproduced by `cxrkeras report`", "", f"Data: `{plan.source}`. {NOT_COMPARABLE}", ""]
     if plan.quick:
         lines += [QUICK_NOTE, ""]
+    elif plan.epochs:
+        lines += [epochs_note(plan.epochs), ""]
     stage_names = [s.name for s in plan.stages]
     for heading, stage, figures in SECTIONS:
         lines += [f"## {heading}", ""]
@@ -276,15 +383,34 @@ def _section_body(heading, plan, out_dir, timings):
     if heading.startswith("5."):
         return [f"![{s.name}]({s.name}/curves.png)" for s in plan.stages if s.name.startswith("fit-")]
     if heading.startswith("6."):
-        return _tables(out_dir)
+        return _tables(out_dir) + _operating_points(out_dir)
     if heading.startswith("8."):
         return [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"
                 for p in sorted(glob.glob(os.path.join(out_dir, "cascade", "eval-cascade", "gradcam*.png")))]
     if heading.startswith("9."):
-        rows = [f"| {name} | {_duration(seconds)} |" for name, seconds in timings.items()]
-        return [f"Machine: {machine_name()}. Stages reused from an earlier run keep that run's time.", "",
-                "| stage | wall time |", "|---|---|"] + rows
+        return _timing(plan, out_dir, timings)
     return []
+
+
+def _timing(plan, out_dir, timings):
+    """Wall time per stage, time per training epoch, and (for a capped plan) the same at the study's
+    schedules: each training stage's epoch time times its full epochs."""
+    head = "| stage | epochs | wall time | per epoch |" + (" at the study's schedules |" if plan.epochs else "")
+    intro = (f"Machine: {machine_name()}. Stages reused from an earlier run keep that run's time; an epoch's "
+             "time includes its validation.")
+    rows, wall, full = [], 0.0, 0.0
+    for stage in (s for s in plan.stages if s.name in timings):
+        seconds = timings[stage.name]
+        per_epoch = (read_json(os.path.join(out_dir, stage.name, STAGE_FILE), {}) or {}).get("epoch_seconds")
+        estimate = per_epoch * stage.full_epochs if per_epoch and stage.full_epochs else seconds
+        wall, full = wall + seconds, full + estimate
+        rows.append([stage.name, stage.epochs or "", duration(seconds), duration(per_epoch) if per_epoch else "",
+                     f"about {duration(estimate)} ({stage.full_epochs} epochs)" if stage.full_epochs else ""])
+    rows.append(["all", sum(s.epochs for s in plan.stages), duration(wall), "",
+                 f"about {duration(full)} ({sum(s.full_epochs for s in plan.stages)} epochs)"])
+    columns = 5 if plan.epochs else 4
+    return [intro, "", head, "|---" * columns + "|"] + [
+        "| " + " | ".join(str(cell) for cell in row[:columns]) + " |" for row in rows]
 
 
 def _studies(plan, out_dir):
@@ -335,15 +461,33 @@ def _tables(out_dir):
         f1 = [f"{metrics['per_class'][c]['f1']:.4f} / {study['f1'][c]:.4f}" for c in CLASSES]
         lines.append(f"| {name} (n={metrics['n']}) | {metrics['accuracy']:.4f} | {study['accuracy']:.4f} | "
                      + " | ".join(f1) + " |")
-    return lines + ["", NOT_COMPARABLE, "", "The operating-point table is not drawn: the cascade keeps the study's "
-                    "0.5 thresholds (`cxrkeras cascade --target-recall` picks others on validation)."]
+    return lines + ["", NOT_COMPARABLE, ""]
 
 
-def report(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_STUDIES, configure=None, log=print):
+def _operating_points(out_dir):
+    """The operating-point table: thresholds reaching each covid recall target, beside the study's 0.5 / 0.5."""
+    points = read_json(os.path.join(out_dir, "cascade", "operating_points.json"), None)
+    if not points:
+        return []
+    intro = (f"Operating points of the cascade on the {points['split']} split ({points['images']} images): for "
+             "each covid recall, the most accurate thresholds that reach it (the cascade above keeps the study's "
+             "0.5 / 0.5; `cxrkeras cascade --target-recall covid=R` builds one at another point). The same split "
+             "picked the epochs, so these figures are optimistic.")
+    head = "| covid recall wanted | t_infected | t_covid | covid recall | covid missed | called covid wrongly "
+    lines = [intro, "", head + "| accuracy |", "|---" * 7 + "|"]
+    for name, row in [("study's 0.5 / 0.5", points["default"])] + [
+            (f"{r['target']:.2f}" + ("" if r["reached"] else " (not reached)"), r) for r in points["rows"]]:
+        lines.append(f"| {name} | {row['t_infected']:.2f} | {row['t_covid']:.2f} | {row['recall']:.4f} | "
+                     f"{row['fn']} | {row['fp']} | {row['accuracy']:.4f} |")
+    return lines + ["", "![tradeoff](cascade/tradeoff.png)"]
+
+
+def report(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_STUDIES, configure=None, log=print,
+           epochs=None):
     """Run or reuse every stage of the study's plan into `out_dir`, then write its README.md; return
-    {stage: "ran" | "reused"}."""
+    {stage: "ran" | "reused"}. `epochs` caps every training (see make_plan)."""
     os.makedirs(out_dir, exist_ok=True)
-    plan = make_plan(data_dir, out_dir, quick, fraction, studies, configure)
+    plan = make_plan(data_dir, out_dir, quick, fraction, studies, configure, epochs)
 
     done = run_plan(plan, out_dir, log=log)
     write_readme(plan, out_dir, read_json(os.path.join(out_dir, TIMINGS_FILE), {}))

@@ -144,3 +144,12 @@ def data_task(model, path=None, task=None):
 
 def _at(path):
     return f" at {os.fspath(path)}" if path is not None else ""
+
+
+def duration(seconds):
+    """`seconds` as people read it: 12.3s, 4m05s, 2h10m."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"

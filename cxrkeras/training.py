@@ -68,6 +68,7 @@ from cxrkeras.runs import (
     MODEL_FILE,
     SKIPPED_FILE,
     STATE_FILE,
+    duration,
 )
 from cxrkeras.models import build_model  # also registers the classifiers' custom objects for loading
 
@@ -753,7 +754,7 @@ class FitResult:
         metric = f"{self.monitor} {self.best_metric:.4f}" if self.best_epoch else f"{self.monitor} n/a"
         return (
             f"best epoch {self.best_epoch}/{self.epochs} ({metric}); {self.epochs_run} epoch(s) in "
-            f"{_duration(self.seconds)}, {self.images_per_second:.0f} images/s"
+            f"{duration(self.seconds)}, {self.images_per_second:.0f} images/s"
             f"{f' on {self.replicas} replicas' if self.replicas > 1 else ''} in {self.precision}; run dir {self.run_dir}"
         )
 
@@ -775,11 +776,6 @@ class FitResult:
             "skipped_file": self.skipped_file,
             "history": self.history,
         }
-
-
-def _duration(seconds):
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
 # ---------------------------------------------------------------- run directory

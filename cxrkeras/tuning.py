@@ -48,6 +48,7 @@ from cxrkeras import training
 from cxrkeras.config import SETTING_FIELDS, RunConfig
 from cxrkeras.files import read_json, write_json_atomic, write_text_atomic
 from cxrkeras.models import check_config as check_model_config
+from cxrkeras.runs import duration
 
 STUDIES_PACKAGE = "cxrkeras.studies"  # the repository's tuning/ folder (setup.cfg maps it)
 TUNERS = ("grid", "random", "hyperband", "bayesian")
@@ -376,8 +377,9 @@ class StudyTuner(keras_tuner.Tuner):
     best so far, and an estimate of the time left.
     """
 
-    def __init__(self, oracle, hypermodel, project_dir, planned=None, executions_per_trial=1, log=print):
+    def __init__(self, oracle, hypermodel, project_dir, planned=None, executions_per_trial=1, log=print, callbacks=()):
         self.planned, self.log, self._seconds, self._started = planned, log, [], None
+        self.extra_callbacks = list(callbacks)  # added to every execution's fit (the report's progress)
         super().__init__(
             oracle=oracle,
             hypermodel=hypermodel,
@@ -405,7 +407,8 @@ class StudyTuner(keras_tuner.Tuner):
             if "tuner/trial_id" in hp.values:  # optimizer built first, so its state loads too
                 model.optimizer.build(model.trainable_variables)
                 model.load_weights(self._get_checkpoint_fname(hp.values["tuner/trial_id"]))
-            callbacks = [tuner_utils.TunerCallback(self, trial), checkpoint] + self._kill_hook(trial)
+            callbacks = [tuner_utils.TunerCallback(self, trial), checkpoint, *self.extra_callbacks]
+            callbacks += self._kill_hook(trial)
             history = os.path.join(trial_dir, f"execution{execution}.csv")
             results.append(self.hypermodel.fit(hp, model, callbacks=callbacks, history_path=history, **epochs))
         self.hypermodel.execution = 0
@@ -441,8 +444,8 @@ class StudyTuner(keras_tuner.Tuner):
         left = ""
         if self.planned:
             remaining = max(0, self.planned - number)
-            left = f"; about {_duration(remaining * sum(self._seconds) / len(self._seconds))} left"
-        return f"trial {number}{of} [{values}]: {outcome} in {_duration(seconds)}{left}"
+            left = f"; about {duration(remaining * sum(self._seconds) / len(self._seconds))} left"
+        return f"trial {number}{of} [{values}]: {outcome} in {duration(seconds)}{left}"
 
     def _kill_hook(self, trial):
         if os.environ.get(KILL_ENV) == f"in-trial:{int(trial.trial_id)}":
@@ -465,14 +468,6 @@ class StudyTuner(keras_tuner.Tuner):
 def _last_line(message):
     lines = [line for line in (message or "").strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else "no message"
-
-
-def _duration(seconds):
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
 # ---------------------------------------------------------------- distributed mode
@@ -608,13 +603,14 @@ def _differences(a, b, ignore=(), prefix=""):
 
 
 def tune(study, base, project_dir, tuner=None, max_trials=None, executions_per_trial=1, augment_on="auto",
-         verbose=0, log=print):
+         verbose=0, log=print, callbacks=()):
     """Search `study` around `base` (a RunConfig) in `project_dir`; return `summarize(project_dir)`.
 
     Reruns resume: finished trials are kept, a trial a kill interrupted runs
     again. Under keras-tuner's distributed mode (KERASTUNER_TUNER_ID,
     KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT) the chief serves the oracle
     and writes the results, and each worker runs trials; all share `project_dir`.
+    `callbacks` (Keras callbacks) join every trial's fit.
     Raises StudyError, TuneError, ValueError (bad settings) or DatasetError.
     """
     tuner = tuner or study.tuner
@@ -644,7 +640,7 @@ def tune(study, base, project_dir, tuner=None, max_trials=None, executions_per_t
         log(f"resuming {project_dir}: {finished} trial(s) already ran")
     with contextlib.redirect_stdout(io.StringIO()):  # keras-tuner prints "Reloading Tuner from ..."
         searcher = StudyTuner(oracle, hypermodel, project_dir, planned_trials(oracle, study, max_trials),
-                              executions_per_trial, log)
+                              executions_per_trial, log, callbacks)
     try:
         searcher.search()
     except RuntimeError as e:  # keras-tuner: "Number of consecutive failures exceeded the limit of 3."
@@ -736,7 +732,7 @@ def format_table(summary, limit=None):
     for t in summary["trials"][:limit]:
         rows.append([str(int(t["trial_id"]) + 1)] + [_value(t["values"].get(f)) for f in factors] + [
             _number(t["score"]), _number(t["best_val_accuracy"]), _number(t["best_val_loss"]), str(t["epochs"]),
-            _duration(t["seconds"]) if t["seconds"] is not None else "", str(t["status"]).lower(),
+            duration(t["seconds"]) if t["seconds"] is not None else "", str(t["status"]).lower(),
         ])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

@@ -19,11 +19,16 @@ def shrink(cfg):
 
 
 @pytest.fixture(scope="module")
-def quick_report(synthetic_dataset, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("report") / "quick")
+def quick_report_run(synthetic_dataset, tmp_path_factory):
+    out, lines = str(tmp_path_factory.mktemp("report") / "quick"), []
     done = report.report(synthetic_dataset, out, quick=True, studies=("augmentation",), configure=shrink,
-                         log=lambda message: None)
-    return out, done
+                         log=lines.append)
+    return out, done, lines
+
+
+@pytest.fixture(scope="module")
+def quick_report(quick_report_run):
+    return quick_report_run[:2]
 
 
 def test_quick_report_writes_every_section_and_figure(quick_report):
@@ -38,6 +43,42 @@ def test_quick_report_writes_every_section_and_figure(quick_report):
         assert os.path.getsize(os.path.join(out, figure)) > 0, figure
     assert "| cascade (n=" in text and "| three-class (n=" in text and report.NOT_COMPARABLE in text
     assert report.QUICK_NOTE in text  # a quick report says it shows the plan, not results
+    points = json.loads(open(os.path.join(out, "cascade", "operating_points.json")).read())
+    assert [r["target"] for r in points["rows"]] == list(report.COVID_TARGETS)
+    assert points["split"] == "validation" and all(r["recall"] >= r["target"] for r in points["rows"] if r["reached"])
+    assert "| study's 0.5 / 0.5 | 0.50 | 0.50 |" in text and "(cascade/tradeoff.png)" in text
+
+
+def test_the_report_says_each_epoch_and_the_time_left(quick_report_run):
+    _, _, lines = quick_report_run
+    epochs = [line for line in lines if re.search(r"^    \S+: epoch \d+/\d+ in ", line)]
+    # 3 fits of 1 epoch, then the augmentation study's 2 trials of 1 epoch: 5 epochs in all
+    assert [re.search(r"plan (\d+)/(\d+) epochs", line).groups() for line in epochs] == [
+        (str(n), "5") for n in range(1, 6)]
+    assert all(re.search(r"about \S+ left$", line) for line in epochs)
+    assert any(line.startswith("    study-augmentation: trial 2/2 [augment=False]") for line in lines)
+
+
+def test_time_left_counts_each_task_at_its_own_epoch_time():
+    fit_a = report.Stage("a", "A", None, {}, task="infected", epochs=2)
+    fit_b = report.Stage("b", "B", None, {}, task="covid", epochs=3)
+    plan = report.Plan("data", [report.Stage("data", "D", None, {}), fit_a, fit_b])
+    progress = report.Progress(plan, log=lambda line: None)
+    assert progress.seconds_left() is None  # nothing timed yet
+    progress.by_task, progress.done["a"] = {"infected": [10.0, 1]}, 1
+    assert progress.seconds_left() == pytest.approx(1 * 10 + 3 * 10)  # covid not seen: the mean of all so far
+    progress.by_task["covid"], progress.done["b"] = [40.0, 1], 1
+    assert progress.seconds_left() == pytest.approx(1 * 10 + 2 * 40)
+
+
+def test_epochs_caps_every_training_and_remembers_the_study_schedules(synthetic_dataset, tmp_path):
+    plan = report.make_plan(synthetic_dataset, str(tmp_path), epochs=2, studies=("learning-rate",))
+    trainings = {s.name: (s.task, s.epochs, s.full_epochs) for s in plan.stages if s.task}
+    assert trainings == {"fit-infected": ("infected", 2, 35), "fit-covid": ("covid", 2, 25),
+                         "fit-three-class": ("three-class", 2, 35), "study-learning-rate": ("infected", 8, 140)}
+    assert {s.settings["config"]["train"]["epochs"] for s in plan.stages if s.task} == {2}
+    with pytest.raises(ValueError, match="Received: epochs=0"):
+        report.make_plan(synthetic_dataset, str(tmp_path), epochs=0)
 
 
 def test_a_second_report_reuses_every_stage(quick_report, synthetic_dataset):
@@ -84,3 +125,6 @@ def test_report_command_refuses_a_missing_dataset(tmp_path):
     result = CliRunner().invoke(main, ["report", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "no such folder or manifest" in result.output
     assert not (tmp_path / "r").exists()
+    result = CliRunner().invoke(main, ["report", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                                       "--epochs", "0"])
+    assert result.exit_code == 2 and "Invalid value for '--epochs'" in result.output
