@@ -60,8 +60,11 @@ COVID_TARGETS = (0.8, 0.9, 0.95)  # covid recalls of the operating-point table
 
 
 def epochs_note(epochs):
+    from cxrkeras.config import STUDY_EPOCHS
+
+    schedules = ", ".join(f"{task} {n}" for task, n in STUDY_EPOCHS.items())
     return (f"**--epochs {epochs}**: every training stops after {epochs} epoch(s) (the study's schedules: "
-            "infected 35, covid 25, three-class 35): this shows the plan on this data, not the study's results.")
+            f"{schedules}): this shows the plan on this data, not the study's results.")
 
 
 @dataclass
@@ -114,14 +117,14 @@ def make_plan(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_S
                                                    folder("fit-three-class"), source, d),
                         {**common, "runs": [configs[t].to_dict() for t in configs]}))
     for name in studies:
-        study = _quick_study(name) if quick else _load_study(name)
-        trials = _trials(study)
+        full_study = _load_study(name)
+        study = _quick_study(full_study) if quick else full_study
         stages.append(Stage(f"study-{name}", f"One-factor study: {study.description or name}",
                             lambda d, callbacks, log, study=study: study_stage(
                                 study, configs["infected"], d, callbacks, log),
                             {**common, "study": study.space, "config": configs["infected"].to_dict()},
-                            "infected", trials * configs["infected"].train.epochs,
-                            _trials(_load_study(name)) * STUDY_EPOCHS["infected"]))
+                            "infected", _trials(study) * configs["infected"].train.epochs,
+                            _trials(full_study) * STUDY_EPOCHS["infected"]))
     return Plan(source, stages, quick, epochs or 0)
 
 
@@ -151,9 +154,8 @@ def _load_study(name):
     return tuning.load_study(name)
 
 
-def _quick_study(name):
-    """The study with its first QUICK_VALUES values of each listed factor."""
-    study = _load_study(name)
+def _quick_study(study):
+    """`study` with its first QUICK_VALUES values of each listed factor."""
     space = {k: v[:QUICK_VALUES] if isinstance(v, list) else v for k, v in study.space.items()}
     return dataclasses.replace(study, space=space)
 
@@ -184,7 +186,7 @@ class Progress:
     def __init__(self, plan, log):
         self.plan, self.log = plan, log
         self.done = {s.name: 0 for s in plan.stages}  # epochs finished, per stage
-        self.by_task, self.by_stage = {}, {}  # [seconds, epochs] measured in this run
+        self.by_stage = {}  # stage name -> [seconds, epochs] measured in this run
         self.stage, self._began = None, 0.0
 
     def callbacks(self, stage):
@@ -202,23 +204,24 @@ class Progress:
 
     def seconds_left(self):
         """Seconds the unfinished epochs should take, or None before any epoch was timed."""
-        if not self.by_task:
+        if not self.by_stage:
             return None
-        overall = sum(s for s, _ in self.by_task.values()) / sum(n for _, n in self.by_task.values())
-        left = 0.0
+        by_task = {}
         for stage in self.plan.stages:
-            seconds, epochs = self.by_task.get(stage.task, (0.0, 0))
-            left += (stage.epochs - self.done[stage.name]) * (seconds / epochs if epochs else overall)
-        return left
+            seconds, epochs = self.by_stage.get(stage.name, (0.0, 0))
+            spent = by_task.setdefault(stage.task, [0.0, 0])
+            spent[0], spent[1] = spent[0] + seconds, spent[1] + epochs
+        overall = sum(s for s, _ in by_task.values()) / sum(n for _, n in by_task.values())
+        per_epoch = {task: seconds / epochs if epochs else overall for task, (seconds, epochs) in by_task.items()}
+        return sum((s.epochs - self.done[s.name]) * per_epoch[s.task] for s in self.plan.stages)
 
     def _begin(self, epoch, logs=None):
         self._began = time.perf_counter()
 
     def _end(self, epoch, logs=None):
         stage, seconds = self.stage, time.perf_counter() - self._began
-        for key, table in ((stage.task, self.by_task), (stage.name, self.by_stage)):
-            spent = table.setdefault(key, [0.0, 0])
-            spent[0], spent[1] = spent[0] + seconds, spent[1] + 1
+        spent = self.by_stage.setdefault(stage.name, [0.0, 0])
+        spent[0], spent[1] = spent[0] + seconds, spent[1] + 1
         # a fit resumed at epoch k counts from k; a study's trials count on from the last trial
         self.done[stage.name] = min(stage.epochs, max(self.done[stage.name], epoch) + 1)
         done, total = sum(self.done.values()), sum(s.epochs for s in self.plan.stages)

@@ -65,9 +65,9 @@ def test_time_left_counts_each_task_at_its_own_epoch_time():
     plan = report.Plan("data", [report.Stage("data", "D", None, {}), fit_a, fit_b])
     progress = report.Progress(plan, log=lambda line: None)
     assert progress.seconds_left() is None  # nothing timed yet
-    progress.by_task, progress.done["a"] = {"infected": [10.0, 1]}, 1
+    progress.by_stage, progress.done["a"] = {"a": [10.0, 1]}, 1
     assert progress.seconds_left() == pytest.approx(1 * 10 + 3 * 10)  # covid not seen: the mean of all so far
-    progress.by_task["covid"], progress.done["b"] = [40.0, 1], 1
+    progress.by_stage["b"], progress.done["b"] = [40.0, 1], 1
     assert progress.seconds_left() == pytest.approx(1 * 10 + 2 * 40)
 
 
