@@ -27,8 +27,12 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 MONITORS = {"val_loss": "min", "val_accuracy": "max"}  # and which way is better
 DISTRIBUTES = ("none", "mirrored", "multiworker")
 # What a ModelConfig and DataConfig may name (checked by models.check_config and training.check_run_config).
-CONTRASTS = ("none", "standardize")  # "standardize": each image to zero mean, unit variance, inside the model
+# Inside the model: "standardize" each image to zero mean and unit variance; "equalize" its histogram;
+# "clahe": Keras' contrast-limited adaptive histogram equalisation.
+CONTRASTS = ("none", "standardize", "equalize", "clahe")
 AUGMENTATIONS = ("study", "strong")  # cxrkeras.augment.AUGMENTATION_SETTINGS
+# What the covid stage learns as "not covid": the study's non-covid infected images, or normal ones too.
+COVID_NEGATIVES = ("non-covid", "all")
 # Where each setting that a command-line option or a tuning hyperparameter names lives in a RunConfig.
 SETTING_FIELDS = {
     "epochs": ("train", "epochs"),
@@ -79,6 +83,9 @@ class DataConfig:
     augment: bool = True
     augmentation: str = "study"  # study | strong (stronger jitter, rotation and crops; never flips)
     border_erase: float = 0.0  # erase bands up to this fraction of the side at random image edges (0: off)
+    # The covid stage's negatives: "non-covid" (the study's: infected images only) or "all" (normal X-rays
+    # too, so a normal X-ray that the first stage lets through is not called covid by default).
+    covid_negatives: str = "non-covid"
     cache: bool = True
 
 
@@ -97,7 +104,7 @@ class ModelConfig:
     batchnorm: bool = False  # BatchNorm after every conv (not in the study)
     residual: bool = True  # residual arch only: skip connections on/off
     initializer: str = "torch"  # "torch" (the study's PyTorch default) or "keras" (glorot/zeros)
-    contrast: str = "none"  # none | standardize (per-image zero mean, unit variance, before input_norm)
+    contrast: str = "none"  # none | standardize | equalize | clahe (CONTRASTS), before input_norm
     image_size: int = IMAGE_SIZE
 
 

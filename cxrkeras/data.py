@@ -467,13 +467,16 @@ def _fewest_to_split(fraction):
     return n
 
 
-def task_arrays(samples, task):
-    """(paths, labels) for `task`: covid keeps infected images only; labels are class indices."""
+def task_arrays(samples, task, covid_negatives="non-covid"):
+    """(paths, labels) for `task`, labels as class indices; covid keeps infected images only unless
+    `covid_negatives` is "all" (normal images then count as not covid)."""
     check_task(task)
-    if task == "covid":
+    if task == "covid" and covid_negatives != "all":
         samples = [s for s in samples if s.label != "normal"]
     if task == "infected":
         labels = [int(s.label != "normal") for s in samples]
+    elif task == "covid":
+        labels = [int(s.label == "covid") for s in samples]
     else:
         labels = [TASKS[task].index(s.label) for s in samples]
     return [s.path for s in samples], np.asarray(labels, dtype="int32")

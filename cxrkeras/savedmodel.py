@@ -37,7 +37,7 @@ ALLOWED_OPS = frozenset(
     DecodePng DisableCopyOnRead DivNoNan DynamicStitch Einsum Elu EluGrad EmptyTensorList Equal Erf Exp ExpandDims Fill Floor FloorDiv
     FloorMod FusedBatchNormV3 GatherNd GatherV2 Greater GreaterEqual Identity IdentityN If IsFinite L2Loss
     LeakyRelu LeakyReluGrad Less LessEqual Log Log1p LogicalAnd LogicalNot LogicalOr LogSoftmax MatMul Max
-    MaxPool MaxPoolGrad Maximum Mean Min Minimum Mod Mul Neg NoOp NotEqual OnesLike Pack Pad PadV2
+    MaxPool MaxPoolGrad Maximum Mean Min Minimum Mod Mul Neg NoOp NotEqual OneHot OnesLike Pack Pad PadV2
     ParseExampleV2 PartitionedCall Placeholder PlaceholderWithDefault Pow Prod RandomUniform Range Rank
     ReadVariableOp RealDiv Reciprocal Relu Relu6 Relu6Grad ReluGrad Reshape ResizeArea ResizeBicubic
     ResizeBilinear ResizeNearestNeighbor ResourceGather Round Rsqrt RsqrtGrad ScaleAndTranslate

@@ -42,6 +42,7 @@ from cxrkeras import data as data_lib
 from cxrkeras.config import (
     AUGMENTATIONS,
     CLASS_WEIGHTS,
+    COVID_NEGATIVES,
     DISTRIBUTES,
     MONITORS,
     OPTIMIZERS,
@@ -134,6 +135,8 @@ def check_run_config(run_config):
              data.holdout_seed, "expected an integer")
     _require(data.augmentation in AUGMENTATIONS, "augmentation", data.augmentation,
              f"expected one of {list(AUGMENTATIONS)}")
+    _require(data.covid_negatives in COVID_NEGATIVES, "covid_negatives", data.covid_negatives,
+             f"expected one of {list(COVID_NEGATIVES)}")
     _require(_number(data.border_erase) and 0 <= data.border_erase < 0.5, "border_erase", data.border_erase,
              "expected a fraction of the side in [0, 0.5)")
     check_config(run_config.model)
@@ -289,9 +292,11 @@ def load_task_data(cfg):
     task = cfg.model.task
     splits = data_lib.load_splits(cfg.data.manifest or cfg.data.data_dir, cfg.data.val_fraction, cfg.data.seed,
                                   cfg.data.holdout_fraction, cfg.data.holdout_seed)
-    train_paths, train_labels = data_lib.task_arrays(splits.train, task)
-    val_paths, val_labels = data_lib.task_arrays(splits.validation, task)
-    used = [s for s in splits.train + splits.validation if task != "covid" or s.label != "normal"]
+    negatives = cfg.data.covid_negatives
+    train_paths, train_labels = data_lib.task_arrays(splits.train, task, negatives)
+    val_paths, val_labels = data_lib.task_arrays(splits.validation, task, negatives)
+    used = [s for s in splits.train + splits.validation
+            if task != "covid" or negatives == "all" or s.label != "normal"]
     return TaskData(train_paths, train_labels, val_paths, val_labels, data_lib.fingerprint(used), splits.problems)
 
 

@@ -18,6 +18,9 @@ evaluate` here, on TensorFlow's decoding). Three steps:
     python experiments/gpu_levers.py table OUT [OUT2]   # or the committed runs: experiments/results-h200-levers.json
     # here: run folders of recipes' members, their cascades and validation evaluations (as seeds.py's)
     python experiments/gpu_levers.py runs OUT --recipes long study --data ../shared/cxr-dataset --out exp-gpu
+    # later runs train named rounds of levers instead of the plan (--round extra|third|fourth|fifth); then
+    # the table of every run into the shipped metrics.json, and its model card from that
+    python experiments/gpu_levers.py levers OUT OUT2 ... && python experiments/ship.py --card-only
 
 `train` first times the study's two classifiers alone on the GPU (their full
 schedules, augmentation on, validation each epoch) against the bare model's
@@ -55,6 +58,15 @@ LEVERS = {
     "long-deep": {"model.blocks": 2},
     "long-study-aug": {"data.augmentation": "study"},
     "long-ema": {"train.ema": True},
+    # The third run (--round third): contrast normalisation and resolution, the levers not yet tried.
+    "long-equalize": {"model.contrast": "equalize"},
+    "long-clahe": {"model.contrast": "clahe"},
+    "long-224": {"data.image_size": 224, "model.image_size": 224},
+    # The fourth run (--round fourth): twice long's epochs, alone and with the deeper trunk.
+    "long-x2": {"train.epochs": {t: 2 * e for t, e in LONG_EPOCHS.items()}},
+    "long-deep-x2": {"model.blocks": 2, "train.epochs": {t: 2 * e for t, e in LONG_EPOCHS.items()}},
+    # The fifth run (--round fifth): the covid stage learns normal X-rays as not covid too.
+    "long-all-negatives": {"data.covid_negatives": "all"},
 }
 # What runs first when the budget can't hold everything: (recipes, seeds), seed by seed within a group.
 PRIORITY = [
@@ -63,10 +75,14 @@ PRIORITY = [
     (["long-deep", "long-study-aug", "long-ema"], (0, 1, 2)),
 ]
 TASKS = ("infected", "covid")
-# The second run on the H200 (--extra): the single three-class CNNs (the study's comparison) and the lever
+# The second run on the H200 (--round extra): the single three-class CNNs (the study's comparison) and the lever
 # seeds that the first run's budget left out.
 EXTRA_JOBS = [f"{r}:three-class:{s}" for s in (0, 1, 2) for r in ("study", "long")] + [
     f"{r}:{t}:{s}" for s in (1, 2) for r in ("long-deep", "long-study-aug", "long-ema") for t in TASKS]
+THIRD_JOBS = [f"{r}:{t}:{s}" for s in (0, 1, 2) for r in ("long-equalize", "long-224", "long-clahe") for t in TASKS]
+FOURTH_JOBS = [f"long-deep:{t}:2" for t in TASKS] + [
+    f"{r}:{t}:{s}" for s in (0, 1, 2) for r in ("long-x2", "long-deep-x2") for t in TASKS]
+FIFTH_JOBS = [f"long-all-negatives:{t}:{s}" for s in (0, 1, 2) for t in TASKS]
 MEMBER_TAR_BYTES = 15 * 2**20  # what comes back from the machine: files of at most 16 MiB, 8 files
 
 
@@ -96,7 +112,7 @@ def recipe_config(recipe, task):
         return config
     for dotted, value in LEVERS[recipe].items():
         section, key = dotted.split(".")
-        config[section][key] = value
+        config[section][key] = value[task] if isinstance(value, dict) else value  # a dict: per task
     return config
 
 
@@ -165,10 +181,11 @@ def load_bundle(bundle_dir, cache):
         return {sp: (f[f"x_{sp}"], f[f"y_{sp}"]) for sp in SPLITS}
 
 
-def task_xy(x, labels3, task):
-    """Images and labels of `task` (covid: infected images only), as `data.task_arrays` and `make_dataset` give."""
+def task_xy(x, labels3, task, covid_negatives="non-covid"):
+    """Images and labels of `task` (covid: infected images only, unless covid_negatives is "all"), as
+    `data.task_arrays` and `make_dataset` give."""
     if task == "covid":
-        keep = labels3 != 0
+        keep = labels3 != 0 if covid_negatives != "all" else np.ones(len(labels3), bool)
         x, labels3 = x[keep], labels3[keep]
         y = (labels3 == 2).astype("float32")[:, None]
     elif task == "infected":
@@ -178,8 +195,14 @@ def task_xy(x, labels3, task):
     return x, y
 
 
-def as_float(x):
-    return x.astype("float32") / 255.0
+def as_float(x, size=150):
+    """[0, 1] pixels, resized to `size` as `data.decode_image` does (bilinear, antialiased), 512 at a time."""
+    x = x.astype("float32") / 255.0
+    if size == x.shape[1]:
+        return x
+    return np.concatenate([keras.ops.convert_to_numpy(keras.ops.image.resize(x[i:i + 512], (size, size),
+                                                                             antialias=True))
+                           for i in range(0, len(x), 512)])
 
 
 # ---------------------------------------------------------------- on the GPU: one fit
@@ -193,10 +216,10 @@ def fit_one(bundle_dir, cache, recipe, task, seed, precision, work, bare_epochs=
 
     name = job_name(recipe, task, seed, precision)
     arrays = load_bundle(bundle_dir, cache)
-    x_train, y_train = task_xy(*arrays["train"], task)
-    x_val, y_val = task_xy(*arrays["validation"], task)
-    x_train, x_val = as_float(x_train), as_float(x_val)
     cfg = RunConfig.from_dict(recipe_config(recipe, task))
+    x_train, y_train = task_xy(*arrays["train"], task, cfg.data.covid_negatives)
+    x_val, y_val = task_xy(*arrays["validation"], task, cfg.data.covid_negatives)
+    x_train, x_val = as_float(x_train, cfg.data.image_size), as_float(x_val, cfg.data.image_size)
     cfg.train.seed, cfg.train.precision = seed, precision
     cfg.train.epochs = epochs or cfg.train.epochs
     batch = cfg.train.batch_size
@@ -227,7 +250,7 @@ def fit_one(bundle_dir, cache, recipe, task, seed, precision, work, bare_epochs=
         "device": device_name(),
     }
     for split in ("validation", "holdout", "val"):  # every image of the split: the cascade runs both stages on all
-        p = model.predict(as_float(arrays[split][0]), batch_size=256, verbose=0)
+        p = model.predict(as_float(arrays[split][0], cfg.data.image_size), batch_size=256, verbose=0)
         result["probabilities"][split] = np.round(np.asarray(p, dtype="float64"), 6).tolist()
     if bare_epochs:
         result["bare_images_per_s"] = bare_rate(cfg, x_train, y_train, bare_epochs)
@@ -305,7 +328,8 @@ def train(args):
     timing += [("study", task, 0, "mixed_bfloat16") for task in TASKS] if args.bf16 else []
     for recipe, task, seed, precision in timing:  # alone on the GPU, so their rates are the machine's
         subprocess.run(base + [recipe, task, str(seed), "--precision", precision, "--bare-epochs", "3"], check=False)
-    explicit = EXTRA_JOBS if args.extra else args.jobs
+    explicit = {"extra": EXTRA_JOBS, "third": THIRD_JOBS, "fourth": FOURTH_JOBS, "fifth": FIFTH_JOBS}.get(
+        args.round, args.jobs)
     queue = [tuple(j.split(":")[:2]) + (int(j.split(":")[2]),) for j in explicit] if explicit else jobs()
     queue, running = [(r, t, s) for r, t, s in queue if not args.only or r in args.only], []
     deadline = start + args.budget
@@ -381,8 +405,21 @@ def cascade_scores(p_infected, p_covid, labels, target_recall=0.5):
     pred = cascade_decisions(pi, pc, ti, tc)
     y = labels["validation"]
     f1 = f1_score(y, pred, labels=[0, 1, 2], average=None)
+    # Where a normal X-ray goes when the first stage lets it through: the share of validation's normal images
+    # that the covid stage alone calls covid (the issue's test found most normal errors called covid).
+    normals_covid = float(np.mean(pc[y == 0] > tc))
     return {"accuracy": float(np.mean(pred == y)), "f1": [round(float(v), 4) for v in f1],
-            "t_infected": ti, "t_covid": tc, "n": int(len(y))}
+            "t_infected": ti, "t_covid": tc, "n": int(len(y)), "normals_called_covid": round(normals_covid, 4)}
+
+
+def val_grid(mean, y, scores):
+    """The ensemble on the release's 25-image val/ at its thresholds: a look at the release's other images,
+    too few to choose anything on (nothing is chosen on them)."""
+    from cxrkeras.models.cascade import cascade_decisions
+
+    pred = cascade_decisions(mean["infected"]["val"], mean["covid"]["val"], scores["t_infected"], scores["t_covid"])
+    return {"right": int(np.sum(pred == y)), "n": int(len(y)), "normals": int(np.sum(y == 0)),
+            "normals_called_covid": int(np.sum((y == 0) & (pred == 2)))}
 
 
 def table(results, labels):
@@ -394,9 +431,10 @@ def table(results, labels):
             continue
         probs = {s: {t: results[(recipe, t, s)]["probabilities"] for t in TASKS} for s in seeds}
         row = {"seeds": {s: cascade_scores(probs[s]["infected"], probs[s]["covid"], labels) for s in seeds}}
-        mean = {t: {sp: np.mean([np.asarray(probs[s][t][sp]) for s in seeds], axis=0) for sp in ("validation", "holdout")}
-                for t in TASKS}
+        mean = {t: {sp: np.mean([np.asarray(probs[s][t][sp]).reshape(-1) for s in seeds], axis=0)
+                    for sp in ("validation", "holdout", "val")} for t in TASKS}
         row["ensemble"] = cascade_scores(mean["infected"], mean["covid"], labels)
+        row["val_grid"] = val_grid(mean, labels["val"], row["ensemble"])
         row["best_epochs"] = {t: [results[(recipe, t, s)]["best_epoch"] for s in seeds] for t in TASKS}
         row["fit_seconds"] = sum(results[(recipe, t, s)]["fit_seconds"] for s in seeds for t in TASKS)
         out[recipe] = row
@@ -429,8 +467,11 @@ def lever_rows(rows):
             "recipe": recipe, "seeds": len(accs), "accuracy_per_seed": [round(a, 4) for a in accs],
             "accuracy_mean": round(float(np.mean(accs)), 4), "accuracy_spread": round(max(accs) - min(accs), 4),
             "covid_f1_mean": round(float(np.mean([v["f1"][2] for v in row["seeds"].values()])), 4),
+            "normals_called_covid_mean": round(float(np.mean([v["normals_called_covid"]
+                                                              for v in row["seeds"].values()])), 4),
             "ensemble_accuracy": round(row["ensemble"]["accuracy"], 4), "ensemble_f1": row["ensemble"]["f1"],
             "ensemble_covid_f1": row["ensemble"]["f1"][2], "best_epochs": row["best_epochs"],
+            "val_grid": row["val_grid"],
         })
     return out
 
@@ -446,24 +487,51 @@ def print_table(rows):
               f"{r['best_epochs']['infected']}; {r['best_epochs']['covid']} |")
 
 
-def write_provenance(args):
-    """OUT/provenance.json, read by ship.py: where the fits ran, the commands that rebuild them, the lever table."""
-    shipped = args.recipes[0]  # the first recipe named is the one ship.py ships
-    results, labels = load_results(args.results), labels_of(args.bundle)
-    rebuild = [
-        "python experiments/gpu_levers.py bundle --data ../shared/cxr-dataset --out .gpu",
-        "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out --bf16  # GPU machine",
-        "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out2 --no-timing --extra",
-        f"python experiments/gpu_levers.py runs gpu-out gpu-out2 --recipes {' '.join(args.recipes)} "
-        f"--data ../shared/cxr-dataset --out exp-gpu --machine '{args.machine}'",
+# The device runs behind the lever table (see the run rounds above), then the table into the shipped metrics.
+LEVER_RUNS = [
+    "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out --bf16  # GPU machine",
+    "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out2 --no-timing --round extra",
+    "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out3 --no-timing --round third",
+    "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out4 --no-timing --round fourth",
+    "KERAS_BACKEND=jax python experiments/gpu_levers.py train --bundle .gpu --out gpu-out5 --no-timing --round fifth",
+]
+
+
+def rebuild_commands(recipes, machine):
+    """The commands that rebuild the shipped cascade (the first of `recipes`) and its card's lever table."""
+    shipped = recipes[0]  # the first recipe named is the one ship.py ships
+    return ["python experiments/gpu_levers.py bundle --data ../shared/cxr-dataset --out .gpu"] + LEVER_RUNS + [
+        f"python experiments/gpu_levers.py runs gpu-out gpu-out2 --recipes {' '.join(recipes)} "
+        f"--data ../shared/cxr-dataset --out exp-gpu --machine '{machine}'",
         f"python experiments/ship.py --runs exp-gpu --data ../shared/cxr-dataset --recipe {shipped} "
         f"--cascade {shipped}-ensemble --overwrite",
+        "python experiments/gpu_levers.py levers gpu-out gpu-out2 gpu-out3 gpu-out4 gpu-out5 --recipes "
+        f"{' '.join(recipes)} && python experiments/ship.py --card-only",
     ]
+
+
+def write_provenance(args):
+    """OUT/provenance.json, read by ship.py: where the fits ran, the commands that rebuild them, the lever table."""
+    results, labels = load_results(args.results), labels_of(args.bundle)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "provenance.json"), {
-        "machine": args.machine, "rebuild": rebuild, "levers": lever_rows(table(results, labels)),
-        "three_class": three_class_rows(results, labels),
+        "machine": args.machine, "rebuild": rebuild_commands(args.recipes, args.machine),
+        "levers": lever_rows(table(results, labels)), "three_class": three_class_rows(results, labels),
     })
+
+
+def update_levers(args):
+    """Rewrite the lever table and the three-class rows of a shipped metrics.json from every run's results."""
+    results, labels = load_results(args.results), labels_of(args.bundle)
+    with open(args.metrics) as f:
+        metrics = json.load(f)
+    metrics["levers"] = lever_rows(table(results, labels))
+    metrics["three_class"] = three_class_rows(results, labels)
+    metrics["rebuild"] = rebuild_commands(args.recipes, metrics["machine"])
+    with open(args.metrics + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=2)
+    os.replace(args.metrics + ".tmp", args.metrics)
+    print(f"{args.metrics}: {len(metrics['levers'])} recipes, {len(metrics['three_class'])} three-class trunks")
 
 
 def runs(args):
@@ -529,7 +597,9 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", help="Only these recipes (tries).")
     p.add_argument("--epochs", type=int, help="Override every schedule's epochs (tries).")
     p.add_argument("--jobs", nargs="+", help="RECIPE:TASK:SEED fits to run instead of the plan (task three-class too).")
-    p.add_argument("--extra", action="store_true", help="Run EXTRA_JOBS (the three-class CNNs, the last seeds).")
+    p.add_argument("--round", choices=["extra", "third", "fourth", "fifth"],
+                   help="Run EXTRA_JOBS (the three-class CNNs, the last seeds of run 1), THIRD_JOBS (contrast "
+                        "normalisation, resolution) or FOURTH_JOBS (twice the epochs) instead of the plan.")
     p.add_argument("--no-timing", action="store_true", help="Skip the timing runs of the study's classifiers.")
     p = sub.add_parser("one", help="One fit (train runs these).")
     p.add_argument("recipe")
@@ -545,6 +615,11 @@ def main(argv=None):
     p.add_argument("results", nargs="+", help="train's --out folders (or results.json files).")
     p.add_argument("--bundle", default=".gpu")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("levers", help="The lever table of every run into a shipped metrics.json (here).")
+    p.add_argument("results", nargs="+", help="train's --out folders (or results.json files).")
+    p.add_argument("--bundle", default=".gpu")
+    p.add_argument("--metrics", default=os.path.join("saved_models", "cascade", "metrics.json"))
+    p.add_argument("--recipes", nargs="+", default=["long", "study"], help="As `runs` was given (the rebuild line).")
     p = sub.add_parser("runs", help="Run folders of recipes' members, their cascades and evaluations (here).")
     p.add_argument("results", nargs="+", help="train's --out folders (or results.json files).")
     p.add_argument("--recipes", nargs="+", required=True)
@@ -575,6 +650,8 @@ def main(argv=None):
                 accs = list(row["seeds"].values())
                 print(f"three-class {recipe}: accuracy per seed {accs}, mean {np.mean(accs):.4f} "
                       f"(spread {max(accs) - min(accs):.4f}), ensemble {row['ensemble']:.4f}, F1 {row['ensemble_f1']}")
+    elif args.command == "levers":
+        update_levers(args)
     else:
         runs(args)
 

@@ -116,6 +116,8 @@ def test_task_labels(synthetic_dataset):
     paths, y = data.task_arrays(samples, "covid")
     assert len(paths) == 20 and all("normal" not in p for p in paths)
     assert [int("/covid/" in p) for p in paths] == y.tolist()
+    paths, y = data.task_arrays(samples, "covid", covid_negatives="all")  # normal X-rays count as not covid
+    assert len(paths) == 30 and [int("/covid/" in p) for p in paths] == y.tolist() and y.tolist().count(1) == 10
     paths, y = data.task_arrays(samples, "three-class")
     assert sorted(Counter(y.tolist()).items()) == [(0, 10), (1, 10), (2, 10)]
     with pytest.raises(ValueError, match="'pneumonia'"):

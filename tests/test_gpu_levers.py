@@ -28,7 +28,23 @@ def test_each_lever_changes_only_its_setting_of_long(task):
     for name, change in levers.LEVERS.items():
         config = flat(levers.recipe_config(name, task))
         assert {k for k in config if config[k] != long[k]} == set(change), name
-        assert all(config[k] == v for k, v in change.items())
+        assert all(config[k] == (v[task] if isinstance(v, dict) else v) for k, v in change.items())
+
+
+def test_the_later_rounds_name_known_recipes_both_stages_and_three_seeds():
+    for round_jobs in (levers.THIRD_JOBS, levers.FOURTH_JOBS, levers.FIFTH_JOBS):
+        jobs = [j.split(":") for j in round_jobs]
+        assert all(r in levers.LEVERS and t in levers.TASKS and s in "012" for r, t, s in jobs)
+        assert all([r, other, s] in jobs for r, _, s in jobs for other in levers.TASKS)
+    assert levers.recipe_config("long-x2", "covid")["train"]["epochs"] == 2 * levers.LONG_EPOCHS["covid"]
+
+
+def test_as_float_resizes_as_the_pipeline_decodes():
+    x = np.random.default_rng(0).integers(0, 256, (3, 150, 150, 1)).astype("uint8")
+    assert np.array_equal(levers.as_float(x), x / np.float32(255))
+    big = levers.as_float(x, 224)
+    assert big.shape == (3, 224, 224, 1) and big.dtype == np.float32
+    assert abs(big.mean() - x.mean() / 255) < 2e-3  # an upsampling keeps the mean grey level
 
 
 def test_jobs_run_groups_in_priority_order_with_both_stages_of_each_seed():
@@ -49,6 +65,8 @@ def test_task_arrays_follow_the_cascade_stages():
     assert yi.reshape(-1).tolist() == [0, 1, 1, 1, 1] and yi.dtype == np.float32 and len(xi) == 5
     xc, yc = levers.task_xy(x, labels3, "covid")
     assert xc.reshape(-1).tolist() == [1, 2, 3, 4] and yc.reshape(-1).tolist() == [0, 1, 1, 0]
+    xa, ya = levers.task_xy(x, labels3, "covid", "all")
+    assert xa.reshape(-1).tolist() == [0, 1, 2, 3, 4] and ya.reshape(-1).tolist() == [0, 0, 1, 1, 0]
 
 
 def test_cascade_scores_pick_thresholds_on_the_holdout_and_score_validation():
@@ -62,6 +80,9 @@ def test_cascade_scores_pick_thresholds_on_the_holdout_and_score_validation():
     pred = np.where(p_i["validation"] <= pick["t_infected"], 0, np.where(p_c["validation"] > pick["t_covid"], 2, 1))
     assert scores["accuracy"] == pytest.approx(np.mean(pred == labels["validation"]))
     assert scores["n"] == 60 and len(scores["f1"]) == 3
+    normals = labels["validation"] == 0  # the covid stage alone on the normal X-rays
+    assert scores["normals_called_covid"] == pytest.approx(np.mean(p_c["validation"][normals] > pick["t_covid"]),
+                                                            abs=1e-4)
 
 
 def test_collect_merges_results_and_packs_members_by_priority_within_the_limit(tmp_path, monkeypatch):
@@ -112,3 +133,26 @@ def test_three_class_recipes_and_their_scores():
     rows = levers.three_class_rows(results, labels)
     assert list(rows) == ["study"] and rows["study"]["seeds"] == {0: 0.75, 1: 0.75}
     assert rows["study"]["ensemble"] == 1.0  # the mean of the two gets all four right
+
+
+def test_table_rows_score_each_seed_the_ensemble_and_the_val_grid():
+    rng = np.random.default_rng(1)
+    labels = {sp: rng.integers(0, 3, n) for sp, n in (("holdout", 60), ("validation", 60), ("val", 9))}
+    results = {}
+    for seed in (0, 1):
+        p_i = {sp: np.clip((y > 0) * 0.6 + rng.random(len(y)) * 0.5, 0, 1) for sp, y in labels.items()}
+        p_c = {sp: np.clip((y == 2) * 0.5 + rng.random(len(y)) * 0.6, 0, 1) for sp, y in labels.items()}
+        for task, p in (("infected", p_i), ("covid", p_c)):
+            results[("long", task, seed)] = {"probabilities": {sp: v[:, None].tolist() for sp, v in p.items()},
+                                             "best_epoch": 3, "fit_seconds": 1.0}
+    [row] = levers.lever_rows(levers.table(results, labels))
+    assert row["recipe"] == "long" and row["seeds"] == 2
+    prob = {t: {sp: np.mean([np.asarray(results[("long", t, s)]["probabilities"][sp]).reshape(-1) for s in (0, 1)],
+                            axis=0) for sp in labels} for t in levers.TASKS}
+    ensemble = levers.cascade_scores(prob["infected"], prob["covid"], labels)
+    assert row["ensemble_accuracy"] == round(ensemble["accuracy"], 4)
+    pred = np.where(prob["infected"]["val"] <= ensemble["t_infected"], 0,
+                    np.where(prob["covid"]["val"] > ensemble["t_covid"], 2, 1))
+    y = labels["val"]
+    assert row["val_grid"] == {"right": int(np.sum(pred == y)), "n": 9, "normals": int(np.sum(y == 0)),
+                               "normals_called_covid": int(np.sum((y == 0) & (pred == 2)))}

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cxrkeras import training
+from cxrkeras import savedmodel, training
 from cxrkeras.augment import AUGMENTATION_SETTINGS, BorderErase, augmentation
 from cxrkeras.cli import main
 from cxrkeras.config import AUGMENTATIONS, ModelConfig, RunConfig, TrainConfig, resnet_model_config
 from cxrkeras.evaluation import grad_cam, gradcam_layer
+from cxrkeras.export import export_model
 from cxrkeras.models import build_model, check_config, task_info
+from cxrkeras.models.classifiers import Equalize
 
 # ---------------------------------------------------------------- the resnet trunk
 
@@ -59,7 +61,29 @@ def test_contrast_standardize_makes_the_input_exposure_blind():
     assert np.allclose(model.predict(x, verbose=0), model.predict(0.5 * x + 0.2, verbose=0), atol=1e-3)
 
 
-@pytest.mark.parametrize("field, value", [("contrast", "clahe"), ("filters", [8]), ("dense_units", -1)])
+def test_contrast_equalize_is_histogram_equalisation_blind_to_monotone_changes(tmp_path):
+    levels = np.round(np.random.default_rng(0).random((2, 32, 32, 1)) ** 2 * 229)  # grey levels 0..229
+    x = (levels / 255).astype("float32")
+    out = np.asarray(Equalize()(x))
+    for image, equalized in zip(levels.astype(int), out):  # the share of the image below each level, ties half
+        counts = np.bincount(image.ravel(), minlength=256)
+        expected = (np.cumsum(counts) - counts / 2)[image.ravel()] / image.size
+        assert np.allclose(equalized.ravel(), expected, atol=1e-6)
+    shifted = ((levels + 26) / 255).astype("float32")  # brighter by 26 levels: the same order of grey levels
+    assert np.allclose(np.asarray(Equalize()(shifted)), out, atol=1e-6)
+    config = ModelConfig(task="infected", arch="resnet", blocks=1, filters=[4, 8], dense_units=0, image_size=32,
+                         contrast="equalize")
+    model = build_model(config)
+    assert np.allclose(model.predict(shifted, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert np.allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    version = export_model(model, tmp_path / "export", task="infected")  # its ops pass the SavedModel allow-list
+    served = savedmodel.load(version).signatures["predict_images"](images=x)
+    assert np.allclose(served["probabilities"].numpy()[:, 1:], model.predict(x, verbose=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [("contrast", "gamma"), ("filters", [8]), ("dense_units", -1)])
 def test_resnet_config_errors_name_the_field(field, value):
     config = resnet_model_config("infected")
     setattr(config, field, value)
@@ -141,6 +165,7 @@ def test_three_class_label_smoothing_on_integer_labels():
 @pytest.mark.parametrize("section, field, value", [
     ("train", "label_smoothing", 1.0), ("train", "warmup_epochs", -1), ("train", "ema", "yes"),
     ("data", "holdout_fraction", 1.0), ("data", "augmentation", "flips"), ("data", "border_erase", 0.5),
+    ("data", "covid_negatives", "normal"),
 ])
 def test_lever_settings_are_checked(section, field, value):
     cfg = RunConfig()

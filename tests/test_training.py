@@ -214,6 +214,17 @@ def assert_history_agrees_with_the_model(run_dir, data_dir):
     assert not os.path.exists(os.path.join(run_dir, "model.pending.keras"))
 
 
+def test_covid_negatives_all_adds_the_normal_images_to_the_covid_stage(synthetic_dataset):
+    study = training.load_task_data(tiny_run_config(synthetic_dataset, task="covid"))
+    config = tiny_run_config(synthetic_dataset, task="covid")
+    config.data.covid_negatives = "all"
+    every = training.load_task_data(config)
+    assert not any("/normal/" in p for p in study.train_paths + study.val_paths)
+    for paths, labels in ((every.train_paths, every.train_labels), (every.val_paths, every.val_labels)):
+        assert any("/normal/" in p for p in paths) and [int("/covid/" in p) for p in paths] == labels.tolist()
+    assert len(every.train_paths) > len(study.train_paths) and every.fingerprint != study.fingerprint
+
+
 def test_a_finished_run_extends_with_more_epochs(synthetic_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
     first = training.fit(small_run_config(synthetic_dataset), run_dir, verbose=0)

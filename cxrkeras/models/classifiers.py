@@ -34,6 +34,11 @@ def build_model(config, dtype=None):
     if config.contrast == "standardize":  # each image to zero mean and unit variance: exposure-blind input
         x = keras.layers.LayerNormalization(axis=(1, 2, 3), epsilon=1e-6, center=False, scale=False,
                                             dtype="float32", name="contrast")(x)
+    elif config.contrast == "equalize":  # each image's grey levels to their rank in it: exposure- and gamma-blind
+        x = Equalize(name="contrast")(x)
+    elif config.contrast == "clahe":  # Keras' contrast-limited adaptive equalisation (8 x 8 tiles)
+        x = keras.layers.ContrastLimitedAdaptiveHistogramEqualization(value_range=(0, 1), dtype="float32",
+                                                                     name="contrast")(x)
     if config.input_norm:
         x = blocks.batch_norm("input_norm", dtype)(x)
     trunk = {"plain": plain_trunk, "residual": residual_trunk, "resnet": resnet_trunk}[config.arch]
@@ -64,6 +69,36 @@ class TaskInfo(keras.layers.Identity):
 
     def get_config(self):
         return {**super().get_config(), "task": self.task, "class_names": list(self.class_names)}
+
+
+@keras.saving.register_keras_serializable(package="cxrkeras")
+class Equalize(keras.layers.Layer):
+    """Histogram equalisation of each image: a grey level becomes the share of its image below it (ties half).
+
+    The input is [0, 1] pixels, read as 256 grey levels; the output lies in
+    (0, 1). Any increasing change of brightness, contrast or gamma leaves it
+    unchanged. Keras' own `Equalization` layer passes tensors through unchanged
+    inside a functional model (Keras 3.15), hence this one. The 256-bin
+    histogram is the product of one-hot codes of the level's high and low 4
+    bits (a batched matmul), so it compiles under XLA and exports with the
+    SavedModel's plain ops.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, images):
+        ops = keras.ops
+        shape = ops.shape(images)
+        levels = ops.cast(ops.clip(ops.round(images * 255.0), 0, 255), "int32")
+        levels = ops.reshape(levels, (shape[0], -1))  # [batch, pixels]
+        high = ops.one_hot(levels // 16, 16, dtype=self.compute_dtype)
+        low = ops.one_hot(levels % 16, 16, dtype=self.compute_dtype)
+        counts = ops.reshape(ops.matmul(ops.transpose(high, (0, 2, 1)), low), (shape[0], 256))
+        below = ops.cumsum(counts, axis=1) - counts / 2.0  # pixels below each level, ties counted half
+        ranks = ops.take_along_axis(below, levels, axis=1) / ops.cast(ops.shape(levels)[1], self.compute_dtype)
+        return ops.reshape(ranks, shape)
 
 
 def task_info(model):
