@@ -264,11 +264,8 @@ def logit_head(model):
 def grad_cam(model, image, layer_name=None, class_index=None):
     """Grad-CAM heatmap [H, W] in [0, 1] of `image` ([H, W, 1]) for `class_index` (default: the argmax).
 
-    Gradients of the class logit (pre-sigmoid / pre-softmax; for a single
-    sigmoid unit class 0's score is minus the logit) with respect to
-    `layer_name`'s output (default `gradcam_layer(model)`), averaged over
-    space, weight its channels; the ReLU of the weighted sum is resized to the
-    image and divided by its maximum. Uses TensorFlow's GradientTape.
+    `grad_cam_batch` on one image, with `layer_name` (default
+    `gradcam_layer(model)`) as the feature layer.
     """
     import tensorflow as tf
 
@@ -277,29 +274,47 @@ def grad_cam(model, image, layer_name=None, class_index=None):
     scored = head.input if head is not None else model.outputs[0]
     grad_model = keras.Model(_single_input(model), [model.get_layer(layer_name).output, scored])
     x = tf.convert_to_tensor(np.asarray(image, "float32")[None])
+    if class_index is None:
+        p = np.asarray(model(x, training=False), "float32")[0]
+        class_index = int(p[0] > 0.5) if p.shape[-1] == 1 else int(np.argmax(p))
+    try:
+        heat = grad_cam_batch(grad_model, head, x, tf.constant([class_index], tf.int64))
+    except ValueError as e:
+        raise EvaluationError(f"Layer {layer_name!r} of {model.name!r}: {e}") from e
+    return heat[0].numpy().astype("float32")
+
+
+def grad_cam_batch(grad_model, head, images, class_index):
+    """Grad-CAM [N, H, W] in [0, 1] of each image for its `class_index` [N] (what `export`'s explain runs).
+
+    `grad_model` maps images to (feature layer output, the head's input; or
+    the output itself when `head` is None). The score is the class logit
+    (pre-sigmoid / pre-softmax; for one sigmoid unit class 0 scores minus the
+    logit); the gradients with respect to the features, averaged over space,
+    weight its channels; the ReLU of the weighted sum is resized to the image
+    and divided by its maximum. Images are independent in inference mode, so
+    the gradient of the summed scores gives each image its own gradients.
+    Uses TensorFlow's GradientTape.
+    """
+    import tensorflow as tf
+
     with tf.GradientTape() as tape:
-        features, out = grad_model(x, training=False)
+        features, logits = grad_model(images, training=False)
+        logits = tf.cast(logits, tf.float32)
         if head is not None:
-            out = tf.cast(out, "float32")
-            out = tf.matmul(out, tf.cast(head.kernel, "float32")) + tf.cast(head.bias, "float32")
-        out = tf.cast(out, "float32")
-        if out.shape[-1] == 1:  # one sigmoid unit: class 1 is the unit, class 0 its negation
-            if class_index is None:
-                class_index = int(out[0, 0] > 0) if head is not None else int(out[0, 0] > 0.5)
-            score = out[0, 0] if class_index == 1 else -out[0, 0]
+            logits = tf.matmul(logits, tf.cast(head.kernel, tf.float32)) + tf.cast(head.bias, tf.float32)
+        if logits.shape[-1] == 1:
+            score = tf.where(class_index == 1, logits[:, 0], -logits[:, 0])
         else:
-            if class_index is None:
-                class_index = int(tf.argmax(out[0]))
-            score = out[0, class_index]
-    grads = tape.gradient(score, features)
-    features = tf.cast(features, "float32")
+            score = tf.gather(logits, class_index, batch_dims=1)
+        total = tf.reduce_sum(score)
+    grads = tape.gradient(total, features)
     if grads is None:
-        raise EvaluationError(f"Layer {layer_name!r} of {model.name!r} does not affect the output.")
-    weights = tf.reduce_mean(tf.cast(grads, "float32"), axis=(0, 1, 2))
-    cam = tf.nn.relu(tf.reduce_sum(features[0] * weights, axis=-1))
-    cam = tf.image.resize(cam[..., None], np.asarray(image).shape[:2], method="bilinear")[..., 0].numpy()
-    peak = cam.max()
-    return (cam / peak if peak > 0 else np.zeros_like(cam)).astype("float32")
+        raise ValueError("the feature layer does not affect the output")
+    weights = tf.reduce_mean(tf.cast(grads, tf.float32), axis=(1, 2))
+    cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * weights[:, None, None, :], axis=-1))
+    cam = tf.image.resize(cam[..., None], tf.shape(images)[1:3], method="bilinear")[..., 0]
+    return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
 
 
 def explained_model(model, kind, prediction):

@@ -172,31 +172,6 @@ def stage_explainers(model, kind):
     return explainers
 
 
-def grad_cam_batch(grad_model, head, images, class_index):
-    """Grad-CAM [N, H, W] in [0, 1] of each image for its `class_index` [N], as `evaluation.grad_cam` does.
-
-    The score is the class logit (for one sigmoid unit, class 0 scores minus
-    the logit); images are independent in inference mode, so the gradient of
-    the summed scores gives each image its own gradients.
-    """
-    import tensorflow as tf
-
-    with tf.GradientTape() as tape:
-        features, hidden = grad_model(images, training=False)
-        logits = tf.matmul(tf.cast(hidden, tf.float32), tf.cast(head.kernel, tf.float32))
-        logits += tf.cast(head.bias, tf.float32)
-        if logits.shape[-1] == 1:
-            score = tf.where(class_index == 1, logits[:, 0], -logits[:, 0])
-        else:
-            score = tf.gather(logits, class_index, batch_dims=1)
-        total = tf.reduce_sum(score)
-    grads = tf.cast(tape.gradient(total, features), tf.float32)
-    weights = tf.reduce_mean(grads, axis=(1, 2))
-    cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * weights[:, None, None, :], axis=-1))
-    cam = tf.image.resize(cam[..., None], tf.shape(images)[1:3], method="bilinear")[..., 0]
-    return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
-
-
 def explain_batch(explainers, images, class_id):
     """(heatmaps [N, H, W], names [N] of the classifier explained) for decisions `class_id` [N].
 
@@ -205,6 +180,8 @@ def explain_batch(explainers, images, class_id):
     classifier's covid (2) or non-covid (1) class.
     """
     import tensorflow as tf
+
+    from cxrkeras.evaluation import grad_cam_batch
 
     if len(explainers) == 1:
         name, grad_model, head = explainers[0]

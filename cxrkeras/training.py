@@ -518,7 +518,6 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             raise ValueError(f"Unknown `monitor`; expected one of {list(MONITORS)}. Received: monitor={monitor!r}")
         self.filepath, self.state_path, self.monitor = filepath, state_path, monitor
         self.pending_path = pending_model_path(filepath)
-        self.mode = MONITORS[monitor]
         self.target = model
         self.best, self.best_epoch = None, None
 
@@ -527,14 +526,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         if state.get("monitor") == self.monitor and state.get("best") is not None:
             self.best, self.best_epoch = state["best"], state["best_epoch"]
 
-    def improved(self, value):
-        if self.best is None:
-            return True
-        return value < self.best if self.mode == "min" else value > self.best
-
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
-        if value is None or not math.isfinite(float(value)) or not self.improved(float(value)):
+        if value is None or not math.isfinite(float(value)) or not improves(self.monitor, float(value), self.best):
             return
         save_model_atomic(self.target or self.model, self.pending_path)
         self.best, self.best_epoch = float(value), epoch
@@ -544,6 +538,11 @@ class BestModelCheckpoint(keras.callbacks.Callback):
 
     def commit(self, epochs_done):
         settle_pending(self.filepath, self.state_path, epochs_done)
+
+
+def improves(monitor, value, best):
+    """Whether `value` of `monitor` beats `best` (None: nothing yet), in the monitor's direction (MONITORS)."""
+    return best is None or (value < best if MONITORS[monitor] == "min" else value > best)
 
 
 def pending_model_path(filepath):

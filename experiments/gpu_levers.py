@@ -271,11 +271,10 @@ class BestWeights(keras.callbacks.Callback):
         self.value, self.epoch, self.weights = None, -1, None
 
     def on_epoch_end(self, epoch, logs=None):
-        from cxrkeras.config import MONITORS
+        from cxrkeras.training import improves
 
         value = float(logs[self.monitor])
-        better = self.weights is None or (value < self.value if MONITORS[self.monitor] == "min" else value > self.value)
-        if better:
+        if improves(self.monitor, value, self.value):
             self.value, self.epoch, self.weights = value, epoch, self.classifier.get_weights()
 
 
