@@ -45,10 +45,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-CLASSES = ("normal", "non-covid", "covid")
+from cxrkeras.config import CLASSES  # noqa: E402
+
 SPLITS = ("train", "validation", "holdout", "val")
 HOLDOUT = 0.1  # experiments/seeds.py's carve: the same validation and holdout as the shipped cascade
 LONG_EPOCHS = {"infected": 24, "covid": 42}  # three times the resnet recipe's (seeds.RESNET_EPOCHS)
+TWICE_LONG_EPOCHS = {task: 2 * epochs for task, epochs in LONG_EPOCHS.items()}
 # Each lever is one change to the "long" recipe (the resnet recipe with LONG_EPOCHS), as dotted RunConfig fields.
 LEVERS = {
     "long-no-erase": {"data.border_erase": 0.0},
@@ -63,8 +65,8 @@ LEVERS = {
     "long-clahe": {"model.contrast": "clahe"},
     "long-224": {"data.image_size": 224, "model.image_size": 224},
     # The fourth run (--round fourth): twice long's epochs, alone and with the deeper trunk.
-    "long-x2": {"train.epochs": {t: 2 * e for t, e in LONG_EPOCHS.items()}},
-    "long-deep-x2": {"model.blocks": 2, "train.epochs": {t: 2 * e for t, e in LONG_EPOCHS.items()}},
+    "long-x2": {"train.epochs": TWICE_LONG_EPOCHS},
+    "long-deep-x2": {"model.blocks": 2, "train.epochs": TWICE_LONG_EPOCHS},
     # The fifth run (--round fifth): the covid stage learns normal X-rays as not covid too.
     "long-all-negatives": {"data.covid_negatives": "all"},
 }

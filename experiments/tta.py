@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-CLASSES = ("normal", "non-covid", "covid")
+from cxrkeras.config import CLASSES  # noqa: E402
+
 SEEDS = (0, 1, 2)
 ZOOM, DEGREES = 0.9, 7.0  # the views: crops of 90% of the side, rotations of +-7 degrees
 
