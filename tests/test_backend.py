@@ -97,7 +97,7 @@ def test_a_fit_under_jax_evaluates_exports_and_predicts_the_same_under_tensorflo
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["completed"] and record["epochs_run"] == 1
     saved = json.loads((tmp_path / "runs" / "infected" / "jax" / "config.json").read_text())
-    assert saved["train"]["precision"] == record["precision"] == training.resolve_precision("auto")
+    assert saved["train"]["precision"] == record["precision"] == "float32"  # --config's own, not "auto"
     assert keras.backend.backend() == "tensorflow"
     from cxrkeras.runs import load_model
 
