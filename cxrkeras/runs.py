@@ -187,7 +187,7 @@ def save_derived(model, source, out_dir, record_file, record, overwrite=False):
         carried = read_json(os.path.join(folder, name)) if name != record_file else None
         if name == CASCADE_FILE and isinstance(carried, dict):
             t_infected, t_covid = cascade_thresholds(model)
-            carried = {**carried, "thresholds": {"infected": t_infected, "covid": t_covid}, "derived_from": source}
+            carried = {**carried, "thresholds": {"infected": t_infected, "covid": t_covid}, "derived_from": os.fspath(source)}
         if carried is not None:
             write_json_atomic(os.path.join(out_dir, name), carried)
     path = save_model_atomic(model, os.path.join(out_dir, MODEL_FILE))
