@@ -168,22 +168,6 @@ def test_an_adapted_cascade_exports_as_the_next_version_and_serves(tmp_path, sit
         thread.join(30)
 
 
-def test_evaluate_adapt_on_scores_both_and_says_on_what(synthetic_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(adapt_lib, "MIN_IMAGES", 5)
-    source = tmp_path / "cascade"
-    source.mkdir()
-    cascade_lib.build_cascade(tiny("infected"), tiny("covid"), 0.5, 0.5).save(source / "model.keras")
-    test_dir = os.path.join(synthetic_dataset, "test")
-    result = CliRunner().invoke(main, ["evaluate", str(source), "--data", synthetic_dataset, "--adapt-on", test_dir,
-                                       "--out", str(tmp_path / "eval")])
-    assert result.exit_code == 0, result.output
-    assert "adapted on the evaluated test split itself (9 images, labels unread)" in result.output
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    scores = metrics["adaptation"]["scores"]
-    assert set(scores) == {"without", "with"} and scores["without"]["accuracy"] == metrics["accuracy"]
-    assert (tmp_path / "eval" / "adapted" / "metrics.json").exists()
-
-
 # ---------------------------------------------------------------- temperature scaling
 
 
@@ -227,7 +211,7 @@ def test_a_calibrated_cascade_keeps_every_decision_and_exports(tmp_path):
     np.testing.assert_allclose(out["probabilities"].numpy(), p_new[:8], atol=1e-5)
 
 
-def test_calibrate_fits_on_the_holdout_only(synthetic_dataset, tmp_path):
+def test_calibrate_on_the_holdout_then_predict_and_evaluate(synthetic_dataset, tmp_path, monkeypatch):
     from cxrkeras.thresholds import make_cascade
 
     folders = write_runs(tmp_path, synthetic_dataset, holdout_fraction=0.3)
@@ -249,6 +233,21 @@ def test_calibrate_fits_on_the_holdout_only(synthetic_dataset, tmp_path):
     assert result.exit_code == 0, result.output
     answer = json.loads(result.output[result.output.index("["):])[0]
     assert answer["calibrated"] == record["temperatures"] and answer["adapted"] is None
+
+    # evaluate: ECE before and after the temperatures; --adapt-on the evaluated split, scored with and without
+    monkeypatch.setattr(adapt_lib, "MIN_IMAGES", 5)  # the synthetic test split has 9 images
+    result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "cal"), "--data", synthetic_dataset,
+                                       "--adapt-on", os.path.join(synthetic_dataset, "test"),
+                                       "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert "adapted on the evaluated test split itself (9 images, labels unread)" in result.output
+    assert "before temperature scaling" in result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["calibration"]["temperatures"] == record["temperatures"]
+    assert (tmp_path / "eval" / "calibration_before.png").exists()
+    scores = metrics["adaptation"]["scores"]
+    assert set(scores) == {"without", "with"} and scores["without"]["accuracy"] == metrics["accuracy"]
+    assert json.loads((tmp_path / "eval" / "adapted" / "metrics.json").read_text())["accuracy"] == scores["with"]["accuracy"]
 
     no_holdout = write_runs(tmp_path / "plain", synthetic_dataset) if (tmp_path / "plain").mkdir() is None else None
     make_cascade(no_holdout["infected"], no_holdout["covid"], tmp_path / "plain-cascade")
