@@ -20,12 +20,14 @@ import os
 import keras
 import numpy as np
 
+from cxrkeras import calibration
 from cxrkeras import data as data_lib
 from cxrkeras import runs
 from cxrkeras.audit import DEFAULT_BAND, shortcut_audit
 from cxrkeras.files import read_json, write_json_atomic
 from cxrkeras.models import cascade as cascade_lib
 from cxrkeras.models import conv_layer_names, explained_classifier
+from cxrkeras.models.temperature import Temperature
 
 SPLIT_NAMES = ("validation", "holdout", "val", "test")
 GRID_SIZE = 25  # the study's Figure 2.8.2
@@ -258,8 +260,6 @@ def logit_head(model):
 
     A calibrated classifier's Temperature layer after it is looked through (it rescales the logit only).
     """
-    from cxrkeras.models.temperature import Temperature
-
     layers = model.layers
     head = layers[-2] if isinstance(layers[-1], Temperature) and len(layers) > 1 else layers[-1]
     if isinstance(head, keras.layers.Dense) and getattr(head.activation, "__name__", "") in ("sigmoid", "softmax"):
@@ -484,9 +484,9 @@ def evaluate_run(
         **_metrics(model, kind, x, labels, probabilities, predictions, class_names, batch_size),
         "audit": shortcut_audit(model, x, labels, audit_band or DEFAULT_BAND, batch_size),
     }
-    from cxrkeras import calibration
-
-    metrics["calibration"], uncalibrated = calibration.evaluation_section(model, x, labels, metrics["ece"], batch_size)
+    calibrated, uncalibrated = calibration.evaluation_section(model, x, labels, metrics["ece"], batch_size)
+    if calibrated:
+        metrics["calibration"] = calibrated  # temperatures, ECE before and after
     if split == "validation":
         metrics["validation"] = {"val_fraction": carve["val_fraction"], "seed": carve["seed"]}
     if split in ("validation", "holdout"):
