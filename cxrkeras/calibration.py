@@ -201,6 +201,10 @@ def calibrate(model_path, out_dir, data=None, overwrite=False, batch_size=64, lo
     images = data_lib.load_images([s.path for s in samples], int(model.input_shape[1]))
     labels3 = np.asarray([CLASSES.index(s.label) for s in samples])
     fitted = fit_stages(model, images, labels3, model_path, batch_size)
+    for stage, f in fitted.items():
+        if min(abs(np.log(f["temperature"] / bound)) for bound in TEMPERATURE_RANGE) < 1e-3:
+            log(f"warning: the {stage} stage's temperature {f['temperature']:.3g} is at the end of the range searched "
+                f"{TEMPERATURE_RANGE}: its probabilities barely follow the labels on the holdout.")
     new = with_temperatures(model, {stage: f["temperature"] for stage, f in fitted.items()})
 
     before, after = uncalibrated_model(model), new
