@@ -92,6 +92,18 @@ def test_one_stage_only_leaves_the_other(site, tmp_path):
         np.testing.assert_array_equal(w, b)
 
 
+def test_a_manifest_gives_its_paths_and_nothing_else(site, tmp_path):
+    manifest = tmp_path / "site.csv"
+    rows = [f"{site / f'x{i:03d}.png'},not-a-class\n" for i in range(6)] + ["missing.png,whatever\n"]
+    manifest.write_text("path,label\n" + "".join(rows))  # labels that are no class: never read
+    good, problems = adapt_lib.readable_images(manifest, min_images=6)
+    assert [s.path for s in good] == [str(site / f"x{i:03d}.png") for i in range(6)]
+    assert [os.path.basename(p.path) for p in problems] == ["missing.png"]
+    (tmp_path / "no-path.csv").write_text("file,label\nx.png,normal\n")
+    with pytest.raises(adapt_lib.AdaptError, match="`path` column"):
+        adapt_lib.image_paths(tmp_path / "no-path.csv")
+
+
 def test_a_site_shift_costs_accuracy_and_adapt_wins_it_back():
     """A tiny classifier trained on synthetic X-rays; the new site's are brighter with less contrast."""
     rng = np.random.default_rng(0)
@@ -127,6 +139,8 @@ def test_cli_refuses_too_few_images_and_its_own_input(tmp_path, site):
     assert result.exit_code == 2
     assert "6 readable image(s) (1 skipped); adapt needs at least 64 images (one training batch" in result.output
     assert "--images" in CliRunner().invoke(main, ["adapt", "--help"]).output
+    result = CliRunner().invoke(main, ["adapt", str(source), "--images", str(few), "--out", "o", "--stages", "lungs"])
+    assert result.exit_code == 2 and "'lungs': expected stage names joined by commas" in result.output
 
     result = CliRunner().invoke(main, ["adapt", str(source), "--images", str(site), "--out", str(source)])
     assert result.exit_code == 1 and "the folder of the input model" in result.output
