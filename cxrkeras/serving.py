@@ -476,6 +476,8 @@ class ModelServer:
             "class_names": metadata.get("class_names"),
             "thresholds": metadata.get("thresholds"),
             "image_size": metadata.get("image_size"),
+            "adapted": metadata.get("adapted"),
+            "calibrated": metadata.get("calibrated"),
             "explain": bool(version and "explain" in version.functions),
             "max_batch_size": self.settings.max_batch_size,
             "max_body_bytes": int(self.settings.max_body_mb * 2**20),
