@@ -857,7 +857,7 @@ def tune(task, study, data_path, config_file, tuner, max_trials, executions_per_
     base = build_run_config(task, data_path, config_file, **options)
     progress_to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        with progress_to_stderr:
+        with tuning.hold_project(project_dir), progress_to_stderr:  # one tune per project
             result = tuning.tune(spec, base, project_dir, tuner, max_trials, executions_per_trial, augment_on,
                                  log=lambda message: click.echo(message, err=as_json))
     except KeyboardInterrupt:
