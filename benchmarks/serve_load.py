@@ -8,16 +8,17 @@ next request when the last is answered; every request carries the same
 150x150 JPEG of a synthetic X-ray as {"b64": ...}.
 
 Settings (clients x images per request): 1x1, 4x1, 4x32, each for
---seconds. Before each, the SavedModel is called here on batches of 64 for
---in-process-seconds: the in-process rate is that of all those rounds
-together, so both sides share the load of a shared machine and the ratio
-means something even when the absolute figures drift. The table gives
-images/s, p50 and p99 latency, errors, the mean batch the server ran (from
-its Prometheus metrics) and the ratio to the in-process rate; the targets
-of issue 23 are 4x1 >= 85% of it with p99 < 30 ms and 4x32 >= 95%.
+--rounds rounds of --seconds, each round after --in-process-seconds of the
+SavedModel called here on batches of 64: a setting's ratio is its served
+images/s over the in-process rate of its own rounds, so both sides share the
+load of a shared machine and the ratio means something even when the
+absolute figures drift. The table gives images/s, p50 and p99 latency,
+errors, the mean batch and model call the server ran (from its Prometheus
+metrics), the in-process rate and the ratio; the targets of issue 23 are
+4x1 >= 85% of it with p99 < 30 ms and 4x32 >= 95%.
 
     python benchmarks/serve_load.py
-    python benchmarks/serve_load.py --seconds 10 --json
+    python benchmarks/serve_load.py --rounds 2 --json
 """
 
 import argparse
@@ -151,7 +152,7 @@ def run(args):
     jpeg = xray_jpeg()
     instance = {"b64": base64.b64encode(jpeg).decode()}
     batch = tf.constant([jpeg] * 64)
-    rows, local_images, local_seconds = [], 0, 0.0
+    rows = []
     with tempfile.TemporaryDirectory() as root:
         base = os.path.join(root, "cascade")
         shutil.copytree(args.model, os.path.join(base, "1"))
@@ -163,18 +164,22 @@ def run(args):
             try:
                 load(port, json.dumps({"instances": [instance]}).encode(), 1, 1, 2)  # warm the connection path
                 for clients, per_request in SETTINGS:
-                    images, seconds = in_process(signature, batch, args.in_process_seconds)
-                    local_images, local_seconds = local_images + images, local_seconds + seconds
                     body = json.dumps({"instances": [instance] * per_request}).encode()
+                    local, served, latencies, errors = np.zeros(2), np.zeros(2), [], 0
                     before = batch_sizes(port)
-                    latencies, seconds, errors = load(port, body, per_request, clients, args.seconds)
+                    for _ in range(args.rounds):
+                        local += in_process(signature, batch, args.in_process_seconds)
+                        times, seconds, failed = load(port, body, per_request, clients, args.seconds)
+                        served += (len(times) * per_request, seconds)
+                        latencies, errors = latencies + times, errors + failed
                     calls, instances, model_seconds = np.subtract(batch_sizes(port), before)
                     latencies = np.asarray(latencies) * 1000
                     rows.append({
                         "clients": clients,
                         "images_per_request": per_request,
                         "requests": len(latencies),
-                        "images_per_s": len(latencies) * per_request / seconds,
+                        "images_per_s": served[0] / served[1],
+                        "in_process_images_per_s": local[0] / local[1],
                         "p50_ms": float(np.percentile(latencies, 50)),
                         "p99_ms": float(np.percentile(latencies, 99)),
                         "errors": errors,
@@ -184,34 +189,36 @@ def run(args):
             finally:
                 server.terminate()
                 server.wait(60)
-    rate = local_images / local_seconds
     for row in rows:
-        row["ratio"] = row["images_per_s"] / rate
+        row["ratio"] = row["images_per_s"] / row["in_process_images_per_s"]
         target = TARGETS.get((row["clients"], row["images_per_request"]))
         row["target_met"] = None if target is None else bool(
             row["ratio"] >= target["ratio"] and row["p99_ms"] < target.get("p99_ms", float("inf")) and not row["errors"]
         )
-    return {"model": args.model, "in_process_images_per_s": rate, "settings": rows}
+    return {"model": args.model, "settings": rows}
 
 
 def print_table(results):
-    print(f"{results['model']}: in-process serving_default, batches of 64: {results['in_process_images_per_s']:.1f} images/s")
-    print(f"{'clients x images':<18}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'batch':>7}{'call ms':>9}{'ratio':>8}  target")
+    print(f"{results['model']}, served by `cxrkeras serve` and called in-process (serving_default, batches of 64)")
+    print(f"{'clients x images':<18}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'batch':>7}{'call ms':>9}"
+          f"{'in-process':>12}{'ratio':>8}  target")
     for row in results["settings"]:
         met = {None: "", True: "met", False: "MISSED"}[row["target_met"]]
         print(
             f"{row['clients']} x {row['images_per_request']:<14}{row['images_per_s']:>10.1f}{row['p50_ms']:>9.1f}"
-            f"{row['p99_ms']:>9.1f}{row['errors']:>8}{row['mean_batch']:>7.1f}{row['model_call_ms']:>9.1f}{row['ratio']:>8.2f}  {met}"
+            f"{row['p99_ms']:>9.1f}{row['errors']:>8}{row['mean_batch']:>7.1f}{row['model_call_ms']:>9.1f}"
+            f"{row['in_process_images_per_s']:>12.1f}{row['ratio']:>8.2f}  {met}"
         )
-    print("batch, call ms: mean instances and milliseconds per model call in the server (its metrics); "
-          "ratio: images/s over the in-process rate")
+    print("batch, call ms: mean instances and milliseconds per model call in the server (its metrics); in-process: "
+          "images/s of the rounds between this setting's; ratio: served images/s over it")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=SHIPPED, help="a SavedModel version folder [the shipped cascade's]")
-    parser.add_argument("--seconds", type=float, default=30, help="load per setting")
-    parser.add_argument("--in-process-seconds", type=float, default=10, help="in-process calls before each setting")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per setting")
+    parser.add_argument("--seconds", type=float, default=6, help="load per round")
+    parser.add_argument("--in-process-seconds", type=float, default=3, help="in-process calls before each round")
     parser.add_argument("--serve-options", default="", help='options of `cxrkeras serve`, e.g. "--batch-timeout-ms 5"')
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

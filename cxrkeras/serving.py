@@ -7,8 +7,9 @@ the judge training uses (`data.image_problem`: an image declaring
 20000x20000 never reaches the graph's decoder) -> DICOM images made the
 16-bit PNG the graph decodes (`data.encoded_image`, off the event loop: the
 graph reads image formats only) -> the signature's `Batcher`, which gathers
-concurrent requests into one model call (up to `--max-batch-size` instances
-or `--batch-timeout-ms`) run on one inference thread, off the event loop ->
+concurrent requests into one model call (as many instances as the last
+batch had, waiting at most `--batch-timeout-ms`, at most `--max-batch-size`)
+run on one inference thread, off the event loop ->
 `rest.predict_response`.
 
 `ModelServer` loads every numeric version under the base folder (after
@@ -100,9 +101,9 @@ class Batcher:
     """Gathers concurrent calls of one signature into one model call, as TensorFlow Serving's batching does.
 
     A batch takes every request already queued, then waits for the demand
-    seen last time (the instances of the last batch plus those left queued
-    behind it) up to `batch_timeout_ms` after its first request, and closes
-    at `max_batch_size` instances. It runs on `executor` (one thread:
+    seen since the last batch closed (the most instances waiting for an
+    answer at once) up to `batch_timeout_ms` after its first request, and
+    closes at `max_batch_size` instances. It runs on `executor` (one thread:
     inference never blocks the event loop); requests arriving meanwhile form
     the next batch. When a batch fails on bad input, its requests are rerun
     one by one so only the bad one gets the error.
@@ -116,11 +117,11 @@ class Batcher:
     waited a whole model call in the queue, then went as a small batch of
     their own, so 4 clients x 1 image ran half-size batches (58% of the
     model's batched rate) at two model calls of latency (p99 50 ms). Waiting
-    for as many instances as last time puts every client in each call, one
-    call of latency; a lone client waits for no one (its batch is full at
-    1), and the timeout (10 ms) only bounds the wait of the round after
-    clients go away, after which the expected demand follows the smaller
-    batch.
+    for as many instances as were waiting at once during the last call puts
+    every client in each call, one call of latency; a lone client waits for
+    no one (its batch is full at 1), and the timeout (10 ms: well over the
+    spread of clients coming back, well under a model call) only bounds the
+    wait of the one round after clients go away.
     """
 
     def __init__(self, run, settings, executor, on_batch=None):
@@ -130,8 +131,7 @@ class Batcher:
         self.on_batch = on_batch  # called with (instances, seconds) after each model call
         self.queue = asyncio.Queue()
         self.pending = 0  # instances submitted and not yet answered
-        self.queued = 0  # instances submitted and not yet in a batch
-        self.expected = 1  # instances a batch waits for: the last batch's demand
+        self.peak = 0  # the most instances pending at once since the last batch closed: a batch waits for so many
         self.worker = None
         self.closed = False
 
@@ -150,7 +150,7 @@ class Batcher:
             self.worker = asyncio.create_task(self._work())
         future = asyncio.get_running_loop().create_future()
         self.pending += size
-        self.queued += size
+        self.peak = max(self.peak, self.pending)
         self.queue.put_nowait((inputs, size, future))
         try:
             return await future
@@ -168,7 +168,7 @@ class Batcher:
             limit = self.settings.max_batch_size
             deadline = loop.time() + self.settings.batch_timeout_ms / 1000
             while size < limit:
-                task = await self._next(deadline if size < self.expected else None)
+                task = await self._next(deadline if size < self.peak else None)
                 if task is None:
                     break
                 if task is CLOSE or size + task[1] > limit:
@@ -176,8 +176,7 @@ class Batcher:
                     break
                 tasks.append(task)
                 size += task[1]
-            self.queued -= size
-            self.expected = size + self.queued  # this batch and what queued behind it
+            self.peak = self.pending  # this batch's and those queued behind it, until more come
             await self._execute([t for t in tasks if not t[2].done()])
 
     async def _next(self, deadline):
@@ -674,7 +673,11 @@ def create_app(base, name, settings=None):
             response = json_response(answer)
         except ApiError as e:
             status, response = e.status, json_response({"error": e.message}, e.status)
-        server.metrics.request(server.name if name == server.name else "", labels["version"], labels["signature"], api, status, time.perf_counter() - started)
+        except Exception as e:  # a bug of ours: still TensorFlow Serving's JSON, and counted
+            log.exception("%s %s failed", request.method, request.url.path)
+            status, response = 500, json_response({"error": f"Internal error: {type(e).__name__}: {e}"}, 500)
+        model = server.name if name == server.name else ""
+        server.metrics.request(model, labels["version"], labels["signature"], api, status, time.perf_counter() - started)
         return response
 
     async def live(request):

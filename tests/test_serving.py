@@ -457,6 +457,32 @@ def test_batcher_queue_limit_and_isolation():
     assert isinstance(results[1], ApiError) and (results[1].status, results[1].message) == (400, "a bad instance")
 
 
+def test_batcher_waits_for_every_client_coming_back():
+    settings = serving.Settings(max_batch_size=8, batch_timeout_ms=30_000)  # a wait for the timeout fails the test
+    calls = []
+
+    def run(batch):
+        calls.append(len(batch["x"]))
+        return {"y": batch["x"]}
+
+    async def client(batcher, i, requests):
+        """Sends one instance, waits for its answer, then 4*i ms (its own parsing) before the next."""
+        for _ in range(requests):
+            await batcher.submit({"x": np.array([i])})
+            await asyncio.sleep(0.004 * i)
+
+    async def scenario():
+        batcher = serving.Batcher(run, settings, ThreadPoolExecutor(1))
+        await asyncio.wait_for(client(batcher, 0, 3), 10)  # a lone client waits for no one
+        clients = asyncio.gather(*(client(batcher, i, 6) for i in range(4)))  # coming back 0 to 12 ms apart
+        await asyncio.wait_for(clients, 20)
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert calls[:3] == [1, 1, 1] and sum(calls) == 3 + 4 * 6
+    assert calls[-4:] == [4, 4, 4, 4]  # every client in each call once the batcher has seen them
+
+
 def test_new_versions_are_picked_up_and_crafted_ones_refused(served, images):
     url, base = served["url"], served["base"]
     staging = base / ".export-2-1234"
@@ -579,14 +605,16 @@ def test_sigterm_answers_the_request_in_flight(exported_cascade, images):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command[-1] = str(port)
-    command += ["--batch-timeout-ms", "1500"]  # a request waits 1.5 s for company: in flight when SIGTERM comes
+    command += ["--batch-timeout-ms", "1500"]  # after a batch of 2, one image waits 1.5 s for a second: in flight at SIGTERM
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: process.poll() is None and _ready(url), seconds=120)
+        assert http(url, f"/v1/models/{NAME}:predict", {"instances": [b64(images[0])] * 2})[0] == 200
         with ThreadPoolExecutor(1) as pool:
             request = pool.submit(http, url, f"/v1/models/{NAME}:predict", {"instances": [b64(images[0])]})
             time.sleep(0.5)
+            assert not request.done()
             process.send_signal(signal.SIGTERM)
             status, answer, _ = request.result(timeout=60)
         assert status == 200 and len(answer["predictions"]) == 1
