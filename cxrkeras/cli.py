@@ -932,7 +932,7 @@ def report(data_path, out_dir, quick, epochs, fraction):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8501, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(1), default=64, show_default=True, help="Instances per model call, and per request.")
-@click.option("--batch-timeout-ms", type=click.FloatRange(0), default=10.0, show_default=True, help="How long a batch waits at most for as many instances as the last one had.")
+@click.option("--batch-timeout-ms", type=click.FloatRange(0), default=10.0, show_default=True, help="How long a batch waits at most for as many instances as were waiting at once during the last one.")
 @click.option("--max-enqueued-batches", type=click.IntRange(1), default=16, show_default=True, help="Queue length (in batches) before answering 429.")
 @click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=32.0, show_default=True, help="Larger request bodies get 413.")
 @click.option("--max-image-pixels", type=click.IntRange(1), default=4096 * 4096, show_default=True, help="Images declaring more get 400.")
