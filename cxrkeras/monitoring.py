@@ -80,6 +80,8 @@ class ServerState:
         )
         for number, state in sorted(server.states().items()):
             versions.add_metric([server.name, str(number), state[0]], 1)
-        ready = GaugeMetricFamily("cxrkeras_ready", "1 when the server answers /v2/health/ready with 200.", labels=["model"])
+        ready = GaugeMetricFamily(
+            "cxrkeras_ready", "1 when the server answers /v2/health/ready with 200.", labels=["model"]
+        )
         ready.add_metric([server.name], int(server.readiness() is None))
         return [queue, versions, ready]

@@ -591,7 +591,10 @@ async def read_body(request, settings):
     except TimeoutError:
         raise ApiError(408, f"The request body did not arrive within {settings.read_timeout_s:g} s (--read-timeout-s).")
     except ClientDisconnect:  # one line, not a traceback: nobody is left to answer
-        log.info("client %s went away before sending its whole body (%s %s)", _client(request), request.method, request.url.path)
+        log.info(
+            "client %s went away before sending its whole body (%s %s)",
+            _client(request), request.method, request.url.path,
+        )
         raise ApiError(499, "Client closed the request.") from None
 
 
@@ -677,7 +680,8 @@ def create_app(base, name, settings=None):
             log.exception("%s %s failed", request.method, request.url.path)
             status, response = 500, json_response({"error": f"Internal error: {type(e).__name__}: {e}"}, 500)
         model = server.name if name == server.name else ""
-        server.metrics.request(model, labels["version"], labels["signature"], api, status, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        server.metrics.request(model, labels["version"], labels["signature"], api, status, seconds)
         return response
 
     async def live(request):
