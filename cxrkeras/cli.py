@@ -964,7 +964,7 @@ def tune(task, study, data_path, config_file, tuner, max_trials, executions_per_
     base = build_run_config(task, data_path, config_file, **options)
     progress_to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        with progress_to_stderr:
+        with tuning.hold_project(project_dir), progress_to_stderr:  # one tune per project
             result = tuning.tune(spec, base, project_dir, tuner, max_trials, executions_per_trial, augment_on,
                                  log=lambda message: click.echo(message, err=as_json))
     except KeyboardInterrupt:
@@ -1039,10 +1039,11 @@ def report(data_path, out_dir, quick, epochs, fraction):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8501, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(1), default=64, show_default=True, help="Instances per model call, and per request.")
-@click.option("--batch-timeout-ms", type=click.FloatRange(0), default=2.0, show_default=True, help="How long a batch waits for more requests.")
+@click.option("--batch-timeout-ms", type=click.FloatRange(0), default=10.0, show_default=True, help="How long a batch waits at most for as many instances as were waiting at once during the last one.")
 @click.option("--max-enqueued-batches", type=click.IntRange(1), default=16, show_default=True, help="Queue length (in batches) before answering 429.")
 @click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=32.0, show_default=True, help="Larger request bodies get 413.")
 @click.option("--max-image-pixels", type=click.IntRange(1), default=4096 * 4096, show_default=True, help="Images declaring more get 400.")
+@click.option("--read-timeout-s", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True, help="A request's headers, then its body, must each arrive within it (else the connection closes, or 408).")
 @click.option("--poll-seconds", type=click.FloatRange(0.05), default=1.0, show_default=True, help="How often BASE is checked for new versions.")
 @click.option("--cors", is_flag=True, help="Allow browser pages of any origin to call the API.")
 @click.option("--trust-model", is_flag=True, help="Serve SavedModels whose graphs use ops outside the allow-list.")
@@ -1054,8 +1055,9 @@ def serve(base_dir, model_name, host, port, cors, trust_model, **limits):
     version folder is picked up while serving. Endpoints: GET
     /v1/models/NAME[/versions/V][/metadata], POST
     /v1/models/NAME[/versions/V]:predict and :classify (TensorFlow Serving's
-    requests and answers), /v2/health/live, /v2/health/ready (after warm-up),
-    and GET / (the page). Concurrent requests are batched into one model call.
+    requests and answers), /v2/health/live, /v2/health/ready (after warm-up,
+    until SIGTERM), /monitoring/prometheus/metrics (Prometheus) and GET / (the
+    page). Concurrent requests are batched into one model call.
     SIGTERM or Ctrl-C stops it after answering the requests in flight.
     """
     from cxrkeras import serving
