@@ -127,13 +127,14 @@ def check_backend():
                          f"under KERAS_BACKEND={keras.backend.backend()}")
 
 
+def joined():
+    """Whether this process joined a cluster (`initialize`), of one process or more."""
+    return "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized()
+
+
 def process_count():
     """How many processes train this run: 1 unless `initialize` joined a cluster."""
-    if "jax" not in sys.modules:
-        return 1
-    import jax
-
-    return jax.process_count() if jax.distributed.is_initialized() else 1
+    return sys.modules["jax"].process_count() if joined() else 1
 
 
 def process_id():
@@ -271,7 +272,7 @@ class peer_failures:
         if error is None or process_count() == 1 or not _is_runtime_error(error):
             return False
         raise ClusterError(
-            f"process {process_id()} of {process_count()}: the run stopped, another process stopped or cannot be "
+            f"process {process_id()} of {process_count()}: the run stopped: another process stopped or cannot be "
             f"reached ({_first_line(error)}). Finished epochs are kept in the chief's run dir; start all "
             f"{process_count()} processes again with --resume."
         ) from error

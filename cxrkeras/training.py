@@ -954,7 +954,7 @@ def fit(
     log = log or (lambda message: None)
     cfg = copy.deepcopy(run_config)
     check_run_config(cfg)
-    if cfg.train.distribute == "multiworker" and distributed.process_count() == 1:
+    if cfg.train.distribute == "multiworker" and not distributed.joined():
         distributed.initialize(distributed.cluster_from())  # from Keras' variables; `cxrkeras fit` joins first
     processes = distributed.process_count()
     cfg.train.precision = resolve_precision(cfg.train.precision)  # config.json records what ran
