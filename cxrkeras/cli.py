@@ -464,8 +464,7 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
         click.echo(f"\nInterrupted. Nothing finished is lost; continue with:\n  {resume_command}", err=True)
         raise SystemExit(130)
     except distributed.ClusterError as e:
-        click.echo(f"Error: {e}", err=True)
-        distributed.exit_now(1)
+        _cluster_stopped(e)
     except (DatasetError, training.RunDirError) as e:
         raise click.ClickException(str(e))
     except ValueError as e:  # settings that only fail with the data or devices at hand (batch size vs replicas)
@@ -487,8 +486,15 @@ def _join_cluster(coordinator, num_processes, process_id):
     except ValueError as e:
         raise click.UsageError(str(e))
     except distributed.ClusterError as e:
-        click.echo(f"Error: {e}", err=True)
-        distributed.exit_now(1)
+        _cluster_stopped(e)
+
+
+def _cluster_stopped(error):
+    """Say why a multiworker run stopped and end the process at once (JAX's own exit would wait for the dead peer)."""
+    from cxrkeras import distributed
+
+    click.echo(f"Error: {error}", err=True)
+    distributed.exit_now(1)
 
 
 def _on_chief(find):
@@ -503,7 +509,10 @@ def _on_chief(find):
             answer = {"value": find()}
         except click.ClickException as e:
             answer = {"error": e.message, "usage": isinstance(e, click.UsageError)}
-    answer = distributed.broadcast_json(answer)
+    try:
+        answer = distributed.broadcast_json(answer)
+    except distributed.ClusterError as e:
+        _cluster_stopped(e)
     if "error" in answer:
         raise (click.UsageError if answer["usage"] else click.ClickException)(answer["error"])
     return answer["value"]

@@ -203,9 +203,11 @@ def broadcast_json(value):
     import numpy as np
 
     data = json.dumps(value).encode() if is_chief() else b""
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
-    buffer = np.frombuffer(data, np.uint8) if is_chief() else np.zeros(size, np.uint8)
-    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+    with peer_failures():
+        size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+        buffer = np.frombuffer(data, np.uint8) if is_chief() else np.zeros(size, np.uint8)
+        data = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer)))
+    return json.loads(data.decode())
 
 
 def process_run_dir(run_dir):
@@ -261,9 +263,6 @@ def check_process_count(state, processes, run_dir):
 
 class peer_failures:
     """Turn an error of the collectives (another process died or hung) into a ClusterError naming the way on."""
-
-    def __init__(self, run_dir):
-        self.run_dir = run_dir
 
     def __enter__(self):
         return self

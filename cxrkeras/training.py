@@ -981,7 +981,7 @@ def fit(
         sets = distributed.shard_datasets(make_datasets(cfg, data, augment_on, replicas, val_batch), len(data.val_paths))
         meter = ThroughputMeter(sets.images_per_epoch)
         start = time.perf_counter()
-        with distributed.peer_failures(run_dir):
+        with distributed.peer_failures():
             trained.fit(
                 sets.train,
                 validation_data=sets.val,

@@ -65,13 +65,6 @@ def test_a_run_resumed_on_another_number_of_processes_is_refused():
     distributed.check_process_count({}, 1, "runs/x")  # runs from before the count was kept: one process
 
 
-def test_multiworker_under_tensorflow_says_why_and_what_to_use(synthetic_dataset):
-    result = CliRunner().invoke(main, ["fit", "infected", "--data", synthetic_dataset, "--distribute", "multiworker"])
-    assert result.exit_code == 2
-    assert "keras-team/keras#20585" in result.output and "KERAS_BACKEND=jax" in result.output
-    assert "\"mirrored\" for the GPUs of one machine" in result.output
-
-
 def test_cluster_flags_without_multiworker_are_misuse(synthetic_dataset):
     result = CliRunner().invoke(main, ["fit", "infected", "--data", synthetic_dataset, "--process-id", "1"])
     assert result.exit_code == 2 and "go with --distribute multiworker" in result.output
