@@ -138,7 +138,8 @@ def process_count():
 
 
 def process_id():
-    return __import__("jax").process_index() if process_count() > 1 else 0
+    """This process's index in the run: 0 (the chief) unless `initialize` joined a cluster."""
+    return sys.modules["jax"].process_index() if joined() else 0
 
 
 def is_chief():
@@ -166,9 +167,17 @@ def batch_slice(size, processes, index):
     return slice(index * share, (index + 1) * share)
 
 
-def shard_batches(dataset, processes, index):
-    """A tf.data dataset of global batches made this process's slices (every batch must split evenly)."""
+def shard_batches(dataset, processes, index, drop_short=False):
+    """Global batches made this process's slices (every batch must split evenly).
+
+    `dataset`: a tf.data dataset, or a Keras PyDataset of (images, labels)
+    batches such as in-memory arrays; `drop_short` drops a PyDataset's short
+    last batch (training's tf.data pipeline drops it itself under distribution).
+    """
     import tensorflow as tf
+
+    if not isinstance(dataset, tf.data.Dataset):
+        return ProcessSlices(dataset, processes, index, drop_short)
 
     def take(*batch):
         rows = batch_slice(tf.shape(batch[0])[0], processes, index)
@@ -177,18 +186,45 @@ def shard_batches(dataset, processes, index):
     return dataset.map(take)
 
 
+def _py_dataset():
+    import keras
+
+    return keras.utils.PyDataset
+
+
+class ProcessSlices(_py_dataset()):
+    """A PyDataset of global batches seen as this process's slices (see shard_batches)."""
+
+    def __init__(self, batches, processes, index, drop_short=False):
+        super().__init__()
+        self.batches, self.processes, self.index = batches, processes, index
+        n = len(batches)
+        short = drop_short and n > 1 and len(batches[n - 1][0]) < len(batches[0][0])
+        self.length = n - 1 if short else n
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        batch = self.batches[i]
+        rows = batch_slice(len(batch[0]), self.processes, self.index)
+        return tuple(part[rows] for part in batch)
+
+    def on_epoch_end(self):
+        self.batches.on_epoch_end()
+
+
 def shard_datasets(sets, n_val):
     """`sets` (training.Datasets) made this process's: train sliced; validation sliced when it splits evenly.
 
-    Training keeps whole batches only (training.make_datasets), so each slice
-    is equal. Validation must see every image once: its batches split evenly
+    Training keeps whole batches only, so each slice is equal. Validation must see every image once: its batches split evenly
     when the image count divides by the processes; otherwise every process
     feeds all of it, and the means over N equal copies are the means over one.
     """
     processes = process_count()
     if processes == 1:
         return sets
-    sets.train = shard_batches(sets.train, processes, process_id())
+    sets.train = shard_batches(sets.train, processes, process_id(), drop_short=True)
     if n_val % processes == 0:
         sets.val = shard_batches(sets.val, processes, process_id())
     return sets

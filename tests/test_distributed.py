@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -52,6 +53,34 @@ def test_each_process_feeds_its_slice_of_every_global_batch():
                                                                    [[4, 5, 6, 7], [12, 13, 14, 15]]]
     assert [list(y) for _, y in slices[1]] == [[40, 50, 60, 70], [120, 130, 140, 150]]  # labels go with images
     assert distributed.batch_slice(8, 4, 3) == slice(6, 8)
+
+
+class Batches(keras.utils.PyDataset):
+    """In-memory batches of 8 over 20 rows (the last one short), counting the epochs it was told of."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs = 0
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        rows = np.arange(20)[i * 8:(i + 1) * 8]
+        return rows, rows * 10
+
+
+def test_an_in_memory_dataset_is_sliced_the_same_way():
+    batches = Batches()
+    train = distributed.shard_batches(batches, 2, 1, drop_short=True)
+    assert len(train) == 2  # the short batch of 4 dropped, as training drops it
+    assert [list(train[i][0]) for i in range(2)] == [[4, 5, 6, 7], [12, 13, 14, 15]]
+    assert list(train[1][1]) == [120, 130, 140, 150]
+    val = distributed.shard_batches(batches, 2, 1)
+    assert len(val) == 3 and list(val[2][0]) == [18, 19]  # validation keeps every image
+    batches.on_epoch_end = lambda: setattr(batches, "epochs", batches.epochs + 1)
+    train.on_epoch_end()
+    assert batches.epochs == 1  # the reshuffle of the arrays it wraps
 
 
 def test_a_global_batch_that_does_not_split_over_the_processes_is_refused():
