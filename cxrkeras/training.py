@@ -39,6 +39,7 @@ import keras
 import numpy as np
 
 from cxrkeras import data as data_lib
+from cxrkeras import distributed
 from cxrkeras.config import (
     AUGMENTATIONS,
     CLASS_WEIGHTS,
@@ -80,6 +81,8 @@ AUGMENT_ON = ("auto", "data", "model")
 # history.csv and model.keras are written but before the epoch's backup, the worst moment
 # for a kill. tests/test_training.py uses it to check that resume loses and repeats nothing.
 KILL_ENV = "CXRKERAS_TEST_KILL_AFTER_EPOCH"
+# Test hook: SIGKILL this process when it starts training step N (0-based, counted over the run), mid-epoch.
+KILL_STEP_ENV = "CXRKERAS_TEST_KILL_AT_STEP"
 
 BACKUP_METADATA = "training_metadata.json"  # BackupAndRestore's epoch count, in BACKUP_DIR
 
@@ -117,7 +120,8 @@ def check_train_config(train):
     _require(train.precision in PRECISION_CHOICES, "precision", train.precision,
              f"expected one of {list(PRECISION_CHOICES)}")
     _require(train.monitor in MONITORS, "monitor", train.monitor, f"expected one of {list(MONITORS)}")
-    _require(train.distribute != "multiworker", "distribute", train.distribute, MULTIWORKER_UNSUPPORTED)
+    _require(train.distribute != "multiworker" or keras.backend.backend() == "jax", "distribute", train.distribute,
+             distributed.MULTIWORKER_UNDER_TENSORFLOW)
     _require(train.distribute in DISTRIBUTES, "distribute", train.distribute, f"expected one of {list(DISTRIBUTES)}")
 
 
@@ -420,17 +424,12 @@ def gpu_compute_capabilities():
 # ---------------------------------------------------------------- distribution
 
 
-# Tried on localhost with two workers (TF_CONFIG): Keras 3.15's fit cannot reduce per-replica values across
-# workers (its first batch, then the metrics), keras-team/keras#20585, so it is refused before anything runs.
-MULTIWORKER_UNSUPPORTED = (
-    "not supported: Keras 3's fit fails under TensorFlow's MultiWorkerMirroredStrategy "
-    "(keras-team/keras#20585); use \"mirrored\" for the GPUs of one machine"
-)
-
-
 def make_strategy(name):
-    """None, or a MirroredStrategy over the local GPUs (else the logical CPUs)."""
-    if name == "none":
+    """None, or a MirroredStrategy over the local GPUs (else the logical CPUs).
+
+    None for "multiworker" too: Keras' distribution, set by `distributed.initialize`, spreads that run.
+    """
+    if name in ("none", "multiworker"):
         return None
     if keras.backend.backend() != "tensorflow":
         raise ValueError(
@@ -650,9 +649,23 @@ class _KillAfterEpoch(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class _KillAtStep(keras.callbacks.Callback):
+    """See KILL_STEP_ENV."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step, self.seen = step, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.seen == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.seen += 1
+
+
 def testing_callbacks():
-    """The callbacks that tests ask for through the environment (KILL_ENV); none otherwise."""
-    return [_KillAfterEpoch(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
+    """The callbacks that tests ask for through the environment (KILL_ENV, KILL_STEP_ENV); none otherwise."""
+    callbacks = [_KillAfterEpoch(int(os.environ[KILL_ENV]))] if os.environ.get(KILL_ENV) else []
+    return callbacks + ([_KillAtStep(int(os.environ[KILL_STEP_ENV]))] if os.environ.get(KILL_STEP_ENV) else [])
 
 
 def schedule_callbacks(cfg):
@@ -817,8 +830,8 @@ def config_differences(a, b, ignore=("train.epochs", "train.distribute")):
     return keys
 
 
-def check_run_dir(cfg, run_dir, resume):
-    """Raise RunDirError unless `cfg` may train into `run_dir` (resumed or not).
+def check_run_dir(cfg, run_dir, resume, processes=1):
+    """Raise RunDirError unless `cfg` may train into `run_dir` (resumed or not) on `processes` processes.
 
     A run dir whose run never finished an epoch holds nothing to keep: a new fit
     or a resume starts it over with the settings and data given now. A resume
@@ -840,6 +853,7 @@ def check_run_dir(cfg, run_dir, resume):
     different = config_differences(saved, cfg)
     if different:
         raise RunDirError(f"{config_path}: the run was started with other settings: {', '.join(different)}.")
+    distributed.check_process_count(state, processes, run_dir)
     if saved.fingerprint and saved.fingerprint != cfg.fingerprint:
         raise RunDirError(
             f"{run_dir}: the training data changed since the run started "
@@ -852,8 +866,9 @@ def check_run_dir(cfg, run_dir, resume):
         )
 
 
-def start_run(cfg, run_dir, problems, log):
-    """Write the run's config and state, tidy what a kill left; return the epochs already done.
+def start_run(cfg, run_dir, problems, log, processes=1):
+    """Write the run's config and state (with the number of `processes`), tidy what a kill left; return the epochs
+    already done.
 
     A run with finished epochs continues after the last one: its history is cut
     to them and a best model staged by an epoch that is trained again is dropped.
@@ -874,7 +889,7 @@ def start_run(cfg, run_dir, problems, log):
         _clear_run_files(run_dir)
     write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
     state = read_json(os.path.join(run_dir, STATE_FILE), {})
-    state.update(completed=False, epochs=cfg.train.epochs, precision=cfg.train.precision)
+    state.update(completed=False, epochs=cfg.train.epochs, precision=cfg.train.precision, processes=processes)
     write_json_atomic(os.path.join(run_dir, STATE_FILE), state)
     return done
 
@@ -939,34 +954,43 @@ def fit(
     log = log or (lambda message: None)
     cfg = copy.deepcopy(run_config)
     check_run_config(cfg)
+    if cfg.train.distribute == "multiworker" and not distributed.joined():
+        distributed.initialize(distributed.cluster_from())  # from Keras' variables; `cxrkeras fit` joins first
+    processes = distributed.process_count()
     cfg.train.precision = resolve_precision(cfg.train.precision)  # config.json records what ran
     augment_on = check_fit_options(augment_on, tensorboard)
     data = load_task_data(cfg)  # data first: a bad dataset fails before anything is written
     cfg.fingerprint = data.fingerprint
-    check_run_dir(cfg, run_dir, resume)
+    run_dir = distributed.process_run_dir(run_dir)  # only process 0 writes the run dir
+    check_run_dir(cfg, run_dir, resume, processes)
     if resume and run_completed(run_dir, cfg.train.epochs):
         log(f"{run_dir}: the run already completed {cfg.train.epochs} epochs; nothing to resume.")
         return _result(cfg, run_dir, data.problems, epochs_run=0, seconds=0.0, ips=0.0, replicas=1)
 
     strategy = make_strategy(cfg.train.distribute)
-    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    val_batch = replica_batch_sizes(len(data.train_paths), len(data.val_paths), cfg.train.batch_size, replicas)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else processes
+    if processes > 1:
+        distributed.check_global_batch(cfg.train.batch_size, len(data.train_paths), processes)
+        val_batch = cfg.train.batch_size
+    else:
+        val_batch = replica_batch_sizes(len(data.train_paths), len(data.val_paths), cfg.train.batch_size, replicas)
     try:
-        start_run(cfg, run_dir, data.problems, log)
+        start_run(cfg, run_dir, data.problems, log, processes)
         steps = steps_per_epoch(cfg, len(data.train_paths), replicas)
         model, trained = build_and_compile(cfg, steps, augment_on, strategy, jit_compile)
-        sets = make_datasets(cfg, data, augment_on, replicas, val_batch)
+        sets = distributed.shard_datasets(make_datasets(cfg, data, augment_on, replicas, val_batch), len(data.val_paths))
         meter = ThroughputMeter(sets.images_per_epoch)
         start = time.perf_counter()
-        trained.fit(
-            sets.train,
-            validation_data=sets.val,
-            epochs=cfg.train.epochs,
-            class_weight=sets.class_weight,
-            callbacks=run_callbacks(cfg, run_dir, model, meter, callbacks, tensorboard),
-            verbose=verbose,
-            shuffle=False,  # the dataset shuffles itself
-        )
+        with distributed.peer_failures():
+            trained.fit(
+                sets.train,
+                validation_data=sets.val,
+                epochs=cfg.train.epochs,
+                class_weight=sets.class_weight,
+                callbacks=run_callbacks(cfg, run_dir, model, meter, callbacks, tensorboard),
+                verbose=verbose,
+                shuffle=False,  # the dataset shuffles itself
+            )
         seconds = time.perf_counter() - start
         return finish_run(cfg, run_dir, data.problems, meter, seconds, replicas)
     except OSError as e:

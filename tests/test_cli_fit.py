@@ -167,12 +167,13 @@ def test_mirrored_training_on_two_logical_cpus(dataset_with_a_broken_file, tmp_p
     assert model.predict(np.zeros((2, 150, 150, 1), "float32"), verbose=0).shape == (2, 1)
 
 
-def test_multiworker_is_refused_before_anything_is_written(dataset_with_a_broken_file, tmp_path):
-    """Two workers on localhost crash in Keras 3's fit (keras-team/keras#20585): refused up front, with the reason."""
+def test_multiworker_under_tensorflow_is_refused_before_anything_is_written(dataset_with_a_broken_file, tmp_path):
+    """Two TensorFlow workers crash in Keras 3's fit (keras-team/keras#20585): refused up front, saying to use JAX."""
     result = CliRunner().invoke(main, ["fit", "infected", "--data", dataset_with_a_broken_file, "--epochs", "1",
                                        "--distribute", "multiworker", "--out", str(tmp_path), "--name", "mw"])
     assert result.exit_code == 2, result.output
     assert "keras-team/keras#20585" in result.output and "mirrored" in result.output
+    assert "KERAS_BACKEND=jax" in result.output
     assert not os.path.exists(tmp_path / "infected" / "mw")
 
 
