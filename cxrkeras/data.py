@@ -569,13 +569,21 @@ def decode_pixels(contents):
     """Encoded image bytes -> [height, width, channels] float32 in [0, 1]: how training reads a file.
 
     JPEG (also CMYK, which TensorFlow's libjpeg turns into RGB), PNG (8 or 16
-    bits), BMP and GIF (its first frame). `check_image` runs this on every
+    bits), BMP and GIF (its first frame). Every command decodes here, so a
+    file gives the same pixels in tf.data, the SavedModel, `predict` and
+    `serve`; a JPEG's are Pillow's too. `check_image` runs this on every
     file before training, so a file that fails here is skipped, never met
     mid-epoch.
     """
     import tensorflow as tf
 
-    return tf.io.decode_image(contents, channels=0, dtype=tf.float32, expand_animations=False)
+    def jpeg():  # libjpeg's accurate integer IDCT, Pillow's: the same bytes (TensorFlow's default: up to 3 levels off)
+        return tf.image.convert_image_dtype(tf.io.decode_jpeg(contents, dct_method="INTEGER_ACCURATE"), tf.float32)
+
+    def other():
+        return tf.io.decode_image(contents, channels=0, dtype=tf.float32, expand_animations=False)
+
+    return tf.cond(tf.io.is_jpeg(contents), jpeg, other)
 
 
 def decode_image(contents, image_size=IMAGE_SIZE):
@@ -583,9 +591,13 @@ def decode_image(contents, image_size=IMAGE_SIZE):
 
     Plain TensorFlow ops, so the same function runs in tf.data and inside an exported SavedModel.
     """
+    return gray_resized(decode_pixels(contents), image_size)
+
+
+def gray_resized(image, image_size=IMAGE_SIZE):
+    """Decoded pixels [height, width, channels] float32 in [0, 1] -> the model's [size, size, 1] gray image."""
     import tensorflow as tf
 
-    image = decode_pixels(contents)
     channels = tf.shape(image)[-1]
     image = tf.cond(channels >= 3, lambda: tf.image.rgb_to_grayscale(image[..., :3]), lambda: image[..., :1])
     image = tf.image.resize(image, (image_size, image_size), antialias=True)
