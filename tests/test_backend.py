@@ -169,3 +169,36 @@ def test_one_training_step_gives_the_same_weights_on_either_path(synthetic_datas
         weights.append(model.get_weights())
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_decoded_arrays_are_cached_on_disk_by_the_files_and_the_size(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from cxrkeras import arrays
+    from cxrkeras.data import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((20, 30), 80 * i, "uint8")).save(paths[-1])
+    first = arrays.load_arrays(paths, 16)
+    assert len(list((tmp_path / "cache").glob("arrays-*.npy"))) == 1
+    np.testing.assert_array_equal(arrays.load_arrays(paths, 16), first)  # read back
+    arrays.load_arrays(paths, 8)
+    Image.fromarray(np.full((20, 30), 255, "uint8")).save(paths[0])  # a changed file decodes again
+    os.utime(paths[0], ns=(1, 1))
+    assert arrays.load_arrays(paths, 16)[0].min() == pytest.approx(1.0)
+    assert len(list((tmp_path / "cache").glob("arrays-*.npy"))) == 3
+
+
+def test_the_arrays_path_is_taken_off_tensorflow_while_the_images_fit_in_memory(tmp_path):
+    from cxrkeras import arrays
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  4000 kB\nMemAvailable:  1000 kB\n")
+    assert arrays.fits_in_memory(10, 10, str(meminfo))  # 4 kB of 1000
+    assert not arrays.fits_in_memory(100, 150, str(meminfo))  # 9 MB
+    assert arrays.fits_in_memory(10**9, 150, str(tmp_path / "none"))  # unknown: try
+    task = training.TaskData(["a"] * 3, [0] * 3, ["b"], [0], "", [])
+    assert training.input_path(tiny_run_config("x"), task) == "tf.data"  # the TensorFlow backend
