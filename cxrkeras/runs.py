@@ -12,7 +12,7 @@ import os
 import keras
 
 from cxrkeras.config import CLASSES, TASKS, check_task
-from cxrkeras.models import task_info
+from cxrkeras.models import blocks, task_info
 from cxrkeras.models.cascade import SUBMODELS, ModelError, model_kind
 
 # A training run: saved_models/TASK/NAME/
@@ -58,9 +58,10 @@ def load_model(path):
     """A saved classifier or cascade (uncompiled) from a `.keras` file or a folder holding model.keras."""
     filename = model_file(path)
     try:
-        return keras.saving.load_model(filename, compile=False)
+        model = keras.saving.load_model(filename, compile=False)
     except Exception as e:  # a corrupt zip, an unknown layer: keras raises many types
         raise ModelError(f"{filename}: does not load as a Keras model ({type(e).__name__}: {e}).") from e
+    return blocks.avoid_strided_pointwise(model)  # files saved before PointwiseConv2D
 
 
 def run_config(path):

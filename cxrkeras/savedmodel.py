@@ -44,7 +44,7 @@ ALLOWED_OPS = frozenset(
     ScaleAndTranslateGrad Select SelectV2 Selu Shape ShapeN ShardedFilename Sigmoid SigmoidGrad Sign Sin Size
     Slice Softmax Softplus Softsign Split SplitV Sqrt Square SquaredDifference Squeeze StatefulPartitionedCall
     StatelessIf StatelessRandomUniformV2 StatelessWhile StaticRegexFullMatch StopGradient StridedSlice
-    StridedSliceGrad StringJoin Sub Sum Tanh TanhGrad TensorListElementShape TensorListFromTensor
+    StridedSliceGrad StringJoin Sub Substr Sum Tanh TanhGrad TensorListElementShape TensorListFromTensor
     TensorListGetItem TensorListLength TensorListPopBack TensorListPushBack TensorListReserve TensorListSetItem
     TensorListStack Tile Transpose Unpack UnsortedSegmentSum VarHandleOp VarIsInitializedOp Where While ZerosLike
     """.split()

@@ -116,6 +116,8 @@ def test_jax_without_tensorflow_fits_a_cascade_and_evaluates_it_and_tensorflow_l
 
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["completed"] and record["epochs_run"] == 1
+    saved = json.loads((tmp_path / "runs" / "infected" / "jax" / "config.json").read_text())
+    assert saved["train"]["precision"] == record["precision"] == "float32"  # --config's own, not "auto"
     metrics = json.loads((tmp_path / "runs" / "cascade" / "eval-test" / "metrics.json").read_text())
     assert metrics["n"] == 3 and metrics["classes"] == ["normal", "non-covid", "covid"]
     assert list((tmp_path / "runs" / "cascade" / "eval-test").glob("gradcam_*.png"))

@@ -55,6 +55,46 @@ def layer_initializers(initializer, fan_in):
     )
 
 
+@keras.saving.register_keras_serializable(package="cxrkeras")
+class PointwiseConv2D(keras.layers.Conv2D):
+    """A 1x1 Conv2D whose stride subsamples first: the same function and weights, without a strided 1x1 kernel.
+
+    TensorFlow's oneDNN filter gradient of a strided 1x1 convolution corrupts
+    the heap on AVX-512 CPUs (a SIGABRT or SIGSEGV in any training step or
+    Grad-CAM; experiments/onednn_sweep.py). With a 1x1 kernel the stride only
+    picks pixels 0, s, 2s, ... ("same" pads nothing), so taking those first and
+    convolving with stride 1 gives the same output, a quarter of the work.
+    Its config is Conv2D's, strides included.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        rows, cols = self.strides
+        if self.data_format == "channels_last":
+            inputs = inputs[:, ::rows, ::cols, :]
+        else:
+            inputs = inputs[:, :, ::rows, ::cols]
+        return keras.ops.conv(inputs, kernel, strides=1, padding=self.padding,
+                              dilation_rate=self.dilation_rate, data_format=self.data_format)
+
+
+def is_strided_pointwise(layer):
+    return (type(layer) is keras.layers.Conv2D and tuple(layer.kernel_size) == (1, 1)
+            and tuple(layer.strides) != (1, 1) and tuple(layer.dilation_rate) == (1, 1))
+
+
+def avoid_strided_pointwise(model):
+    """`model` with each plain strided 1x1 Conv2D (as saved before PointwiseConv2D) made one; nested models too.
+
+    The layer keeps its config and weights; only how it convolves changes (the same function).
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            avoid_strided_pointwise(layer)
+        elif is_strided_pointwise(layer):
+            layer.__class__ = PointwiseConv2D
+    return model
+
+
 def batch_norm(name, dtype=None):
     # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here), as the study used.
     return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
@@ -63,7 +103,8 @@ def batch_norm(name, dtype=None):
 def conv(x, filters, name, *, padding, initializer, kernel_size=3, strides=1, dtype=None):
     """A Conv2D (3x3 unless `kernel_size`) without activation."""
     kernel_init, bias_init = layer_initializers(initializer, kernel_size * kernel_size * x.shape[-1])
-    return keras.layers.Conv2D(
+    layer = PointwiseConv2D if kernel_size == 1 and strides != 1 else keras.layers.Conv2D
+    return layer(
         filters,
         kernel_size,
         strides=strides,
