@@ -204,3 +204,15 @@ def test_the_arrays_path_is_taken_off_tensorflow_while_the_images_fit_in_memory(
     assert arrays.fits_in_memory(10**9, 150, str(tmp_path / "none"))  # unknown: try
     task = training.TaskData(["a"] * 3, [0] * 3, ["b"], [0], "", [])
     assert training.input_path(tiny_run_config("x"), task) == "tf.data"  # the TensorFlow backend
+
+
+def test_fit_speed_reads_the_references_pytorch_fp32_figures_on_the_h200(tmp_path):
+    from scripts import load_script
+
+    fit_speed = load_script("benchmarks/fit_speed.py")
+    reference = tmp_path / "reference.md"
+    reference.write_text("| machine | PyTorch fp32 eager |\n|---|---|\n| 2-core CPU like yours, infected | 61 |\n\n"
+                         "| H200 GPU, batch 64 | PyTorch fp32 eager | PyTorch bf16 |\n|---|---|---|\n"
+                         "| infected | 12,400 | 13,600 |\n| covid | 6,400 | 9,500 |\n")
+    assert fit_speed.reference_pytorch_fp32(str(reference)) == {"infected": 12400, "covid": 6400}
+    assert fit_speed.reference_pytorch_fp32(str(tmp_path / "missing.md")) == {}
