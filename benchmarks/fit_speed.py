@@ -15,7 +15,7 @@ resolved. Three rates per task, images per second:
 and the goal of issue 20: fit epochs at least 2.5x the study's PyTorch fp32 (shared/reference.md, H200).
 
     KERAS_BACKEND=jax python benchmarks/fit_speed.py --data ../shared/cxr-dataset --epochs 5 --json out.json
-    KERAS_BACKEND=jax python benchmarks/fit_speed.py --data DATA --epochs 2 --image-size 48   # a CPU smoke run
+    KERAS_BACKEND=jax python benchmarks/fit_speed.py --data DATA --epochs 2 --image-size 96 --batch-size 8   # a CPU smoke run
 """
 
 import argparse
