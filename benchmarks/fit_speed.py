@@ -28,7 +28,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REFERENCE = os.path.join(HERE, "..", "..", "shared", "reference.md")
+REFERENCE = os.path.join(HERE, "..", "..", "shared", "reference.md")  # ../shared/reference.md beside the clone
 GOAL = 2.5  # times the reference's PyTorch fp32
 
 
@@ -94,12 +94,13 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, help="A smaller input than the study's 150 (CPU smoke runs).")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--bare-images", type=int, default=64 * 40, help="Random images per bare-step epoch.")
+    parser.add_argument("--reference", default=REFERENCE, help="The study's reference.md [../shared/reference.md].")
     parser.add_argument("--json", help="Also write the results to this file.")
     args = parser.parse_args(argv)
 
     import keras
 
-    reference = reference_pytorch_fp32()
+    reference = reference_pytorch_fp32(args.reference)
     rows = []
     with tempfile.TemporaryDirectory() as out:
         for task in args.tasks:
