@@ -1,23 +1,24 @@
-"""Load on `cxrkeras serve` over loopback, beside the same SavedModel called in-process, in one run.
+"""`cxrkeras serve` under load over loopback, beside the same SavedModel called in-process, in one run.
 
-The model: the study's two architectures (202,261 and 378,917 parameters)
-joined as the cascade, untrained (speed doesn't depend on the weights),
-built under mixed_bfloat16 by default as the cascade behind the issue's
-in-process figures, exported with `cxrkeras export`'s code and served by
-`cxrkeras serve` (defaults: --max-batch-size 64, --batch-timeout-ms 2) in a
-subprocess. The clients are threads of this process, on the same machine.
+The model: the shipped cascade's SavedModel (`saved_models/cascade/1`, as
+`cxrkeras export` wrote it), copied to a temporary base folder and served by
+`cxrkeras serve` with its defaults in a subprocess. The clients are threads
+of this process, each on its own keep-alive connection, each sending its
+next request when the last is answered; every request carries the same
+150x150 JPEG of a synthetic X-ray as {"b64": ...}.
 
-Phases, each with requests/s, images/s, p50/p99 latency and errors:
-  1 client     one 150x150 JPEG per request, one client, alternating call by
-               call with serving_default called here on the same image
-  8 clients    one JPEG per request, 8 concurrent clients (micro-batching)
-  8 clients    32 JPEGs per request, 8 concurrent clients, in rounds that
-               alternate with serving_default called here on batches of 64
-Alternating puts both sides under the same load of a shared machine, so
-their ratio means something even when the absolute figures drift.
+Settings (clients x images per request): 1x1, 4x1, 4x32, each for
+--rounds rounds of --seconds, each round after --in-process-seconds of the
+SavedModel called here on batches of 64: a setting's ratio is its served
+images/s over the in-process rate of its own rounds, so both sides share the
+load of a shared machine and the ratio means something even when the
+absolute figures drift. The table gives images/s, p50 and p99 latency,
+errors, the mean batch and model call the server ran (from its Prometheus
+metrics), the in-process rate and the ratio; the targets of issue 23 are
+4x1 >= 85% of it with p99 < 30 ms and 4x32 >= 95%.
 
     python benchmarks/serve_load.py
-    python benchmarks/serve_load.py --requests 500 --batch-requests 50 --json
+    python benchmarks/serve_load.py --rounds 2 --json
 """
 
 import argparse
@@ -26,6 +27,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,24 +36,10 @@ import time
 
 import numpy as np
 
-# The issue's in-process figures on this kind of 2-core machine (a cascade exported from a bf16 training).
-ISSUE = {"batch64_images_per_s": 255, "single_p50_ms": 8.4, "single_p99_ms": 13.0}
-TARGETS = {"errors": 0, "batched_images_per_s": 200, "single_client_p99_ms": 30}
-
-
-def export_study_cascade(base, precision):
-    """The study's cascade (untrained) exported to BASE/1 under `precision`."""
-    import keras
-
-    from cxrkeras.export import export_model
-    from cxrkeras.models import build_study_model
-    from cxrkeras.models.cascade import build_cascade
-
-    keras.mixed_precision.set_dtype_policy(precision)
-    keras.utils.set_random_seed(0)
-    model = build_cascade(build_study_model("infected"), build_study_model("covid"))
-    keras.mixed_precision.set_dtype_policy("float32")
-    return export_model(model, base)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(ROOT, "saved_models", "cascade", "1")
+SETTINGS = ((1, 1), (4, 1), (4, 32))  # clients, images per request
+TARGETS = {(4, 1): {"ratio": 0.85, "p99_ms": 30}, (4, 32): {"ratio": 0.95}}
 
 
 def xray_jpeg():
@@ -64,53 +52,13 @@ def xray_jpeg():
     return buffer.getvalue()
 
 
-def summary(latencies, seconds, images_per_request, errors):
-    latencies = np.asarray(latencies) * 1000
-    count = len(latencies)
-    return {
-        "requests": count,
-        "requests_per_s": count / seconds,
-        "images_per_s": count * images_per_request / seconds,
-        "p50_ms": float(np.percentile(latencies, 50)) if count else None,
-        "p99_ms": float(np.percentile(latencies, 99)) if count else None,
-        "errors": errors,
-    }
-
-
-def one_client(signature, port, jpeg, body, calls):
-    """Latency at one client: `calls` single-image calls in-process and over HTTP, alternating."""
-    import tensorflow as tf
-
-    one = tf.constant([jpeg])
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    local, remote, errors = [], [], 0
-    for _ in range(calls):
-        t = time.perf_counter()
-        signature(images=one)["probabilities"].numpy()
-        local.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        errors += not post(connection, body, 1)
-        remote.append(time.perf_counter() - t)
-    connection.close()
-    return summary(local, sum(local), 1, 0), summary(remote, sum(remote), 1, errors)
-
-
-def batched(signature, port, jpeg, body, requests, rounds=10):
-    """Throughput: rounds of 2 in-process calls on 64 images, then `requests / rounds` 32-image requests from 8 clients."""
-    import tensorflow as tf
-
-    batch = tf.constant([jpeg] * 64)
-    local, remote, seconds, errors = [], [], 0.0, 0
-    for _ in range(rounds):
-        for _ in range(2):
-            t = time.perf_counter()
-            signature(images=batch)["probabilities"].numpy()
-            local.append(time.perf_counter() - t)
-        latencies, elapsed, failed = load(port, body, 32, requests // rounds, 8)
-        remote += latencies
-        seconds += elapsed
-        errors += failed
-    return summary(local, sum(local), 64, 0), summary(remote, seconds, 32, errors)
+def in_process(signature, batch, seconds):
+    """(images, seconds) of back-to-back calls on `batch` for about `seconds`."""
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        signature(images=batch)["probabilities"].numpy()
+        images += int(batch.shape[0])
+    return images, time.perf_counter() - start
 
 
 def post(connection, body, images_per_request):
@@ -121,18 +69,15 @@ def post(connection, body, images_per_request):
     return answer.status == 200 and text.count(b'"class_id"') == images_per_request
 
 
-def load(port, body, images_per_request, requests, clients):
-    """(latencies, seconds, errors) of `requests` POSTs of `body` from `clients` threads, one connection each."""
+def load(port, body, images_per_request, clients, seconds):
+    """(latencies, seconds, errors) of `clients` threads posting `body` back to back for `seconds`."""
     lock, latencies, errors = threading.Lock(), [], [0]
-    remaining = [requests]
+    stop = time.perf_counter() + seconds
 
     def client():
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        while True:
-            with lock:
-                if remaining[0] == 0:
-                    break
-                remaining[0] -= 1
+        mine, failed = [], 0
+        while time.perf_counter() < stop:
             t = time.perf_counter()
             try:
                 ok = post(connection, body, images_per_request)
@@ -140,11 +85,12 @@ def load(port, body, images_per_request, requests, clients):
                 connection.close()
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
                 ok = False
-            elapsed = time.perf_counter() - t
-            with lock:
-                latencies.append(elapsed)
-                errors[0] += not ok
+            mine.append(time.perf_counter() - t)
+            failed += not ok
         connection.close()
+        with lock:
+            latencies.extend(mine)
+            errors[0] += failed
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.perf_counter()
@@ -155,8 +101,27 @@ def load(port, body, images_per_request, requests, clients):
     return latencies, time.perf_counter() - start, errors[0]
 
 
-def start_server(base, port, log):
-    command = [sys.executable, "-m", "cxrkeras.cli", "serve", base, "--port", str(port)]
+def batch_sizes(port):
+    """(model calls, instances, model seconds) so far, from the server's cxrkeras_batch_size and _model_seconds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("GET", "/monitoring/prometheus/metrics")
+    text = connection.getresponse().read().decode()
+    connection.close()
+    calls = instances = seconds = 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name == "cxrkeras_batch_size":
+                calls += sample.value if sample.name.endswith("_count") else 0
+                instances += sample.value if sample.name.endswith("_sum") else 0
+            elif family.name == "cxrkeras_model_seconds" and sample.name.endswith("_sum"):
+                seconds += sample.value
+    return calls, instances, seconds
+
+
+def start_server(base, port, log, options=()):
+    command = [sys.executable, "-m", "cxrkeras.cli", "serve", base, "--port", str(port), *options]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -186,86 +151,75 @@ def run(args):
 
     jpeg = xray_jpeg()
     instance = {"b64": base64.b64encode(jpeg).decode()}
-    single_body = json.dumps({"instances": [instance]}).encode()
-    batch_body = json.dumps({"instances": [instance] * 32}).encode()
-    results = {"jpeg_bytes": len(jpeg), "precision": args.precision}
+    batch = tf.constant([jpeg] * 64)
+    rows = []
     with tempfile.TemporaryDirectory() as root:
-        version_dir = export_study_cascade(os.path.join(root, "cascade"), args.precision)
-        signature = tf.saved_model.load(version_dir).signatures["serving_default"]
-        signature(images=tf.constant([jpeg] * 64))  # warm-up
+        base = os.path.join(root, "cascade")
+        shutil.copytree(args.model, os.path.join(base, "1"))
+        signature = tf.saved_model.load(os.path.join(base, "1")).signatures["serving_default"]
+        in_process(signature, batch, 1)  # warm-up
         port = free_port()
         with open(os.path.join(root, "serve.log"), "w") as log:
-            server = start_server(os.path.join(root, "cascade"), port, log)
+            server = start_server(base, port, log, args.serve_options.split())
             try:
-                load(port, single_body, 1, 50, 1)  # warm the connection path
-                results["in_process_single"], results["http_1_client"] = one_client(
-                    signature, port, jpeg, single_body, args.calls
-                )
-                latencies, seconds, errors = load(port, single_body, 1, args.requests, 8)
-                results["http_8_clients"] = summary(latencies, seconds, 1, errors)
-                results["in_process_batch64"], results["http_8_clients_batch32"] = batched(
-                    signature, port, jpeg, batch_body, args.batch_requests
-                )
+                load(port, json.dumps({"instances": [instance]}).encode(), 1, 1, 2)  # warm the connection path
+                for clients, per_request in SETTINGS:
+                    body = json.dumps({"instances": [instance] * per_request}).encode()
+                    local, served, latencies, errors = np.zeros(2), np.zeros(2), [], 0
+                    before = batch_sizes(port)
+                    for _ in range(args.rounds):
+                        local += in_process(signature, batch, args.in_process_seconds)
+                        times, seconds, failed = load(port, body, per_request, clients, args.seconds)
+                        served += (len(times) * per_request, seconds)
+                        latencies, errors = latencies + times, errors + failed
+                    calls, instances, model_seconds = np.subtract(batch_sizes(port), before)
+                    latencies = np.asarray(latencies) * 1000
+                    rows.append({
+                        "clients": clients,
+                        "images_per_request": per_request,
+                        "requests": len(latencies),
+                        "images_per_s": served[0] / served[1],
+                        "in_process_images_per_s": local[0] / local[1],
+                        "p50_ms": float(np.percentile(latencies, 50)),
+                        "p99_ms": float(np.percentile(latencies, 99)),
+                        "errors": errors,
+                        "mean_batch": instances / max(1, calls),
+                        "model_call_ms": 1000 * model_seconds / max(1, calls),
+                    })
             finally:
                 server.terminate()
                 server.wait(60)
-    single, batch = results["http_1_client"], results["http_8_clients_batch32"]
-    results["ratios"] = {
-        "http_vs_in_process_single_p50": single["p50_ms"] / results["in_process_single"]["p50_ms"],
-        "http_batch32_vs_in_process_batch64_images_per_s": batch["images_per_s"]
-        / results["in_process_batch64"]["images_per_s"],
-    }
-    results["targets_met"] = {
-        "errors": sum(results[k]["errors"] for k in ("http_1_client", "http_8_clients", "http_8_clients_batch32")) == 0,
-        "batched_images_per_s": batch["images_per_s"] >= TARGETS["batched_images_per_s"],
-        "single_client_p99_ms": single["p99_ms"] < TARGETS["single_client_p99_ms"],
-    }
-    return results
+    for row in rows:
+        row["ratio"] = row["images_per_s"] / row["in_process_images_per_s"]
+        target = TARGETS.get((row["clients"], row["images_per_request"]))
+        row["target_met"] = None if target is None else bool(
+            row["ratio"] >= target["ratio"] and row["p99_ms"] < target.get("p99_ms", float("inf")) and not row["errors"]
+        )
+    return {"model": args.model, "settings": rows}
 
 
 def print_table(results):
-    print(f"study cascade (untrained, {results['precision']}), one {results['jpeg_bytes']}-byte 150x150 JPEG per image")
-    print(f"{'phase':<34}{'requests':>9}{'req/s':>9}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    names = {
-        "in_process_single": "in-process, 1 image per call",
-        "http_1_client": "HTTP, 1 client, 1 image",
-        "http_8_clients": "HTTP, 8 clients, 1 image",
-        "in_process_batch64": "in-process, 64 images per call",
-        "http_8_clients_batch32": "HTTP, 8 clients, 32 images",
-    }
-    for key, name in names.items():
-        r = results[key]
+    print(f"{results['model']}, served by `cxrkeras serve` and called in-process (serving_default, batches of 64)")
+    print(f"{'clients x images':<18}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'batch':>7}{'call ms':>9}"
+          f"{'in-process':>12}{'ratio':>8}  target")
+    for row in results["settings"]:
+        met = {None: "", True: "met", False: "MISSED"}[row["target_met"]]
         print(
-            f"{name:<34}{r['requests']:>9}{r['requests_per_s']:>9.1f}{r['images_per_s']:>10.1f}"
-            f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}{r['errors']:>8}"
+            f"{row['clients']} x {row['images_per_request']:<14}{row['images_per_s']:>10.1f}{row['p50_ms']:>9.1f}"
+            f"{row['p99_ms']:>9.1f}{row['errors']:>8}{row['mean_batch']:>7.1f}{row['model_call_ms']:>9.1f}"
+            f"{row['in_process_images_per_s']:>12.1f}{row['ratio']:>8.2f}  {met}"
         )
-    ratios = results["ratios"]
-    print(
-        f"HTTP / in-process: single-image p50 x{ratios['http_vs_in_process_single_p50']:.2f}; "
-        f"batched images/s x{ratios['http_batch32_vs_in_process_batch64_images_per_s']:.2f}"
-    )
-    print(
-        f"issue's in-process figures (bf16-trained cascade): {ISSUE['batch64_images_per_s']} images/s at batch 64, "
-        f"{ISSUE['single_p50_ms']} / {ISSUE['single_p99_ms']} ms p50 / p99"
-    )
-    met = results["targets_met"]
-    print(
-        "targets: 0 errors {}; >= {} images/s batched {}; p99 < {} ms at one client {}".format(
-            "met" if met["errors"] else "MISSED",
-            TARGETS["batched_images_per_s"],
-            "met" if met["batched_images_per_s"] else "MISSED",
-            TARGETS["single_client_p99_ms"],
-            "met" if met["single_client_p99_ms"] else "MISSED",
-        )
-    )
+    print("batch, call ms: mean instances and milliseconds per model call in the server (its metrics); in-process: "
+          "images/s of the rounds between this setting's; ratio: served images/s over it")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=2000, help="single-image requests from 8 clients")
-    parser.add_argument("--batch-requests", type=int, default=200, help="32-image requests from 8 clients")
-    parser.add_argument("--calls", type=int, default=300, help="single-image calls at one client, and in-process")
-    parser.add_argument("--precision", choices=["float32", "mixed_bfloat16"], default="mixed_bfloat16")
+    parser.add_argument("--model", default=SHIPPED, help="a SavedModel version folder [the shipped cascade's]")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per setting")
+    parser.add_argument("--seconds", type=float, default=6, help="load per round")
+    parser.add_argument("--in-process-seconds", type=float, default=3, help="in-process calls before each round")
+    parser.add_argument("--serve-options", default="", help='options of `cxrkeras serve`, e.g. "--batch-timeout-ms 5"')
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results = run(args)

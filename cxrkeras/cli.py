@@ -491,9 +491,12 @@ def _quote(value):
 @click.option("--band", type=click.IntRange(1, 74), default=22, show_default=True,
               help="Shortcut audit: the border band's width in pixels of a 150-pixel image (scaled to the model's).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--adapt-on", type=click.Path(exists=True),
+              help="Also score MODEL adapted (`cxrkeras adapt`) to these unlabeled images, side by side; "
+              "they may be the evaluated split's own folder (labels are not read).")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the table.")
 def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, seed, holdout_fraction, band,
-             batch_size, as_json):
+             batch_size, adapt_on, as_json):
     """Evaluate MODEL (a .keras file or run dir: binary, three-class or cascade) on one split.
 
     Prints the study's table (recall, precision, F1 per class; accuracy) and
@@ -511,12 +514,19 @@ def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, 
 
     _dataset_source(data_path)
     log = lambda message: click.echo(message, err=True)  # noqa: E731
+    from cxrkeras import adapt as adapt_lib
+
+    options = dict(images=list(images) or None, task=task, val_fraction=val_fraction, seed=seed,
+                   holdout_fraction=holdout_fraction, audit_band=band)
     try:
-        metrics = evaluation.evaluate_run(
-            model_path, data_path, split, out_dir, images=list(images) or None, task=task,
-            val_fraction=val_fraction, seed=seed, batch_size=batch_size, log=log,
-            holdout_fraction=holdout_fraction, audit_band=band,
-        )
+        if adapt_on:
+            metrics = adapt_lib.evaluate_adapted(model_path, adapt_on, data_path, split, out_dir,
+                                                 batch_size=batch_size, log=log, **options)
+        else:
+            metrics = evaluation.evaluate_run(model_path, data_path, split, out_dir, batch_size=batch_size, log=log,
+                                              **options)
+    except adapt_lib.AdaptError as e:
+        raise click.UsageError(f"--adapt-on: {e}")
     except TaskUnknownError as e:
         raise click.UsageError(f"{e} Pass --task infected or --task covid.")
     except (*_model_errors(), evaluation.EvaluationError) as e:
@@ -526,6 +536,8 @@ def evaluate(model_path, data_path, split, out_dir, images, task, val_fraction, 
         return
     click.echo(f"{metrics['model']} on {split} ({metrics['n']} images, data {metrics['fingerprint']})")
     click.echo(evaluation.format_report(metrics))
+    if metrics.get("adaptation"):
+        click.echo("\n" + adapt_lib.format_side_by_side(metrics["adaptation"]))
     click.echo(f"wrote {len(metrics['files'])} files to {metrics['out_dir']}")
 
 
@@ -810,6 +822,101 @@ def _open_local_model(model_path, task, trust_model):
         raise
 
 
+# ---------------------------------------------------------------- a new site: adapt, calibrate
+
+
+def _stage_list(ctx, param, value):
+    """"infected,covid" -> ["infected", "covid"] (None: every stage)."""
+    if value is None:
+        return None
+    stages = [s.strip() for s in value.split(",") if s.strip()]
+    wrong = [s for s in stages if s not in ("infected", "covid", "three-class")]
+    if not stages or wrong:
+        raise click.BadParameter(f"{value!r}: expected stage names joined by commas, e.g. infected,covid.")
+    return stages
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True))
+@click.option("--images", "images_source", required=True, type=click.Path(exists=True),
+              help="The new site's images: a folder of any layout (DICOM too), or a CSV with a path column.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="The folder for the adapted model.")
+@click.option("--stages", callback=_stage_list, metavar="STAGE[,STAGE]",
+              help="A cascade's stages to adapt: infected, covid or both [default: every stage].")
+@click.option("--overwrite", is_flag=True, help="Replace the model already in OUT (refused without it).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print adapt.json's record.")
+def adapt(model_path, images_source, out_dir, stages, overwrite, batch_size, as_json):
+    """Adapt MODEL to a new site's unlabeled X-rays: re-estimate its BatchNormalization statistics (AdaBN).
+
+    MODEL is a classifier, an ensemble or a cascade (.keras file, run or
+    cascade folder). Every BatchNormalization layer's moving mean and variance
+    become the exact mean and variance of its input over the images, layer by
+    layer in order. No label is read: files that do not decode are skipped
+    and listed. It needs at least 64 images: one training batch, the number
+    of images whose statistics BatchNormalization learned to normalise by
+    (fewer give noisier statistics than any it met in training). OUT gets a
+    model of the same kind (the source's config.json / cascade.json come
+    along) and adapt.json: the images' count and fingerprint, the stages and
+    layers changed and how far. The input model is never written to.
+    `cxrkeras export OUT --out BASE` then makes BASE's next version.
+    """
+    from cxrkeras import adapt as adapt_lib
+
+    try:
+        record = adapt_lib.adapt(model_path, images_source, out_dir, stages, overwrite, batch_size,
+                                 log=lambda message: click.echo(message, err=True))
+    except adapt_lib.AdaptError as e:
+        raise click.UsageError(str(e))
+    except _model_errors() as e:
+        raise click.ClickException(str(e))
+    if as_json:
+        _echo_json(record)
+        return
+    shifts = ", ".join(f"{c['classifier']}/{c['layer']} {c['mean_shift']:.2f}" for c in record["layers"][:4])
+    more = f", ... ({len(record['layers'])} layers)" if len(record["layers"]) > 4 else ""
+    click.echo(f"adapted {', '.join(record['stages'])} to {record['images']} images (fingerprint "
+               f"{record['fingerprint']}, {len(record['skipped'])} skipped); mean shifts in old standard "
+               f"deviations: {shifts}{more}")
+    click.echo(f"wrote {record['model']}")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="The folder for the calibrated model.")
+@click.option("--data", "data_path", type=click.Path(exists=True), help="The runs' dataset [default: the one their config names].")
+@click.option("--overwrite", is_flag=True, help="Replace the model already in OUT (refused without it).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print calibration.json's record.")
+def calibrate(model_path, out_dir, data_path, overwrite, batch_size, as_json):
+    """Calibrate MODEL's probabilities: one temperature per stage, fitted on the holdout.
+
+    MODEL is a binary classifier, an ensemble or a cascade whose runs carved
+    a holdout from train (`fit --holdout-fraction`): no epoch was picked there,
+    and test is never read. Each stage's probability p becomes
+    sigmoid(logit(p) / T), T minimising the holdout's negative log-likelihood;
+    a cascade's thresholds move the same way, so every decision stays. The
+    temperatures live in the model (predict, export and serve apply them);
+    OUT/calibration.json holds them with the ECE and NLL before and after.
+    """
+    from cxrkeras import calibration
+
+    try:
+        record = calibration.calibrate(model_path, out_dir, data_path, overwrite, batch_size,
+                                       log=lambda message: click.echo(message, err=True))
+    except calibration.CalibrationError as e:
+        raise click.ClickException(str(e))
+    except _model_errors() as e:
+        raise click.ClickException(str(e))
+    if as_json:
+        _echo_json(record)
+        return
+    temps = ", ".join(f"{k} {v:.3f}" for k, v in record["temperatures"].items())
+    click.echo(f"temperatures on the holdout ({record['images']} images): {temps}; ECE {record['ece']['before']:.4f} "
+               f"-> {record['ece']['after']:.4f}; decisions changed: {record['decisions_changed']}")
+    click.echo(f"wrote {record['model']}")
+
+
 # ---------------------------------------------------------------- tune
 
 TUNERS = ("grid", "random", "hyperband", "bayesian")  # cxrkeras.tuning.TUNERS (not imported: it loads TensorFlow)
@@ -870,7 +977,7 @@ def tune(task, study, data_path, config_file, tuner, max_trials, executions_per_
     base = build_run_config(task, data_path, config_file, **options)
     progress_to_stderr = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        with progress_to_stderr:
+        with tuning.hold_project(project_dir), progress_to_stderr:  # one tune per project
             result = tuning.tune(spec, base, project_dir, tuner, max_trials, executions_per_trial, augment_on,
                                  log=lambda message: click.echo(message, err=as_json))
     except KeyboardInterrupt:
@@ -945,10 +1052,11 @@ def report(data_path, out_dir, quick, epochs, fraction):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8501, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(1), default=64, show_default=True, help="Instances per model call, and per request.")
-@click.option("--batch-timeout-ms", type=click.FloatRange(0), default=2.0, show_default=True, help="How long a batch waits for more requests.")
+@click.option("--batch-timeout-ms", type=click.FloatRange(0), default=10.0, show_default=True, help="How long a batch waits at most for as many instances as were waiting at once during the last one.")
 @click.option("--max-enqueued-batches", type=click.IntRange(1), default=16, show_default=True, help="Queue length (in batches) before answering 429.")
 @click.option("--max-body-mb", type=click.FloatRange(0, min_open=True), default=32.0, show_default=True, help="Larger request bodies get 413.")
 @click.option("--max-image-pixels", type=click.IntRange(1), default=4096 * 4096, show_default=True, help="Images declaring more get 400.")
+@click.option("--read-timeout-s", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True, help="A request's headers, then its body, must each arrive within it (else the connection closes, or 408).")
 @click.option("--poll-seconds", type=click.FloatRange(0.05), default=1.0, show_default=True, help="How often BASE is checked for new versions.")
 @click.option("--cors", is_flag=True, help="Allow browser pages of any origin to call the API.")
 @click.option("--trust-model", is_flag=True, help="Serve SavedModels whose graphs use ops outside the allow-list.")
@@ -960,8 +1068,9 @@ def serve(base_dir, model_name, host, port, cors, trust_model, **limits):
     version folder is picked up while serving. Endpoints: GET
     /v1/models/NAME[/versions/V][/metadata], POST
     /v1/models/NAME[/versions/V]:predict and :classify (TensorFlow Serving's
-    requests and answers), /v2/health/live, /v2/health/ready (after warm-up),
-    and GET / (the page). Concurrent requests are batched into one model call.
+    requests and answers), /v2/health/live, /v2/health/ready (after warm-up,
+    until SIGTERM), /monitoring/prometheus/metrics (Prometheus) and GET / (the
+    page). Concurrent requests are batched into one model call.
     SIGTERM or Ctrl-C stops it after answering the requests in flight.
     """
     from cxrkeras import serving

@@ -20,12 +20,14 @@ import os
 import keras
 import numpy as np
 
+from cxrkeras import calibration
 from cxrkeras import data as data_lib
 from cxrkeras import runs
 from cxrkeras.audit import DEFAULT_BAND, shortcut_audit
 from cxrkeras.files import read_json, write_json_atomic
 from cxrkeras.models import cascade as cascade_lib
 from cxrkeras.models import conv_layer_names, explained_classifier
+from cxrkeras.models.temperature import Temperature
 
 SPLIT_NAMES = ("validation", "holdout", "val", "test")
 GRID_SIZE = 25  # the study's Figure 2.8.2
@@ -254,8 +256,12 @@ def gradcam_layer(model):
 
 
 def logit_head(model):
-    """The final Dense layer when its activation is sigmoid or softmax (Grad-CAM then uses the logits)."""
-    head = model.layers[-1]
+    """The final Dense layer when its activation is sigmoid or softmax (Grad-CAM then uses the logits).
+
+    A calibrated classifier's Temperature layer after it is looked through (it rescales the logit only).
+    """
+    layers = model.layers
+    head = layers[-2] if isinstance(layers[-1], Temperature) and len(layers) > 1 else layers[-1]
     if isinstance(head, keras.layers.Dense) and getattr(head.activation, "__name__", "") in ("sigmoid", "softmax"):
         return head
     return None
@@ -528,6 +534,9 @@ def evaluate_run(
         **_metrics(model, kind, x, labels, probabilities, predictions, class_names, batch_size),
         "audit": shortcut_audit(model, x, labels, audit_band or DEFAULT_BAND, batch_size),
     }
+    calibrated, uncalibrated = calibration.evaluation_section(model, x, labels, metrics["ece"], batch_size)
+    if calibrated:
+        metrics["calibration"] = calibrated  # temperatures, ECE before and after
     if split == "validation":
         metrics["validation"] = {"val_fraction": carve["val_fraction"], "seed": carve["seed"]}
     if split in ("validation", "holdout"):
@@ -537,6 +546,13 @@ def evaluate_run(
 
     title = f"{os.path.basename(run_dir)} on {split} (n={len(labels)})"
     files = _metric_figures(metrics, probabilities, labels, class_names, out_dir, title)
+    if uncalibrated is not None:  # the reliability diagram without the temperatures (calibration.png: with)
+        from cxrkeras import plots
+
+        files.append(plots.reliability_figure(
+            reliability_bins(uncalibrated, labels), metrics["calibration"]["ece_before"],
+            os.path.join(out_dir, "calibration_before.png"), f"{title}, before temperature scaling",
+        ))
     grid = _task_samples(splits.val, task)[:GRID_SIZE]
     metrics["grid"], grid_files = _grid_figure(model, grid, task, class_names, size, batch_size, out_dir)
     if not grid:
@@ -649,6 +665,10 @@ def format_report(metrics):
         lines.append(f"{name:<12}" + "".join(f"{v:>11d}" for v in row))
     aucs = ", ".join(f"{n} {v:.4f}" if v is not None else f"{n} -" for n, v in metrics["auc"].items())
     lines += ["", f"AUC (one-vs-rest): {aucs}", f"ECE (15 bins): {metrics['ece']:.4f}"]
+    if metrics.get("calibration"):
+        c = metrics["calibration"]
+        temps = ", ".join(f"{k} {v:.3f}" for k, v in c["temperatures"].items())
+        lines[-1] += f" (before temperature scaling {c['ece_before']:.4f}; temperatures {temps})"
     if "stage_accuracy" in metrics:
         s = metrics["stage_accuracy"]
         line = f"stages: normal vs infected {s['normal_vs_infected']:.4f}"

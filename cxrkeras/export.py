@@ -63,12 +63,15 @@ def describe(model, path=None, task=None):
         thresholds = {names[1]: 0.5}
     else:
         thresholds = {}
+    from cxrkeras.adapt import model_status
+
     return {
         "kind": kind,
         "task": runs.model_task(model, path, task),
         "class_names": names,
         "thresholds": thresholds,
         "image_size": int(model.input_shape[1]),
+        **model_status(model, path),  # "adapted" (to which images) and "calibrated" (the temperatures)
     }
 
 

@@ -72,3 +72,32 @@ def remove_temp_files(folder):
         for name in os.listdir(folder):
             if TMP_MARK in name:
                 os.remove(os.path.join(folder, name))
+
+
+class HeldError(Exception):
+    """A lock file another live process holds; the message says who (pid, host, start time)."""
+
+
+def hold(path):
+    """Lock `path` for this process and write who holds it; the open file (close it, or `with` it, to let go).
+
+    Raises HeldError naming the holder when another process has it. An
+    fcntl.flock: the kernel lets go when the holder exits, killed or not, so
+    a dead run leaves nothing stuck; the file's text only names the holder.
+    """
+    import fcntl
+    import socket
+    import time
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise HeldError(holder) from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    f.flush()
+    return f

@@ -44,6 +44,9 @@ class KerasPredictor:
         self.model = runs.load_model(path)
         self.class_names = tuple(runs.class_names(self.model, path, task))
         self.image_size = int(self.model.input_shape[1])
+        from cxrkeras.adapt import model_status
+
+        self.status = model_status(self.model, path)
 
     def predict_bytes(self, contents, batch_size=64):
         import tensorflow as tf
@@ -70,6 +73,8 @@ class SavedModelPredictor:
             )
         self.signature = self.module.signatures["serving_default"]
         self.class_names = tuple(n.decode() for n in self.module.class_names.numpy())
+        metadata = savedmodel.read_metadata(path) or {}
+        self.status = {"adapted": metadata.get("adapted"), "calibrated": metadata.get("calibrated")}
 
     def predict_bytes(self, contents, batch_size=64):
         import tensorflow as tf
@@ -99,6 +104,7 @@ class RemotePredictor:
         probe = {"signature_name": "classify", "examples": [{"image": _b64(savedmodel.probe_image(8))}]}
         results = self._call(":classify", probe)["results"][0]
         self.class_names = tuple(label for label, _ in results)
+        self.status = {}  # the REST API does not say whether the served model is adapted or calibrated
 
     def _call(self, suffix, body=None):
         data = None if body is None else json.dumps(body).encode()
@@ -159,7 +165,10 @@ def image_problem(path):
 
 
 def predict_files(predictor, paths, batch_size=64):
-    """One dict per path, in order: {"path", "class", "class_id", "probabilities": {name: p}} or {"path", "error"}."""
+    """One dict per path, in order: {"path", "class", "class_id", "probabilities": {name: p}} or {"path", "error"}.
+
+    A local model's results also say whether it is "adapted" (to which images) and "calibrated" (its temperatures).
+    """
     results = [{"path": p, "error": image_problem(p)} for p in paths]
     good = [r for r in results if r["error"] is None]
     contents = []
@@ -187,6 +196,7 @@ def predict_files(predictor, paths, batch_size=64):
                     "class": names[int(k)],
                     "class_id": int(k),
                     "probabilities": {n: float(v) for n, v in zip(names, p)},
+                    **getattr(predictor, "status", {}),
                 }
             )
     return results

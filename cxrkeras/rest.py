@@ -31,6 +31,8 @@ STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.IGNORECASE
 )
 CLASSIFY_OUTPUTS = ("classes", "scores")
+# Dimensions of one JSON value at most: numpy stops at 64, and no signature of ours takes more than 4.
+MAX_RANK = 32
 NUMPY_DTYPES = {
     "DT_FLOAT": np.float32,
     "DT_DOUBLE": np.float64,
@@ -70,8 +72,9 @@ def not_found(message):
 def parse_path(method, path):
     """{"name", "version" (int or None), "label", "verb" (predict/classify/regress or None), "metadata"}.
 
-    Raises 400 "Malformed request" for a path TensorFlow Serving doesn't route.
+    Raises 400 "Malformed request" for a path TensorFlow Serving doesn't route. HEAD reads as GET.
     """
+    method = "GET" if method == "HEAD" else method
     pattern = PREDICT_PATH if method == "POST" else STATUS_PATH if method == "GET" else None
     match = pattern.fullmatch(path) if pattern else None
     if match is None:
@@ -187,12 +190,14 @@ def dense_shape(value):
 def to_array(value, dtype):
     """A nested JSON list (or a scalar) as a numpy array of `dtype`, checking it is dense and well typed."""
     shape = dense_shape(value)
+    if len(shape) > MAX_RANK:
+        raise invalid(f"JSON Value: lists nested {len(shape)} deep; a tensor here has at most {MAX_RANK} dimensions")
     if dtype not in ("DT_STRING", "DT_BOOL") and shape:
         try:  # fast path for dense numeric lists (float images)
             array = np.asarray(value)
             if array.dtype.kind in "iuf" and list(array.shape) == shape:
                 if dtype in ("DT_FLOAT", "DT_DOUBLE") or array.dtype.kind != "f":
-                    return array.astype(NUMPY_DTYPES[dtype])
+                    return cast(array, dtype)
         except (ValueError, TypeError, OverflowError):
             pass
     flat = []
@@ -221,8 +226,17 @@ def to_array(value, dtype):
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
     else:
-        array = np.array(flat).astype(NUMPY_DTYPES[dtype])
+        array = cast(np.array(flat), dtype)
     return array.reshape(shape)
+
+
+def cast(array, dtype):
+    """`array` as `dtype`, or a 400 when a float is NaN or infinite there (1e39 is infinite as a float32)."""
+    with np.errstate(over="ignore"):
+        array = array.astype(NUMPY_DTYPES[dtype])
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise invalid(f"JSON Value: a number that is NaN or infinite as {array.dtype}; send finite numbers")
+    return array
 
 
 def instances_to_tensors(instances, input_dtypes):
@@ -275,12 +289,14 @@ def inputs_to_tensors(inputs, input_dtypes):
                 "inputs is a plain value/list, but expecting an object as multiple input tensors required as per "
                 f"tensorinfo_map ({', '.join(names)})"
             )
-        return {names[0]: to_array(inputs, input_dtypes[names[0]])}
+        inputs = {names[0]: inputs}
     tensors = {}
     for name in names:
         if name not in inputs:
             raise invalid(f"Missing named input: {name} in 'inputs' object.")
         tensors[name] = to_array(inputs[name], input_dtypes[name])
+        if tensors[name].ndim and not len(tensors[name]):
+            raise invalid(f"No values in 'inputs' ({name!r} is an empty list): send at least one instance")
     return tensors
 
 
@@ -361,6 +377,8 @@ def _feature(name, value, feature):
             raise invalid(f"Feature: {name} has uint64_t element. Only int64_t is supported.")
     elif isinstance(value, float):
         kind, item = "float_list", value
+        if not abs(value) <= np.finfo(np.float32).max:  # NaN compares false
+            raise invalid(f"Feature: {name} has a number that is NaN or infinite as a float32; send finite numbers")
     elif isinstance(value, str):
         kind, item = "bytes_list", value.encode()
     elif is_b64(value):

@@ -29,6 +29,10 @@ CASCADE_FILE = "cascade.json"
 TRADEOFF_PLOT = "threshold_tradeoff.png"
 # An evaluation folder
 METRICS_FILE = "metrics.json"
+# A model derived from another (`cxrkeras adapt`, `cxrkeras calibrate`): the record of what was done
+ADAPT_FILE = "adapt.json"
+CALIBRATION_FILE = "calibration.json"
+BESIDE_FILES = (CONFIG_FILE, CASCADE_FILE, ADAPT_FILE, CALIBRATION_FILE)  # carried to a derived model's folder
 
 
 class TaskUnknownError(ModelError):
@@ -154,3 +158,39 @@ def duration(seconds):
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def model_folder(path):
+    """The folder a model at `path` (a .keras file, or a run or cascade folder) lives in."""
+    path = os.fspath(path)
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def save_derived(model, source, out_dir, record_file, record, overwrite=False):
+    """Write `model`, made from the model at `source`, as OUT_DIR/model.keras with `record` as OUT_DIR/`record_file`.
+
+    The files beside the source (config.json, cascade.json, an earlier
+    adapt.json or calibration.json) come along, so OUT_DIR is a run or
+    cascade folder like the source's; a cascade.json gets the model's own
+    thresholds. The source's folder is never written to, and a folder that
+    already holds a model only with `overwrite`. Returns OUT_DIR/model.keras.
+    """
+    from cxrkeras.files import read_json, save_model_atomic, write_json_atomic
+    from cxrkeras.models.cascade import cascade_thresholds
+    from cxrkeras.thresholds import check_out_dir
+
+    folder = model_folder(source)
+    if os.path.realpath(out_dir) == os.path.realpath(folder):
+        raise ModelError(f"{out_dir}: the folder of the input model {source}; pick another --out (the input is kept).")
+    check_out_dir(out_dir, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
+    for name in BESIDE_FILES:
+        carried = read_json(os.path.join(folder, name)) if name != record_file else None
+        if name == CASCADE_FILE and isinstance(carried, dict):
+            t_infected, t_covid = cascade_thresholds(model)
+            carried = {**carried, "thresholds": {"infected": t_infected, "covid": t_covid}, "derived_from": os.fspath(source)}
+        if carried is not None:
+            write_json_atomic(os.path.join(out_dir, name), carried)
+    path = save_model_atomic(model, os.path.join(out_dir, MODEL_FILE))
+    write_json_atomic(os.path.join(out_dir, record_file), record)
+    return path

@@ -46,7 +46,7 @@ from keras_tuner.src.tuners import gridsearch  # its LinkedList, for GridOracle
 
 from cxrkeras import training
 from cxrkeras.config import SETTING_FIELDS, RunConfig
-from cxrkeras.files import read_json, write_json_atomic, write_text_atomic
+from cxrkeras.files import HeldError, hold, read_json, write_json_atomic, write_text_atomic
 from cxrkeras.models import check_config as check_model_config
 from cxrkeras.runs import duration
 
@@ -600,6 +600,23 @@ def _differences(a, b, ignore=(), prefix=""):
 
 
 # ---------------------------------------------------------------- search
+
+
+def hold_project(project_dir):
+    """This process's hold on `project_dir` (an open lock file); TuneError naming the tune already running there.
+
+    A second `tune` on a project in use would train the same trials (keras-tuner
+    does not lock its files). In keras-tuner's distributed mode the chief and
+    each worker hold their own lock, KERASTUNER_TUNER_ID's.
+    """
+    os.makedirs(project_dir, exist_ok=True)
+    name = f".{os.environ.get('KERASTUNER_TUNER_ID', 'tune')}.lock"
+    try:
+        return hold(os.path.join(project_dir, name))
+    except HeldError as e:
+        raise TuneError(
+            f"{project_dir}: another `cxrkeras tune` runs on this project ({e}); wait for it to finish or stop it."
+        ) from None
 
 
 def tune(study, base, project_dir, tuner=None, max_trials=None, executions_per_trial=1, augment_on="auto",

@@ -79,7 +79,8 @@ def test_predict_json_parses(setup):
     results = json.loads(result.output)
     assert [r["path"] for r in results] == [setup["good"][0], *setup["bad"]]
     first = results[0]
-    assert set(first) == {"path", "class", "class_id", "probabilities"}
+    assert set(first) == {"path", "class", "class_id", "probabilities", "adapted", "calibrated"}
+    assert first["adapted"] is None and first["calibrated"] is None  # a plain cascade folder
     assert list(first["probabilities"]) == list(CLASSES)
     assert sum(first["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     assert first["class"] == CLASSES[first["class_id"]]

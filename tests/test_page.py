@@ -140,3 +140,20 @@ def test_the_page_shows_each_image_result(page_server, browser, image_files, tmp
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert Image.open(tmp_path / "page.png").size[0] == 1100
     page.close()
+
+
+@pytest.mark.parametrize("width", [360, 390])
+def test_the_page_fits_a_phone_after_an_upload(page_server, browser, image_files, width):
+    paths, broken = image_files
+    page = browser.new_page(viewport={"width": width, "height": 740})
+    page.goto(page_server + "/")
+    page.wait_for_function("document.getElementById('model-info').textContent.startsWith('Model')")
+    page.set_input_files("input[type=file]", paths[:2] + [broken])
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Classified 2 of 3')", timeout=60000)
+    assert page.evaluate("document.documentElement.scrollWidth") == width  # no sideways scrolling
+    rights = page.eval_on_selector_all(
+        ".result, .result .decision, .result .bars .value, .result .error:not([hidden]), .result canvas",
+        "(items) => items.map((item) => item.getBoundingClientRect().right)",
+    )
+    assert len(rights) == 3 + 3 + 6 + 1 + 3 and max(rights) <= width
+    page.close()

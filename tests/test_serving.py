@@ -33,7 +33,7 @@ from cxrkeras.rest import ApiError
 from cxrkeras.synth import synth_image
 
 NAME = "cxr"
-SETTINGS = dict(max_batch_size=8, batch_timeout_ms=20, max_body_mb=1, poll_seconds=0.2)
+SETTINGS = dict(max_batch_size=8, batch_timeout_ms=20, max_body_mb=1, poll_seconds=0.2, read_timeout_s=1)
 
 
 # ---------------------------------------------------------------- helpers
@@ -86,7 +86,7 @@ def served(exported_cascade, tmp_path_factory):
     app = serving.create_app(base, NAME, serving.Settings(**SETTINGS))
     url, server, thread = start(app)
     wait_for(lambda: http(url, "/v2/health/ready")[0] == 200)
-    yield {"url": url, "base": base, "app": app, "saved": tf.saved_model.load(str(base / "1"))}
+    yield {"url": url, "base": base, "app": app, "server": server, "saved": tf.saved_model.load(str(base / "1"))}
     server.should_exit = True
     thread.join(30)
 
@@ -205,13 +205,40 @@ def test_a_dicom_image_is_converted_by_the_server(served, images):
 # ---------------------------------------------------------------- bad requests
 
 
+def nested(depth, inner="1", opening="[", closing="]"):
+    return opening * depth + inner + closing * depth
+
+
 def bad_requests(images):
-    """(name, path, body or raw bytes, status, part of the message) for each bad request of the issue."""
+    """(name, path, body or raw bytes, status, part of the message) for each bad request of issues 9 and 23."""
     good = b64(images[0])
     jpeg = images[2]
     url_safe = next(c for c in images if set(base64.b64encode(c)) & set(b"+/"))
-    predict = f"/v1/models/{NAME}:predict"
-    return [
+    predict, classify = f"/v1/models/{NAME}:predict", f"/v1/models/{NAME}:classify"
+    floats = np.full((150, 150, 1), 0.5).tolist()
+    nan_image = json.dumps({"signature_name": "predict_images", "instances": [floats]}).replace("0.5", "NaN", 1)
+    deep = [  # JSON nested 980 to 5,000 levels (the parser's limit is near 1,000), 65 to 950 in predict_images
+        (f"JSON {depth} deep ({where})", path, body.encode(), 400, message)
+        for depth, message in ((980, "nested"), (5000, "nested too deep"))
+        for where, path, body in (
+            ("instances", predict, f'{{"instances": {nested(depth)}}}'),
+            ("objects", predict, f'{{"instances": [{nested(depth, "1", chr(123) + chr(34) + "b64" + chr(34) + ":", chr(125))}]}}'),
+            ("examples", classify, f'{{"examples": [{{"image": {nested(depth)}}}]}}'),
+            ("context", classify, f'{{"context": {nested(depth, "1", chr(123) + chr(34) + "a" + chr(34) + ":", chr(125))}, "examples": []}}'),
+        )
+    ] + [
+        (f"predict_images {depth} deep", predict, {"signature_name": "predict_images", "inputs": json.loads(nested(depth, "0.5"))}, 400, f"nested {depth} deep")
+        for depth in (65, 950)
+    ]
+    return deep + [
+        ("empty inputs", predict, {"inputs": []}, 400, "No values in 'inputs'"),
+        ("empty named inputs", predict, {"inputs": {"images": []}}, 400, "No values in 'inputs'"),
+        ("empty float inputs", predict, {"signature_name": "predict_images", "inputs": []}, 400, "No values in 'inputs'"),
+        ("NaN pixel", predict, nan_image.encode(), 400, "NaN or infinite"),
+        ("1e999 pixel", predict, nan_image.replace("NaN", "1e999").encode(), 400, "NaN or infinite"),
+        ("1e39 pixel (inf as float32)", predict, nan_image.replace("NaN", "1e39").encode(), 400, "NaN or infinite as float32"),
+        ("Infinity in columns", predict, b'{"signature_name": "predict_images", "inputs": [[[[Infinity]]]]}', 400, "NaN or infinite"),
+        ("NaN feature", classify, b'{"signature_name": "classify", "examples": [{"x": NaN}]}', 400, "NaN or infinite"),
         ("malformed JSON", predict, b'{"instances": [', 400, "JSON Parse error"),
         ("empty body", predict, b"", 400, "The document is empty"),
         ("missing key", predict, {"signature_name": "serving_default"}, 400, "Missing 'inputs' or 'instances' key"),
@@ -238,13 +265,117 @@ def test_each_bad_request_gets_a_clear_4xx_and_the_next_is_answered(served, imag
     url, good = served["url"], {"instances": [b64(images[0])]}
     for name, path, body, status, message in bad_requests(images):
         raw = body if isinstance(body, bytes) else None
-        got, answer, _ = http(url, path, None if raw is not None else body, raw=raw, method="POST")
+        got, answer, headers = http(url, path, None if raw is not None else body, raw=raw, method="POST")
         assert (got, name) == (status, name) and message in answer["error"], (name, answer)
+        assert headers["Content-Type"] == "application/json" and list(answer) == ["error"], name
         got, answer, _ = http(url, f"/v1/models/{NAME}:predict", good)
         assert got == 200 and len(answer["predictions"]) == 1, name
     assert http(url, "/v1/models/nope")[:2] == (404, {"error": "Could not find any versions of model nope"})
     assert http(url, f"/v1/models/{NAME}/versions/99")[:2] == (404, {"error": f"Could not find version 99 of model {NAME}"})
     assert http(url, "/v1/models")[:2] == (400, {"error": "Missing model name in request."})
+
+
+def test_head_answers_as_get_without_a_body(served):
+    url = served["url"]
+    for path in (f"/v1/models/{NAME}", f"/v1/models/{NAME}/metadata", "/v2/health/ready", "/"):
+        status, body, headers = http(url, path)
+        head_status, head_body, head_headers = http(url, path, method="HEAD")
+        assert (head_status, head_body) == (status, "") and head_headers["Content-Length"] == headers["Content-Length"]
+    assert http(url, "/v1/models/nope", method="HEAD")[:2] == (404, "")
+
+
+def raw_request(url, data, wait=None):
+    """What a socket gets back after sending `data` (then waiting `wait` seconds and closing): b"" when closed unanswered."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(data)
+        if wait is not None:
+            time.sleep(wait)
+            return None
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_idle_and_slow_connections_time_out_and_a_disconnect_is_one_line(served, images, caplog):
+    import logging
+
+    url = served["url"]  # read_timeout_s=1
+    assert raw_request(url, b"") == b""  # idle: closed
+    assert raw_request(url, b"POST /v1/models/cxr:predict HTTP/1.1\r\nHost: x\r\n") == b""  # slow headers
+    headers = b"POST /v1/models/cxr:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+    answer = raw_request(url, headers + b'{"instances"')  # a slow body
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'{"error": "The request body did not arrive within 1 s' in answer
+    caplog.set_level(logging.INFO, logger="cxrkeras.serving")
+    raw_request(url, headers + b'{"instances"', wait=0.2)  # a client that goes away mid-body
+    wait_for(lambda: any("went away" in r.getMessage() for r in caplog.records), seconds=10)
+    time.sleep(0.3)
+    assert [r.getMessage().split(" went away")[1] for r in caplog.records if "went away" in r.getMessage()] == [
+        " before sending its whole body (POST /v1/models/cxr:predict)"
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback
+    assert http(url, f"/v1/models/{NAME}:predict", {"instances": [b64(images[0])]})[0] == 200
+
+
+def metric_samples(url):
+    """{(name, labels as a sorted tuple): value} of the server's Prometheus page, parsed by prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text, headers = http(url, "/monitoring/prometheus/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_prometheus_metrics_count_the_requests_made(served, images):
+    url = served["url"]
+    before = metric_samples(url)
+    predict = {"instances": [b64(images[0]), b64(images[1])]}
+    for _ in range(3):
+        assert http(url, f"/v1/models/{NAME}:predict", predict)[0] == 200
+    assert http(url, f"/v1/models/{NAME}:predict", {"signature_name": "nope", "instances": [b64(images[0])]})[0] == 400
+    assert http(url, f"/v1/models/{NAME}:predict", {"instances": [{"b64": "***"}]})[0] == 400
+    body = {"signature_name": "classify", "examples": [{"image": b64(images[0])}]}
+    assert http(url, f"/v1/models/{NAME}/versions/1:classify", body)[0] == 200
+    assert http(url, "/v1/models/nope:predict", predict)[0] == 404
+    after = metric_samples(url)
+
+    def added(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    model = dict(model=NAME, version="1")
+    assert added("cxrkeras_requests_total", **model, signature="serving_default", api="predict", code="200") == 3
+    assert added("cxrkeras_requests_total", **model, signature="", api="predict", code="400") == 1  # not a signature of ours
+    assert added("cxrkeras_requests_total", **model, signature="serving_default", api="predict", code="400") == 1
+    assert added("cxrkeras_requests_total", **model, signature="classify", api="classify", code="200") == 1
+    assert added("cxrkeras_requests_total", model="", version="", signature="", api="predict", code="404") == 1
+    assert added("cxrkeras_request_seconds_count", model=NAME, api="predict") == 5
+    assert added("cxrkeras_batch_size_count", **model, signature="serving_default") == 3  # one model call each
+    assert added("cxrkeras_batch_size_sum", **model, signature="serving_default") == 6
+    assert added("cxrkeras_model_seconds_count", **model, signature="classify") == 1
+    assert after[("cxrkeras_queue_instances", (("model", NAME), ("signature", "serving_default"), ("version", "1")))] == 0
+    assert after[("cxrkeras_model_versions", (("model", NAME), ("state", "AVAILABLE"), ("version", "1")))] == 1
+    assert after[("cxrkeras_ready", (("model", NAME),))] == 1
+
+
+def test_readiness_is_false_once_sigterm_comes(served):
+    url, model_server = served["url"], served["app"].state.server
+    assert http(url, "/v2/health/ready")[:2] == (200, {"ready": True})
+    unstarted = serving.uvicorn_server(served["app"])  # what `cxrkeras serve` runs; its signal handler
+    unstarted.handle_exit(signal.SIGTERM, None)
+    try:
+        assert unstarted.should_exit and model_server.stopping
+        assert http(url, "/v2/health/ready")[:2] == (503, {"error": f"Model {NAME} is shutting down."})
+        assert http(url, f"/v1/models/{NAME}")[0] == 200  # requests are still answered meanwhile
+    finally:
+        model_server.stopping = False
 
 
 def test_a_bad_image_fails_only_its_own_request_when_batched(served, images):
@@ -326,6 +457,32 @@ def test_batcher_queue_limit_and_isolation():
     assert isinstance(results[1], ApiError) and (results[1].status, results[1].message) == (400, "a bad instance")
 
 
+def test_batcher_waits_for_every_client_coming_back():
+    settings = serving.Settings(max_batch_size=8, batch_timeout_ms=30_000)  # a wait for the timeout fails the test
+    calls = []
+
+    def run(batch):
+        calls.append(len(batch["x"]))
+        return {"y": batch["x"]}
+
+    async def client(batcher, i, requests):
+        """Sends one instance, waits for its answer, then 4*i ms (its own parsing) before the next."""
+        for _ in range(requests):
+            await batcher.submit({"x": np.array([i])})
+            await asyncio.sleep(0.004 * i)
+
+    async def scenario():
+        batcher = serving.Batcher(run, settings, ThreadPoolExecutor(1))
+        await asyncio.wait_for(client(batcher, 0, 3), 10)  # a lone client waits for no one
+        clients = asyncio.gather(*(client(batcher, i, 6) for i in range(4)))  # coming back 0 to 12 ms apart
+        await asyncio.wait_for(clients, 20)
+        batcher.close()
+
+    asyncio.run(scenario())
+    assert calls[:3] == [1, 1, 1] and sum(calls) == 3 + 4 * 6
+    assert calls[-4:] == [4, 4, 4, 4]  # every client in each call once the batcher has seen them
+
+
 def test_new_versions_are_picked_up_and_crafted_ones_refused(served, images):
     url, base = served["url"], served["base"]
     staging = base / ".export-2-1234"
@@ -347,6 +504,23 @@ def test_new_versions_are_picked_up_and_crafted_ones_refused(served, images):
     assert http(url, f"/v1/models/{NAME}/metadata")[1]["model_spec"]["version"] == "2"  # still the default
     assert http(url, f"/v1/models/{NAME}/versions/3:predict", {"instances": [b64(images[0])]})[0] == 404
     assert not marker.exists()
+
+
+def test_a_failed_version_is_tried_again_when_its_folder_changes_and_forgotten_when_it_goes(served, images):
+    url, base = served["url"], served["base"]
+    version = base / "7"
+    version.mkdir()
+    shutil.copy(base / "1" / "saved_model.pb", version)  # a copy not finished: no variables yet
+    wait_for(lambda: "END" in str(http(url, f"/v1/models/{NAME}/versions/7")[1]))
+    time.sleep(3 * SETTINGS["poll_seconds"])
+    assert http(url, f"/v1/models/{NAME}/versions/7")[1]["model_version_status"][0]["state"] == "END"  # not reloaded in a loop
+    for item in os.listdir(base / "1"):
+        if item != "saved_model.pb":
+            (shutil.copytree if (base / "1" / item).is_dir() else shutil.copy)(base / "1" / item, version / item)
+    wait_for(lambda: http(url, f"/v1/models/{NAME}/versions/7:predict", {"instances": [b64(images[0])]})[0] == 200)
+    shutil.rmtree(version)
+    shutil.rmtree(base / "3", ignore_errors=True)  # the crafted version: failed, then removed
+    wait_for(lambda: [s["version"] for s in http(url, f"/v1/models/{NAME}")[1]["model_version_status"]] == ["2", "1"])
 
 
 def test_serve_refuses_a_crafted_savedmodel(tmp_path):
@@ -431,14 +605,16 @@ def test_sigterm_answers_the_request_in_flight(exported_cascade, images):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command[-1] = str(port)
-    command += ["--batch-timeout-ms", "1500"]  # a request waits 1.5 s for company: in flight when SIGTERM comes
+    command += ["--batch-timeout-ms", "1500"]  # after a batch of 2, one image waits 1.5 s for a second: in flight at SIGTERM
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: process.poll() is None and _ready(url), seconds=120)
+        assert http(url, f"/v1/models/{NAME}:predict", {"instances": [b64(images[0])] * 2})[0] == 200
         with ThreadPoolExecutor(1) as pool:
             request = pool.submit(http, url, f"/v1/models/{NAME}:predict", {"instances": [b64(images[0])]})
             time.sleep(0.5)
+            assert not request.done()
             process.send_signal(signal.SIGTERM)
             status, answer, _ = request.result(timeout=60)
         assert status == 200 and len(answer["predictions"]) == 1

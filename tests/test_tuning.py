@@ -273,6 +273,27 @@ def test_tune_errors_are_one_line(killed_and_resumed, synthetic_dataset, args, c
     assert message in result.output
 
 
+def test_a_second_tune_on_a_project_in_use_is_refused_and_a_killed_one_leaves_no_lock(
+    killed_and_resumed, synthetic_dataset, monkeypatch
+):
+    _, project, config, study = killed_and_resumed
+    monkeypatch.setattr(tuning.StudyTuner, "search", lambda self: None)  # nothing here needs training
+    holding = "import sys, time; from cxrkeras.files import hold; f = hold(sys.argv[1]); print('held', flush=True); time.sleep(300)"
+    holder = subprocess.Popen([sys.executable, "-c", holding, os.path.join(project, ".tune.lock")], stdout=subprocess.PIPE, text=True)
+    out = os.path.dirname(os.path.dirname(project))
+    args = ["tune", "infected", "--out", out, "--study", study, "--data", synthetic_dataset, "--config", config]
+    try:
+        assert holder.stdout.readline() == "held\n"
+        result = CliRunner().invoke(cli.main, args)
+        assert result.exit_code == 1, result.output
+        assert f"another `cxrkeras tune` runs on this project (pid {holder.pid} on {socket.gethostname()}, started " in result.output
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own
+        holder.wait()
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+
+
 def test_tune_help_names_every_study_and_tuner():
     result = CliRunner().invoke(cli.main, ["tune", "--help"])
     assert result.exit_code == 0

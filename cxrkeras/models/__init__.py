@@ -1,6 +1,6 @@
 """The classifiers: `build_model(config)` for any `ModelConfig`, `build_study_model(task)`.
 
-Importing this package registers `TorchUniform`, `TaskInfo` and
+Importing this package registers `TorchUniform`, `TaskInfo`, `Temperature` and
 `CascadeDecision`, so `keras.saving.load_model` reloads saved classifiers;
 `CUSTOM_OBJECTS` is there for code that prefers to pass them explicitly.
 """
@@ -25,6 +25,7 @@ from cxrkeras.models.cascade import (
     explained_classifier,
     model_kind,
 )
+from cxrkeras.models.temperature import Temperature
 
 CUSTOM_OBJECTS = {
     "TorchUniform": TorchUniform,
@@ -33,12 +34,15 @@ CUSTOM_OBJECTS = {
     "cxrkeras>CascadeDecision": CascadeDecision,
     "TaskInfo": TaskInfo,
     "cxrkeras>TaskInfo": TaskInfo,
+    "Temperature": Temperature,
+    "cxrkeras>Temperature": Temperature,
 }
 
 __all__ = [
     "CUSTOM_OBJECTS",
     "CascadeDecision",
     "TaskInfo",
+    "Temperature",
     "TorchUniform",
     "build_model",
     "build_cascade",

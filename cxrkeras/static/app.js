@@ -32,7 +32,13 @@ function describeModel(m) {
     .join(", then ");
   const rule = thresholds ? `; decides ${thresholds}` : "";
   return `Model “${m.name}”, version ${m.version} of ${m.versions.join(", ")} (${m.kind || "SavedModel"}` +
-    `, classes ${(m.class_names || []).join(", ")})${rule}.`;
+    `, classes ${(m.class_names || []).join(", ")})${rule}. ${describeStatus(m)}`;
+}
+
+function describeStatus(m) {
+  const adapted = m.adapted ? `Adapted to ${m.adapted.images} images of its site` : "Not adapted to a site";
+  const calibrated = m.calibrated ? "calibrated" : "not calibrated";
+  return `${adapted}; ${calibrated}.`;
 }
 
 function base64Of(file) {
