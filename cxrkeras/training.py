@@ -302,7 +302,8 @@ def load_task_data(cfg):
 
 @dataclass
 class Datasets:
-    """tf.data pipelines for one fit, and what sizes the schedule and the throughput."""
+    """Training and validation batches for one fit (tf.data, or `arrays.ArrayBatches`), and what sizes the
+    schedule and the throughput."""
 
     train: object
     val: object
