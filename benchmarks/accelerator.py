@@ -38,12 +38,14 @@ class EpochTimer(keras.callbacks.Callback):
         self.times = []
 
 
-def train_rate(task, precision, augment, x, y, epochs, batch_size):
+def train_rate(task, precision, augment, x, y, epochs, batch_size, image_size=150):
     keras.mixed_precision.set_dtype_policy(precision)
     try:
-        model = build_model(study_model_config(task))
+        config = study_model_config(task)
+        config.image_size = image_size
+        model = build_model(config)
         if augment:
-            inputs = keras.Input((150, 150, 1))
+            inputs = keras.Input((image_size, image_size, 1))
             model = keras.Model(inputs, model(study_augmentation(seed=0)(inputs)))
         model.compile(keras.optimizers.Adam(1e-3), "binary_crossentropy", metrics=["accuracy"])
         timer = EpochTimer()

@@ -85,16 +85,17 @@ def shortcut_audit(model, images, labels, band=DEFAULT_BAND, batch_size=64):
 
 def _gradcam_border_mass(model, images, class_id, px, batch_size):
     """`border_mass` of the Grad-CAM of each image's decision `class_id`, batch by batch (None: no Grad-CAM)."""
-    import tensorflow as tf
+    import keras
 
-    from cxrkeras.export import explain_batch, stage_explainers
+    from cxrkeras.evaluation import explain_heatmaps
+    from cxrkeras.export import stage_explainers
 
     explainers = stage_explainers(model, cascade_lib.model_kind(model))
     if not explainers:
         return None
     heatmaps = []
     for start in range(0, len(images), batch_size):
-        batch = tf.constant(images[start:start + batch_size])
-        heat, _ = explain_batch(explainers, batch, tf.constant(class_id[start:start + batch_size]))
-        heatmaps.append(heat.numpy())
+        batch = keras.ops.convert_to_tensor(images[start:start + batch_size])
+        heat = explain_heatmaps(explainers, batch, keras.ops.convert_to_tensor(class_id[start:start + batch_size]))
+        heatmaps.append(keras.ops.convert_to_numpy(heat))
     return border_mass(np.concatenate(heatmaps), px)

@@ -22,9 +22,18 @@ import click
 from cxrkeras.config import CLASSES, DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 
 
-# Commands whose work is TensorFlow's (a SavedModel; Grad-CAM by GradientTape): under another Keras backend
-# they rerun themselves with KERAS_BACKEND=tensorflow, as a .keras file loads the same under any backend.
-TENSORFLOW_COMMANDS = ("evaluate", "export", "serve")
+# Commands whose work is TensorFlow's (a SavedModel): under another Keras backend they rerun themselves with
+# KERAS_BACKEND=tensorflow, as a .keras file loads the same under any backend; without TensorFlow they say so.
+# Every other command runs on the backend at hand (cxrkeras.arrays feeds it where tf.data can't).
+TENSORFLOW_COMMANDS = ("export", "serve")
+
+
+def tensorflow_installed():
+    """Whether `import tensorflow` can work here (found, and not blocked), without importing it."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def keras_backend():
@@ -48,6 +57,10 @@ class Group(click.Group):
 
     def parse_args(self, ctx, args):
         command = next((a for a in args if a in self.commands), None)
+        if ctx.parent is None and command in TENSORFLOW_COMMANDS and not {"-h", "--help"} & set(args) \
+                and not tensorflow_installed():
+            raise click.ClickException(f"{command} writes or serves a TensorFlow SavedModel and needs TensorFlow, "
+                                       f"which is not installed here (pip install tensorflow-cpu).")
         if ctx.parent is None and command in TENSORFLOW_COMMANDS and keras_backend() != "tensorflow" \
                 and not {"-h", "--help"} & set(args):
             click.echo(f"{command} runs under TensorFlow: rerunning it with KERAS_BACKEND=tensorflow "

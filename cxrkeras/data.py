@@ -257,13 +257,21 @@ def check_image(path, limit=None):
 
 
 def decode_problem(contents, kind):
-    """None when `decode_pixels` reads `contents` (a DICOM: once made a PNG), else the reason."""
-    import tensorflow as tf
-
+    """None when training's decoder (`training_decoder`) reads `contents` (a DICOM: once made a PNG), else the reason."""
     try:
         contents = encoded_image(contents, kind)
     except dicom.DicomError as e:
         return str(e)
+    if training_decoder() == "pillow":
+        from cxrkeras import arrays
+
+        try:
+            shape = arrays.decode_pixels(contents).shape
+        except ValueError as e:
+            return f"does not decode as {kind} ({e})"
+        return None if shape[0] >= 1 and shape[1] >= 1 else f"{kind} decodes to an empty {shape[0]}x{shape[1]} image"
+    import tensorflow as tf
+
     try:
         shape = decode_pixels(tf.constant(contents)).shape
     except tf.errors.OpError as e:
@@ -271,6 +279,13 @@ def decode_problem(contents, kind):
     if shape[0] < 1 or shape[1] < 1:
         return f"{kind} decodes to an empty {shape[0]}x{shape[1]} image"
     return None
+
+
+def training_decoder():
+    """"tensorflow" under Keras' TensorFlow backend (tf.data reads the files), else "pillow" (`cxrkeras.arrays`)."""
+    import keras
+
+    return "tensorflow" if keras.backend.backend() == "tensorflow" else "pillow"
 
 
 def encoded_image(contents, kind=None, name=""):
@@ -354,13 +369,10 @@ class CheckCache:
         folders = [os.path.dirname(os.path.abspath(s.path)) for s in samples]
         root = os.path.commonpath(folders) if folders else ""
         name = hashlib.sha256(os.fsencode(root)).hexdigest()[:16]
-        base = os.environ.get(CACHE_ENV) or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cxrkeras"
-        )
-        stamp = (
-            f"check {CHECK_VERSION}; max_pixels {limit}; tensorflow {_tensorflow_version()}; {dicom.decoders_stamp()}"
-        )
-        return cls(os.path.join(base, f"checked-{name}.json"), stamp)
+        decoder = training_decoder()
+        version = _tensorflow_version() if decoder == "tensorflow" else _pillow_version()
+        stamp = f"check {CHECK_VERSION}; max_pixels {limit}; {decoder} {version}; {dicom.decoders_stamp()}"
+        return cls(os.path.join(cache_dir(), f"checked-{name}.json"), stamp)
 
     def verdict(self, path, check):
         """The cached reason (or None) for `path` if it is unchanged, else `check(path)` remembered."""
@@ -388,6 +400,19 @@ class CheckCache:
             write_json_atomic(self.path, {"stamp": self.stamp, "files": self.used})
         except OSError:
             pass
+
+
+def cache_dir():
+    """Where cxrkeras keeps what only saves time (checked files, decoded arrays): $CXRKERAS_CACHE_DIR or ~/.cache/cxrkeras."""
+    return os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cxrkeras"
+    )
+
+
+def _pillow_version():
+    import PIL
+
+    return PIL.__version__
 
 
 def _tensorflow_version():
@@ -619,8 +644,7 @@ def make_dataset(
 
     if len(paths) == 0:
         raise DatasetError(f"no images for task {task!r} in this split.")
-    labels = np.asarray(labels)
-    labels = labels.astype("float32")[:, None] if task != "three-class" else labels.astype("int32")
+    labels = label_array(labels, task)
     ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
     ds = ds.map(lambda p, y: (decode_image(read_image(p), image_size), y), num_parallel_calls=tf.data.AUTOTUNE)
     if cache:
@@ -634,6 +658,20 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def label_array(labels, task):
+    """Labels as a model is fitted on them: float32 [N, 1] for the binary tasks, int32 [N] for three-class."""
+    labels = np.asarray(labels)
+    return labels.astype("float32")[:, None] if task != "three-class" else labels.astype("int32")
+
+
 def load_images(paths, image_size=IMAGE_SIZE):
-    """Decode files (images or DICOM: `read_image`) into one [N, size, size, 1] float32 array (plots, prediction)."""
+    """Decode files (images or DICOM) into one [N, size, size, 1] float32 array (evaluation, plots, prediction).
+
+    With `training_decoder`: TensorFlow's ops (`read_image`, `decode_image`), or
+    `cxrkeras.arrays` (Pillow and numpy, no TensorFlow).
+    """
+    if training_decoder() == "pillow":
+        from cxrkeras import arrays
+
+        return arrays.load_arrays(list(paths), image_size, cache=False)
     return np.stack([decode_image(read_image(p), image_size).numpy() for p in paths])

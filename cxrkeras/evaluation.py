@@ -9,8 +9,8 @@ accuracies), then draws every figure through `cxrkeras.plots` and writes
 `metrics.json`. `compare` reads several `metrics.json` files back into the
 study's side-by-side table.
 
-Grad-CAM uses `tf.GradientTape` (evaluation runs on the TensorFlow backend);
-everything else is backend-agnostic.
+Backend-agnostic: Grad-CAM takes its gradients from the backend itself
+(TensorFlow's GradientTape or jax.grad), images come through `data.load_images`.
 """
 
 import hashlib
@@ -273,21 +273,20 @@ def grad_cam(model, image, layer_name=None, class_index=None):
     `grad_cam_batch` on one image, with `layer_name` (default
     `gradcam_layer(model)`) as the feature layer.
     """
-    import tensorflow as tf
-
     layer_name = layer_name or gradcam_layer(model)
     head = logit_head(model)
     scored = head.input if head is not None else model.outputs[0]
     grad_model = keras.Model(_single_input(model), [model.get_layer(layer_name).output, scored])
-    x = tf.convert_to_tensor(np.asarray(image, "float32")[None])
+    x = np.asarray(image, "float32")[None]
     if class_index is None:
-        p = np.asarray(model(x, training=False), "float32")[0]
+        p = keras.ops.convert_to_numpy(model(x, training=False)).astype("float32")[0]
         class_index = int(p[0] > 0.5) if p.shape[-1] == 1 else int(np.argmax(p))
     try:
-        heat = grad_cam_batch(grad_model, head, x, tf.constant([class_index], tf.int64))
+        heat = grad_cam_batch(grad_model, head, keras.ops.convert_to_tensor(x),
+                              keras.ops.convert_to_tensor(np.array([class_index], "int64")))
     except ValueError as e:
         raise EvaluationError(f"Layer {layer_name!r} of {model.name!r}: {e}") from e
-    return heat[0].numpy().astype("float32")
+    return keras.ops.convert_to_numpy(heat)[0].astype("float32")
 
 
 def grad_cam_batch(grad_model, head, images, class_index):
@@ -300,27 +299,78 @@ def grad_cam_batch(grad_model, head, images, class_index):
     weight its channels; the ReLU of the weighted sum is resized to the image
     and divided by its maximum. Images are independent in inference mode, so
     the gradient of the summed scores gives each image its own gradients.
-    Uses TensorFlow's GradientTape.
+    The gradients are the backend's own: TensorFlow's GradientTape (also in
+    the exported graph) or jax.grad.
     """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        features, grads = _tensorflow_feature_gradients(grad_model, head, images, class_index)
+    elif backend == "jax":
+        features, grads = _jax_feature_gradients(grad_model, head, images, class_index)
+    else:
+        raise EvaluationError(f"Grad-CAM runs under the TensorFlow or JAX backend, not {backend!r}.")
+    if grads is None:
+        raise ValueError("the feature layer does not affect the output")
+    ops = keras.ops
+    weights = ops.mean(ops.cast(grads, "float32"), axis=(1, 2))
+    cam = ops.relu(ops.sum(ops.cast(features, "float32") * weights[:, None, None, :], axis=-1))
+    cam = ops.image.resize(cam[..., None], tuple(images.shape[1:3]), interpolation="bilinear", antialias=False)[..., 0]
+    peak = ops.max(cam, axis=(1, 2), keepdims=True)
+    return ops.where(peak > 0, cam / ops.where(peak > 0, peak, 1.0), 0.0)
+
+
+def explain_heatmaps(explainers, images, class_id):
+    """Grad-CAM [N, H, W] of decisions `class_id` [N], from `export.stage_explainers`' explainers.
+
+    For the cascade (two explainers), the stage that decided: the infected
+    classifier's class "normal" for a normal decision, else the covid
+    classifier's covid (2) or non-covid (1) class. keras.ops on any backend,
+    so the exported graph and `audit` under JAX compute the same.
+    """
+    ops = keras.ops
+    if len(explainers) == 1:
+        _, grad_model, head = explainers[0]
+        return grad_cam_batch(grad_model, head, images, class_id)
+    (_, infected, infected_head), (_, covid, covid_head) = explainers
+    heat_infected = grad_cam_batch(infected, infected_head, images, ops.zeros_like(class_id))
+    heat_covid = grad_cam_batch(covid, covid_head, images, ops.cast(ops.equal(class_id, 2), class_id.dtype))
+    return ops.where(ops.equal(class_id, 0)[:, None, None], heat_infected, heat_covid)
+
+
+def _class_score(logits, head, class_index):
+    """The summed score of each row's `class_index`: its logit (from the head's input when `head`)."""
+    ops = keras.ops
+    logits = ops.cast(logits, "float32")
+    if head is not None:
+        logits = ops.matmul(logits, ops.cast(head.kernel, "float32")) + ops.cast(head.bias, "float32")
+    if logits.shape[-1] == 1:
+        score = ops.where(class_index == 1, logits[:, 0], -logits[:, 0])
+    else:
+        score = ops.take_along_axis(logits, ops.cast(class_index, "int32")[:, None], axis=1)[:, 0]
+    return ops.sum(score)
+
+
+def _tensorflow_feature_gradients(grad_model, head, images, class_index):
     import tensorflow as tf
 
     with tf.GradientTape() as tape:
         features, logits = grad_model(images, training=False)
-        logits = tf.cast(logits, tf.float32)
-        if head is not None:
-            logits = tf.matmul(logits, tf.cast(head.kernel, tf.float32)) + tf.cast(head.bias, tf.float32)
-        if logits.shape[-1] == 1:
-            score = tf.where(class_index == 1, logits[:, 0], -logits[:, 0])
-        else:
-            score = tf.gather(logits, class_index, batch_dims=1)
-        total = tf.reduce_sum(score)
-    grads = tape.gradient(total, features)
-    if grads is None:
-        raise ValueError("the feature layer does not affect the output")
-    weights = tf.reduce_mean(tf.cast(grads, tf.float32), axis=(1, 2))
-    cam = tf.nn.relu(tf.reduce_sum(tf.cast(features, tf.float32) * weights[:, None, None, :], axis=-1))
-    cam = tf.image.resize(cam[..., None], tf.shape(images)[1:3], method="bilinear")[..., 0]
-    return tf.math.divide_no_nan(cam, tf.reduce_max(cam, axis=(1, 2), keepdims=True))
+        total = _class_score(logits, head, class_index)
+    return features, tape.gradient(total, features)
+
+
+def _jax_feature_gradients(grad_model, head, images, class_index):
+    """(features, d score / d features) by jax.grad through the part of `grad_model` after its feature layer."""
+    import jax
+
+    features_out, scored_out = grad_model.outputs
+    features = keras.Model(grad_model.inputs, features_out)(images, training=False)
+    try:
+        tail = keras.Model(features_out, scored_out)
+    except ValueError:  # the score also reads an earlier layer: no gradient through the feature layer alone
+        return features, None
+    grads = jax.grad(lambda f: _class_score(tail(f, training=False), head, class_index))(features)
+    return features, grads
 
 
 def explained_model(model, kind, prediction):

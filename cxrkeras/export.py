@@ -178,23 +178,17 @@ def stage_explainers(model, kind):
 def explain_batch(explainers, images, class_id):
     """(heatmaps [N, H, W], names [N] of the classifier explained) for decisions `class_id` [N].
 
-    For the cascade (two explainers), the stage that decided: the infected
-    classifier's class "normal" for a normal decision, else the covid
-    classifier's covid (2) or non-covid (1) class.
+    The heatmaps are `evaluation.explain_heatmaps`'; the name is the explained
+    stage's (for the cascade: infected for a normal decision, else covid).
     """
     import tensorflow as tf
 
-    from cxrkeras.evaluation import grad_cam_batch
+    from cxrkeras.evaluation import explain_heatmaps
 
+    heatmap = explain_heatmaps(explainers, images, class_id)
     if len(explainers) == 1:
-        name, grad_model, head = explainers[0]
-        return grad_cam_batch(grad_model, head, images, class_id), tf.fill(tf.shape(class_id), name)
-    (infected_name, infected, infected_head), (covid_name, covid, covid_head) = explainers
-    normal = tf.equal(class_id, 0)
-    heat_infected = grad_cam_batch(infected, infected_head, images, tf.zeros_like(class_id))
-    heat_covid = grad_cam_batch(covid, covid_head, images, tf.cast(tf.equal(class_id, 2), tf.int64))
-    heatmap = tf.where(normal[:, None, None], heat_infected, heat_covid)
-    return heatmap, tf.where(normal, infected_name, covid_name)
+        return heatmap, tf.fill(tf.shape(class_id), explainers[0][0])
+    return heatmap, tf.where(tf.equal(class_id, 0), explainers[0][0], explainers[1][0])
 
 
 def export_model(model, base_dir, path=None, task=None, source=None):

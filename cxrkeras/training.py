@@ -306,7 +306,8 @@ def load_task_data(cfg):
 
 @dataclass
 class Datasets:
-    """tf.data pipelines for one fit, and what sizes the schedule and the throughput."""
+    """Training and validation batches for one fit (tf.data, or `arrays.ArrayBatches`), and what sizes the
+    schedule and the throughput."""
 
     train: object
     val: object
@@ -321,8 +322,16 @@ def steps_per_epoch(cfg, n_train, replicas=1):
 
 
 def make_datasets(cfg, data, augment_on="data", replicas=1, val_batch=None):
-    """Train (shuffled, seeded, augmented when `augment_on` is "data") and validation pipelines for `cfg`."""
+    """Train (shuffled, seeded, augmented when `augment_on` is "data") and validation batches for `cfg`.
+
+    tf.data pipelines, or in-memory arrays where `input_path` says so.
+    """
     task, batch = cfg.model.task, cfg.train.batch_size
+    class_weight = None
+    if cfg.train.class_weight == "balanced":
+        class_weight = balanced_class_weight(data.train_labels, TASKS[task])
+    if input_path(cfg, data) == "arrays":
+        return _array_datasets(cfg, data, val_batch, class_weight)
     augmenter = augmenter_for(cfg) if augment_on == "data" else None
     train = data_lib.make_dataset(
         data.train_paths, data.train_labels, task, batch, shuffle=True, seed=cfg.train.seed,
@@ -336,11 +345,31 @@ def make_datasets(cfg, data, augment_on="data", replicas=1, val_batch=None):
         data.val_paths, data.val_labels, task, val_batch or batch, cache=cfg.data.cache,
         image_size=cfg.data.image_size,
     )
-    class_weight = None
-    if cfg.train.class_weight == "balanced":
-        class_weight = balanced_class_weight(data.train_labels, TASKS[task])
     images = steps_per_epoch(cfg, len(data.train_paths), replicas) * batch if replicas > 1 else len(data.train_paths)
     return Datasets(train, val, images, class_weight)
+
+
+def input_path(cfg, data):
+    """"arrays" (`cxrkeras.arrays`: decoded once, in memory) under JAX or torch while the images fit in
+    memory; else "tf.data" (TensorFlow's pipeline: the TensorFlow backend, and datasets larger than memory)."""
+    from cxrkeras import arrays
+
+    n = len(data.train_paths) + len(data.val_paths)
+    if keras.backend.backend() == "tensorflow" or not arrays.fits_in_memory(n, cfg.data.image_size):
+        return "tf.data"
+    return "arrays"
+
+
+def _array_datasets(cfg, data, val_batch, class_weight):
+    from cxrkeras import arrays
+
+    task, size, batch = cfg.model.task, cfg.data.image_size, cfg.train.batch_size
+    train = arrays.ArrayBatches(arrays.load_arrays(data.train_paths, size, cfg.data.cache),
+                                data_lib.label_array(data.train_labels, task), batch, shuffle=True,
+                                seed=cfg.train.seed)
+    val = arrays.ArrayBatches(arrays.load_arrays(data.val_paths, size, cfg.data.cache),
+                              data_lib.label_array(data.val_labels, task), val_batch or batch)
+    return Datasets(train, val, len(data.train_paths), class_weight)
 
 
 def augmenter_for(cfg):

@@ -1,22 +1,29 @@
-"""The study's recipe against the resnet trunk with the levers, over seeds, on one carve of train.
+"""Recipes over seeds on one carve of train, by `cxrkeras` commands alone.
 
-For each recipe and seed: `cxrkeras fit infected` and `fit covid` (holdout
-carved first, validation from the rest, both shared by every run: only the
-training seed changes), `cxrkeras cascade` with thresholds for covid recall
-picked on the holdout, then `cxrkeras evaluate --split validation` of the
-cascade (the honest comparison; the shortcut audit comes with it). Per
-recipe, an ensemble cascade of all its seeds is built and evaluated the same
-way. Last, a table: mean and spread over seeds of accuracy, covid F1 and the
-border-only score, one row per recipe (and its ensemble). Test is never read.
+A recipe is a pair of fit configs, recipes/NAME-infected.json and
+recipes/NAME-covid.json (see recipes/README.md: the study's recipe, the
+resnet recipe, "long" and each lever on it). For each recipe and seed:
+`cxrkeras fit infected` and `fit covid` (holdout carved first, validation
+from the rest, both shared by every run: only the training seed changes),
+`cxrkeras cascade` with thresholds for covid recall picked on the holdout,
+then `cxrkeras evaluate --split validation` of the cascade (the honest
+comparison; the shortcut audit comes with it). Per recipe, an ensemble
+cascade of all its seeds is built and evaluated the same way. Last, a table:
+mean and spread over seeds of accuracy, covid F1 and the border-only score,
+one row per recipe (and its ensemble). Test is never read. The fits run on
+whatever Keras backend is set (KERAS_BACKEND=jax on a GPU machine without
+TensorFlow: `cxrkeras fit` feeds it from memory).
 
-    python experiments/seeds.py --data ../shared/cxr-dataset --out exp-seeds          # hours on a 2-core CPU
+    python experiments/seeds.py --data ../shared/cxr-dataset --out exp-seeds --recipes study long
     python experiments/seeds.py --data DATA --out exp-seeds --epochs 1 --dry-run      # print the commands
     python experiments/seeds.py --out exp-seeds --table-only                          # the table of what ran
 
-A run that finished is skipped and one cut short resumed, so the script can be stopped and started again.
+A run that finished is skipped and one cut short resumed (`fit --resume`), so the script can be stopped and
+started again.
 """
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -25,39 +32,17 @@ import sys
 import time
 
 TASKS = ("infected", "covid")
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 
 
-# The resnet recipe's schedules: short enough for three seeds of both stages in about 1.5 hours on 2 CPU cores.
-RESNET_EPOCHS = {"infected": 8, "covid": 14}
+def recipe_names():
+    """The recipes with a config for both stages in recipes/, sorted."""
+    names = {os.path.basename(p)[:-len("-infected.json")] for p in glob.glob(os.path.join(RECIPES_DIR, "*-infected.json"))}
+    return sorted(n for n in names if os.path.exists(recipe_path(n, "covid")))
 
 
-def recipes(holdout_fraction):
-    """{name: {task: RunConfig dict}}: the study's recipe, and the resnet trunk with the levers on.
-
-    EMA is left off: Keras writes the average into the model every epoch
-    (`ema_overwrite_frequency`), so training restarts from the average; in a
-    14-epoch schedule that held the covid stage at the majority class for its
-    first epochs.
-    """
-    from cxrkeras.config import RunConfig, resnet_model_config, study_model_config, study_train_config
-
-    out = {}
-    for name in ("study", "resnet"):
-        out[name] = {}
-        for task in TASKS:
-            if name == "study":
-                config = RunConfig(model=study_model_config(task), train=study_train_config(task))
-            else:
-                config = RunConfig(model=resnet_model_config(task), train=study_train_config(task))
-                config.train.epochs = RESNET_EPOCHS[task]
-                config.model.contrast = "standardize"
-                config.data.augmentation, config.data.border_erase = "strong", 0.1
-                config.train.optimizer, config.train.weight_decay = "adamw", 1e-4
-                config.train.schedule, config.train.warmup_epochs = "cosine", 2
-                config.train.label_smoothing = 0.1
-            config.data.holdout_fraction = holdout_fraction
-            out[name][task] = config.to_dict()
-    return out
+def recipe_path(recipe, task):
+    return os.path.join(RECIPES_DIR, f"{recipe}-{task}.json")
 
 
 def cxrkeras():
@@ -88,29 +73,18 @@ def add_seconds(out, name, seconds):
 
 
 def train_and_evaluate(args):
-    from cxrkeras.training import run_completed
-
     base = cxrkeras()
-    config_dir = os.path.join(args.out, "configs")
-    os.makedirs(config_dir, exist_ok=True)
-    for recipe, by_task in recipes(args.holdout_fraction).items():
-        if args.recipes and recipe not in args.recipes:
-            continue
+    for recipe in args.recipes:
         names = []
         for seed in args.seeds:
             name = f"{recipe}-s{seed}"
             names.append(name)
-            for task, config in by_task.items():
-                config_path = os.path.join(config_dir, f"{recipe}-{task}.json")
-                with open(config_path, "w") as f:
-                    json.dump(config, f, indent=2)
+            for task in TASKS:
                 run_dir = os.path.join(args.out, task, name)
-                if run_completed(run_dir, args.epochs or config["train"]["epochs"]):
-                    continue  # finished before
                 extra = ["--epochs", str(args.epochs)] if args.epochs else []
-                extra += ["--resume"] if os.path.isdir(run_dir) else []
-                seconds = run(base + ["fit", task, "--data", args.data, "--config", config_path, "--seed", str(seed),
-                                      "--name", name, "--out", args.out, *extra], args.dry_run)
+                extra += ["--resume"] if os.path.isdir(run_dir) else []  # a finished run: fit says so and stops
+                seconds = run(base + ["fit", task, "--data", args.data, "--config", recipe_path(recipe, task),
+                                      "--seed", str(seed), "--name", name, "--out", args.out, *extra], args.dry_run)
                 add_seconds(args.out, f"{task}/{name}", seconds)
             cascade_and_evaluate(base, args, name, [name])
         cascade_and_evaluate(base, args, f"{recipe}-ensemble", names)
@@ -166,8 +140,8 @@ def main(argv=None):
     parser.add_argument("--data", help="Dataset folder or CSV manifest (not needed with --table-only).")
     parser.add_argument("--out", default="exp-seeds", help="Where runs, cascades and evaluations go.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--recipes", nargs="+", choices=["study", "resnet"], help="[both]")
-    parser.add_argument("--holdout-fraction", type=float, default=0.1)
+    parser.add_argument("--recipes", nargs="+", choices=recipe_names(), default=["study", "resnet"],
+                        help="Recipes of recipes/ [study resnet].")
     parser.add_argument("--target-recall", default="covid=0.5", help="The cascade's operating point, on the holdout.")
     parser.add_argument("--epochs", type=int, help="Override every schedule's epochs (short tries).")
     parser.add_argument("--dry-run", action="store_true", help="Print the commands only.")

@@ -126,11 +126,11 @@ def collect(args, evaluations, members):
     study = os.path.join(cascades, "study-s0", "eval-validation")
     with open(os.path.join(args.runs, "timing.json")) as f:
         timing = json.load(f)
-    provenance = {}  # written by experiments/gpu_levers.py runs: where the fits ran, how to rebuild, the levers
+    provenance = {}  # written by the former experiments/gpu_levers.py: where the fits ran, how to rebuild, the levers
     if os.path.exists(os.path.join(args.runs, "provenance.json")):
         with open(os.path.join(args.runs, "provenance.json")) as f:
             provenance = json.load(f)
-    with open(os.path.join(args.runs, "configs", f"{args.recipe}-covid.json")) as f:
+    with open(os.path.join(ROOT, "recipes", f"{args.recipe}-covid.json")) as f:
         data = json.load(f)["data"]
     carve = {k: data[k] for k in ("val_fraction", "seed", "holdout_fraction", "holdout_seed")}
     return {
@@ -147,10 +147,18 @@ def collect(args, evaluations, members):
         "study_recipe": study_recipe(cascades),
         "fit_seconds": {f"{t}/{args.recipe}-s{s}": timing[f"{t}/{args.recipe}-s{s}"] for t in TASKS for s in args.seeds},
         "machine": provenance.get("machine") or machine(),
-        "rebuild": provenance.get("rebuild"),
+        "rebuild": provenance.get("rebuild") or rebuild_commands(args),
         "levers": provenance.get("levers"),
         "three_class": provenance.get("three_class"),
     }
+
+
+def rebuild_commands(args):
+    """The commands that rebuild this cascade from the dataset (recipes/README.md explains them)."""
+    seeds = " ".join(str(s) for s in args.seeds)
+    return (f"python experiments/seeds.py --data DATA --out RUNS --recipes study {args.recipe} --seeds {seeds} && "
+            f"python experiments/ship.py --runs RUNS --data DATA --recipe {args.recipe} --seeds {seeds} "
+            f"--cascade {args.cascade}")
 
 
 def study_recipe(cascades):
@@ -304,7 +312,7 @@ On {m['machine']}: {timing}.
 
 
 def levers_section(m):
-    """The card's table of the levers over seeds (experiments/gpu_levers.py table), when the recipe came from it."""
+    """The card's table of the levers over seeds (the former experiments/gpu_levers.py table), when the recipe came from it."""
     if not m.get("levers"):
         return ""
     base = {r["recipe"]: r for r in m["levers"]}.get("long")

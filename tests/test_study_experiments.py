@@ -1,12 +1,23 @@
-"""experiments/seeds.py: its recipes are valid fit configs, and its table summarises the evaluations it finds."""
+"""recipes/ and experiments/: the recipes are valid fit configs, each lever is one change to "long",
+experiments/ drives the `cxrkeras` commands only, and seeds.py's table summarises the evaluations it finds."""
 
+import ast
+import glob
 import json
+import os
 
 import pytest
-from scripts import load_script
+from scripts import ROOT, load_script
 
 from cxrkeras import training
-from cxrkeras.config import RunConfig
+from cxrkeras.config import TASKS, RunConfig
+
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.json")))
+# Training's machinery, which only the package touches: experiments/ trains through `cxrkeras` commands.
+TRAINING = {"cxrkeras.training", "cxrkeras.arrays", "cxrkeras.augment", "cxrkeras.tuning",
+            "cxrkeras.models.classifiers", "cxrkeras.models.blocks"}
+BUILDERS = {"build_model", "build_ensemble", "build_cascade", "classifiers", "blocks"}  # of cxrkeras.models
+BACKENDS = {"keras", "tensorflow", "jax", "torch"}
 
 
 @pytest.fixture(scope="module")
@@ -14,15 +25,66 @@ def seeds():
     return load_script("experiments/seeds.py")
 
 
-def test_every_recipe_is_a_valid_run_config_with_the_holdout(seeds):
-    for recipe, by_task in seeds.recipes(0.15).items():
-        for task, config in by_task.items():
-            cfg = RunConfig.from_dict(config)
-            cfg.data.data_dir = "x"
-            training.check_run_config(cfg)
-            assert cfg.model.task == task and cfg.data.holdout_fraction == 0.15
-    for task, config in seeds.recipes(0.15)["resnet"].items():
-        assert config["train"]["epochs"] == seeds.RESNET_EPOCHS[task] and config["model"]["arch"] == "resnet"
+def recipe(name, task):
+    with open(os.path.join(ROOT, "recipes", f"{name}-{task}.json")) as f:
+        return json.load(f)
+
+
+def flat(config):
+    return {f"{section}.{key}": value for section, values in config.items() if isinstance(values, dict)
+            for key, value in values.items()}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_recipe_is_a_valid_run_config_for_its_task_on_the_shipped_carve(path):
+    with open(path) as f:
+        cfg = RunConfig.from_dict(json.load(f))
+    cfg.data.data_dir = "x"
+    training.check_run_config(cfg)
+    task = next(t for t in TASKS if os.path.basename(path).endswith(f"-{t}.json"))
+    assert cfg.model.task == task
+    assert (cfg.data.holdout_fraction, cfg.data.val_fraction, cfg.data.seed) == (0.1, 0.15, 0)
+
+
+@pytest.mark.parametrize("task", ["infected", "covid"])
+def test_long_is_resnet_three_times_longer_and_each_lever_one_change_to_long(seeds, task):
+    long, resnet = flat(recipe("long", task)), flat(recipe("resnet", task))
+    assert {k for k in long if long[k] != resnet[k]} == {"train.epochs"}
+    assert long["train.epochs"] == 3 * resnet["train.epochs"]
+    levers = [name for name in seeds.recipe_names() if name.startswith("long-")]
+    assert len(levers) >= 13
+    for name in levers:
+        changed = {k.split(".")[1] for k, v in flat(recipe(name, task)).items() if v != long[k]}
+        assert len(changed) == 1 or changed <= {"blocks", "epochs"} or changed == {"image_size"}, (name, changed)
+
+
+def test_experiments_drive_the_commands_and_import_no_training_internals():
+    for path in glob.glob(os.path.join(ROOT, "experiments", "*.py")):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        script = os.path.basename(path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported = [(a.name, None) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported = [(node.module, a.name) for a in node.names]
+            else:
+                continue
+            for module, name in imported:
+                assert module.split(".")[0] not in BACKENDS, f"{script} imports {module}"
+                assert module not in TRAINING and f"{module}.{name}" not in TRAINING, f"{script} imports {module}"
+                assert not (module == "cxrkeras.models" and name in BUILDERS), f"{script} imports {module}.{name}"
+                assert not (module == "cxrkeras" and name in {m.split(".")[1] for m in TRAINING}), \
+                    f"{script} imports cxrkeras.{name}"
+
+
+def test_seeds_prints_the_commands_of_a_recipe_over_seeds(seeds, capsys, tmp_path):
+    seeds.main(["--data", "DATA", "--out", str(tmp_path), "--recipes", "long", "--seeds", "0", "1", "--dry-run"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+")]
+    fits = [line for line in lines if " fit " in line]
+    assert len(fits) == 4 and all("recipes/long-" in line for line in fits)
+    assert sum(" cascade " in line for line in lines) == 3  # two seeds and their ensemble
+    assert sum(" evaluate " in line and "--split validation" in line for line in lines) == 3
 
 
 def test_the_table_gives_mean_and_spread_over_seeds(seeds, tmp_path):

@@ -5,8 +5,8 @@ compiles (`training.compile_model`), timed by batch-end callbacks after
 warm-up steps; the models alternate for `--rounds` rounds and the median
 per model is reported, so all see the same machine load.
 
-    python experiments/trunk_speed.py                # study infected, study covid, resnet
-    python experiments/trunk_speed.py --steps 8 --rounds 3 --json
+    python benchmarks/trunk_speed.py                # study infected, study covid, resnet
+    python benchmarks/trunk_speed.py --steps 8 --rounds 3 --json
 """
 
 import argparse
