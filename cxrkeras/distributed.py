@@ -174,10 +174,9 @@ def shard_batches(dataset, processes, index, drop_short=False):
     batches such as in-memory arrays; `drop_short` drops a PyDataset's short
     last batch (training's tf.data pipeline drops it itself under distribution).
     """
-    import tensorflow as tf
-
-    if not isinstance(dataset, tf.data.Dataset):
+    if isinstance(dataset, _py_dataset()):
         return ProcessSlices(dataset, processes, index, drop_short)
+    import tensorflow as tf
 
     def take(*batch):
         rows = batch_slice(tf.shape(batch[0])[0], processes, index)

@@ -330,14 +330,16 @@ def make_datasets(cfg, data, augment_on="data", replicas=1, val_batch=None):
     class_weight = None
     if cfg.train.class_weight == "balanced":
         class_weight = balanced_class_weight(data.train_labels, TASKS[task])
+    # whole batches only under distribution: every replica gets the same share (see replica_batch_sizes)
+    images = steps_per_epoch(cfg, len(data.train_paths), replicas) * batch if replicas > 1 else len(data.train_paths)
     if input_path(cfg, data) == "arrays":
-        return _array_datasets(cfg, data, val_batch, class_weight)
+        return _array_datasets(cfg, data, val_batch, class_weight, images)
     augmenter = augmenter_for(cfg) if augment_on == "data" else None
     train = data_lib.make_dataset(
         data.train_paths, data.train_labels, task, batch, shuffle=True, seed=cfg.train.seed,
         augmenter=augmenter, cache=cfg.data.cache, image_size=cfg.data.image_size,
     )
-    if replicas > 1:  # whole batches only: every replica gets the same share (see replica_batch_sizes)
+    if replicas > 1:
         import tensorflow as tf
 
         train = train.filter(lambda x, y: tf.shape(x)[0] == batch)
@@ -345,7 +347,6 @@ def make_datasets(cfg, data, augment_on="data", replicas=1, val_batch=None):
         data.val_paths, data.val_labels, task, val_batch or batch, cache=cfg.data.cache,
         image_size=cfg.data.image_size,
     )
-    images = steps_per_epoch(cfg, len(data.train_paths), replicas) * batch if replicas > 1 else len(data.train_paths)
     return Datasets(train, val, images, class_weight)
 
 
@@ -360,7 +361,7 @@ def input_path(cfg, data):
     return "arrays"
 
 
-def _array_datasets(cfg, data, val_batch, class_weight):
+def _array_datasets(cfg, data, val_batch, class_weight, images):
     from cxrkeras import arrays
 
     task, size, batch = cfg.model.task, cfg.data.image_size, cfg.train.batch_size
@@ -369,7 +370,7 @@ def _array_datasets(cfg, data, val_batch, class_weight):
                                 seed=cfg.train.seed)
     val = arrays.ArrayBatches(arrays.load_arrays(data.val_paths, size, cfg.data.cache),
                               data_lib.label_array(data.val_labels, task), val_batch or batch)
-    return Datasets(train, val, len(data.train_paths), class_weight)
+    return Datasets(train, val, images, class_weight)  # multiworker drops the short batch (shard_datasets)
 
 
 def augmenter_for(cfg):
