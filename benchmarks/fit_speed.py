@@ -117,6 +117,9 @@ def main(argv=None):
             row["fit_vs_bare"] = round(images / bare, 3) if bare else None
             row["fit_vs_pytorch_fp32"] = round(images / reference[task], 3) if reference.get(task) else None
             rows.append(row)
+    sys.path.insert(0, HERE)
+    from accelerator import _devices
+
     result = {"backend": keras.backend.backend(), "devices": _devices(), "goal_vs_pytorch_fp32": GOAL, "rows": rows}
     print(format_table(result))
     if args.json:
@@ -148,16 +151,6 @@ def format_table(result):
     lines.append(f"images/s; goal: fit epochs >= {result['goal_vs_pytorch_fp32']}x PyTorch fp32 on the H200 "
                  f"(compare on that machine only)")
     return "\n".join(lines)
-
-
-def _devices():
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return [str(d) for d in jax.devices()]
-    return []
 
 
 if __name__ == "__main__":
