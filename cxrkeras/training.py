@@ -988,6 +988,8 @@ def fit(
         distributed.initialize(distributed.cluster_from())  # from Keras' variables; `cxrkeras fit` joins first
     processes = distributed.process_count()
     cfg.train.precision = resolve_precision(cfg.train.precision)  # config.json records what ran
+    if processes > 1:  # process 0's device decides: every process computes alike, on mixed hardware too
+        cfg.train.precision = distributed.broadcast_json(cfg.train.precision)
     augment_on = check_fit_options(augment_on, tensorboard)
     data = load_task_data(cfg)  # data first: a bad dataset fails before anything is written
     cfg.fingerprint = data.fingerprint
