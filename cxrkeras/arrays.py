@@ -18,6 +18,7 @@ import io
 import math
 import os
 
+import keras
 import numpy as np
 
 from cxrkeras.config import IMAGE_SIZE
@@ -164,13 +165,7 @@ def fits_in_memory(n_images, image_size, meminfo="/proc/meminfo"):
 # ---------------------------------------------------------------- batches
 
 
-def _keras_py_dataset():
-    import keras
-
-    return keras.utils.PyDataset
-
-
-class ArrayBatches(_keras_py_dataset()):
+class ArrayBatches(keras.utils.PyDataset):
     """(images, labels) batches of in-memory arrays for `model.fit`; reshuffled every epoch when `shuffle`.
 
     The order of epoch e is a permutation drawn from `seed` and e, so a run

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import keras
+
 # The variables Keras' `keras.distribution.initialize` reads; the flags of `fit` win over them.
 JOB_ADDRESSES_ENV = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
 NUM_PROCESSES_ENV = "KERAS_DISTRIBUTION_NUM_PROCESSES"
@@ -99,7 +101,6 @@ def initialize(cluster):
     Raises ValueError under another backend, ClusterError when the others do not join in JOIN_SECONDS.
     """
     import jax
-    import keras
 
     check_backend()
 
@@ -120,8 +121,6 @@ def initialize(cluster):
 
 def check_backend():
     """Raise ValueError (one line: why, and what to use) unless Keras runs on JAX."""
-    import keras
-
     if keras.backend.backend() != "jax":
         raise ValueError(f"Invalid `distribute`; {MULTIWORKER_UNDER_TENSORFLOW}. Received: distribute='multiworker' "
                          f"under KERAS_BACKEND={keras.backend.backend()}")
@@ -174,7 +173,7 @@ def shard_batches(dataset, processes, index, drop_short=False):
     batches such as in-memory arrays; `drop_short` drops a PyDataset's short
     last batch (training's tf.data pipeline drops it itself under distribution).
     """
-    if isinstance(dataset, _py_dataset()):
+    if isinstance(dataset, keras.utils.PyDataset):
         return ProcessSlices(dataset, processes, index, drop_short)
     import tensorflow as tf
 
@@ -185,13 +184,7 @@ def shard_batches(dataset, processes, index, drop_short=False):
     return dataset.map(take)
 
 
-def _py_dataset():
-    import keras
-
-    return keras.utils.PyDataset
-
-
-class ProcessSlices(_py_dataset()):
+class ProcessSlices(keras.utils.PyDataset):
     """A PyDataset of global batches seen as this process's slices (see shard_batches)."""
 
     def __init__(self, batches, processes, index, drop_short=False):

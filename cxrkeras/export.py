@@ -269,8 +269,7 @@ def _cascade_record(path):
     """cascade.json of a cascade folder, without its trade-off table, or None."""
     if path is None:
         return None
-    folder = path if os.path.isdir(path) else os.path.dirname(os.fspath(path))
-    candidate = os.path.join(folder, runs.CASCADE_FILE)
+    candidate = os.path.join(runs.model_folder(path), runs.CASCADE_FILE)
     if not os.path.isfile(candidate):
         return None
     with open(candidate) as f:

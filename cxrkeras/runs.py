@@ -68,14 +68,18 @@ def load_model(path):
     return blocks.avoid_strided_pointwise(model)  # files saved before PointwiseConv2D
 
 
+def model_folder(path):
+    """The folder a model at `path` (a .keras file, or a run or cascade folder) lives in ("" for a bare file name)."""
+    path = os.fspath(path)
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
 def run_config(path):
     """The run's config.json as a dict (beside a .keras file or in a run folder), or None.
 
     Raises ModelError naming the file when it is there but not a JSON object.
     """
-    path = os.fspath(path)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    candidate = os.path.join(folder, CONFIG_FILE)
+    candidate = os.path.join(model_folder(path), CONFIG_FILE)
     if not os.path.isfile(candidate):
         return None
     try:
@@ -158,12 +162,6 @@ def duration(seconds):
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
-
-
-def model_folder(path):
-    """The folder a model at `path` (a .keras file, or a run or cascade folder) lives in."""
-    path = os.fspath(path)
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
 def save_derived(model, source, out_dir, record_file, record, overwrite=False):
