@@ -93,8 +93,12 @@ def _logits(p):
 
 def binary_nll(p, y):
     """Mean negative log-likelihood of binary labels `y` under probabilities `p`."""
-    z, y = _logits(p), np.asarray(y, dtype="float64").reshape(-1)
-    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+    return float(_nll(_logits(p), np.asarray(y, dtype="float64").reshape(-1)))
+
+
+def _nll(z, y):
+    """Mean negative log-likelihood of 0 / 1 labels `y` under logits `z`."""
+    return np.mean(np.logaddexp(0.0, z) - y * z)
 
 
 def fit_temperature(p, y):
@@ -107,12 +111,10 @@ def fit_temperature(p, y):
     if y.min() == y.max():
         raise CalibrationError(f"A temperature needs both classes among the labels; all {len(y)} are {int(y[0])}.")
 
-    def nll(log_t):
-        s = z / np.exp(log_t)
-        return np.mean(np.logaddexp(0.0, s) - y * s)
-
     bounds = tuple(np.log(TEMPERATURE_RANGE))
-    return float(np.exp(minimize_scalar(nll, bounds=bounds, method="bounded", options={"xatol": 1e-6}).x))
+    fitted = minimize_scalar(lambda log_t: _nll(z / np.exp(log_t), y), bounds=bounds, method="bounded",
+                             options={"xatol": 1e-6})
+    return float(np.exp(fitted.x))
 
 
 def scale(p, t):
