@@ -14,7 +14,10 @@ TASKS = {
     "covid": ("non-covid", "covid"),
     "three-class": CLASSES,
 }
-IMAGE_SIZE = 150
+IMAGE_SIZE = 150  # pixels of the square grayscale input (the model's; the data follows it)
+VAL_FRACTION = 0.15  # of train, carved for model selection (after the holdout, when there is one)
+DECISION_THRESHOLD = 0.5  # the study's: a stage calls its positive class when p > this
+AUDIT_BAND = 22  # the shortcut audit's border band, in pixels of an IMAGE_SIZE image
 # The largest image accepted, in pixels declared by its header (cxrkeras.data.max_pixels reads the variable).
 MAX_PIXELS_ENV = "CXRKERAS_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000  # 7071 x 7071; a chest X-ray is rarely above 3000 x 3000
@@ -74,7 +77,7 @@ class DataConfig:
     data_dir: str = ""
     manifest: str = ""  # CSV `path,label[,split]`; used instead of the folder layout when set
     image_size: int = IMAGE_SIZE
-    val_fraction: float = 0.15
+    val_fraction: float = VAL_FRACTION
     # A holdout carved from train before validation: no training sees it and no epoch is picked on it
     # (`cxrkeras cascade --target-recall` picks thresholds on it). 0: none. val_fraction is then of the rest.
     holdout_fraction: float = 0.0
