@@ -21,6 +21,7 @@ from cxrkeras import data as data_lib
 from cxrkeras.config import CLASSES
 from cxrkeras.files import read_json, write_json_atomic, write_text_atomic
 from cxrkeras.runs import duration
+from cxrkeras.search_spaces import grid_size, load_study
 
 
 def subset_manifest(source, fraction, path, seed=0):
@@ -117,7 +118,7 @@ def make_plan(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_S
                                                    folder("fit-three-class"), source, d),
                         {**common, "runs": [configs[t].to_dict() for t in configs]}))
     for name in studies:
-        full_study = _load_study(name)
+        full_study = load_study(name)
         study = _quick_study(full_study) if quick else full_study
         stages.append(Stage(f"study-{name}", f"One-factor study: {study.description or name}",
                             lambda d, callbacks, log, study=study: study_stage(
@@ -143,15 +144,7 @@ def _run_config(task, source, epochs, configure):
 
 
 def _trials(study):
-    from cxrkeras import tuning
-
-    return tuning.grid_size(study) if study.tuner == "grid" else study.max_trials
-
-
-def _load_study(name):
-    from cxrkeras import tuning
-
-    return tuning.load_study(name)
+    return grid_size(study) if study.tuner == "grid" else study.max_trials
 
 
 def _quick_study(study):

@@ -1,28 +1,13 @@
 """Hyperparameter search with keras-tuner: the study's one-factor experiments and joint searches.
 
-A study is a TOML file in `tuning/` (installed as `cxrkeras.studies`): which
-settings vary, over which values, and the tuner it suits. A setting it does not
-name stays at the base config's value (the study's defaults, or what the
-command line set). The HyperModel builds and trains through the same functions
-as `cxrkeras fit` (`training.build_and_compile`, `training.make_datasets`), and
-a trial's objective is the base config's `monitor` on the validation split
-carved from train: test is never looked at.
-
-A project folder `OUT/TASK/NAME` holds keras-tuner's files (oracle.json,
-trial_*/trial.json, trial_*/checkpoint.weights.h5) and these:
-
-    tune.json               the settings the search started with; a rerun must match them (it resumes)
-    trial_*/config.json     the RunConfig the trial trained: `cxrkeras fit --config` takes it
-    trial_*/execution0.csv  the trial's history, one row per epoch (one file per execution)
-    trial_*/run.json        which tuner ran it and how long it took
-    best_config.json        the best trial's config.json
-    results.json, results.md   every trial: values, score, best validation accuracy and loss
-    study.png               train and validation loss and accuracy per epoch, one line per trial
-
-keras-tuner writes its state files in place; here they go through a temporary
-name and a rename, with a copy beside each, and a state file that a kill or a
-full disk cut short is restored from its copy before the reload (keras-tuner
-issue 987). A killed trial runs again from its start; finished trials are kept.
+A study (`cxrkeras.search_spaces`) names the settings that vary; a setting it
+does not name stays at the base config's value (the study's defaults, or what
+the command line set). The HyperModel builds and trains through the same
+functions as `cxrkeras fit` (`training.build_and_compile`,
+`training.make_datasets`), and a trial's objective is the base config's
+`monitor` on the validation split carved from train: test is never looked at.
+The project folder and its results: `cxrkeras.tuning_project`. A killed trial
+runs again from its start; finished trials are kept.
 """
 
 import contextlib
@@ -33,160 +18,37 @@ import math
 import os
 import signal
 import time
-import tomllib
-from dataclasses import dataclass
 
 import keras
 import keras_tuner
-import numpy as np
 from keras_tuner.src.engine import (
     tuner_utils,  # SaveBestEpoch, TunerCallback: what Tuner.run_trial uses
 )
 from keras_tuner.src.tuners import gridsearch  # its LinkedList, for GridOracle
 
 from cxrkeras import training
-from cxrkeras.config import SETTING_FIELDS, RunConfig
-from cxrkeras.files import HeldError, hold, read_json, write_json_atomic, write_text_atomic
+from cxrkeras.config import MONITORS, SETTING_FIELDS, RunConfig
+from cxrkeras.files import write_json_atomic
 from cxrkeras.models import check_config as check_model_config
 from cxrkeras.runs import duration
-
-STUDIES_PACKAGE = "cxrkeras.studies"  # the repository's tuning/ folder (setup.cfg maps it)
-TUNERS = ("grid", "random", "hyperband", "bayesian")
-# A study's hyperparameter names and the RunConfig field each one sets.
-# The settings a study may search (where each lives: config.SETTING_FIELDS).
-TUNABLE = (
-    "depth", "batch_size", "optimizer", "learning_rate", "weight_decay", "schedule", "warmup_epochs",
-    "label_smoothing", "ema", "class_weight", "augment", "augmentation", "border_erase", "dropout", "dense_units",
-    "batchnorm",
+from cxrkeras.search_spaces import TUNERS, Study, StudyError, grid_size
+from cxrkeras.tuning_project import (
+    TRIAL_CONFIG_FILE,
+    TRIAL_FILE,
+    TRIAL_RUN_FILE,
+    TuneError,
+    last_line,
+    format_value,
+    best_epoch_metrics,
+    check_project,
+    repair_project,
+    write_results,
+    write_state,
 )
-METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-
-SETTINGS_FILE = "tune.json"
-BEST_CONFIG_FILE = "best_config.json"
-RESULTS_FILE = "results.json"
-TABLE_FILE = "results.md"
-FIGURE_FILE = "study.png"
-TRIAL_FILE = "trial.json"  # keras-tuner's
-ORACLE_FILE = "oracle.json"  # keras-tuner's
-TRIAL_CONFIG_FILE = "config.json"
-TRIAL_RUN_FILE = "run.json"
 
 # Test hook: "after-trial:N" SIGKILLs this process once trial N has ended and been saved,
 # "in-trial:N" at the end of trial N's first epoch. tests/test_tuning.py uses it.
 KILL_ENV = "CXRKERAS_TEST_KILL_TUNE"
-
-
-class StudyError(ValueError):
-    """A study file that can't be used: names the file, the key and the value."""
-
-
-class TuneError(Exception):
-    """A search that can't run as asked (a project started with other settings, an unreadable state file)."""
-
-
-# ---------------------------------------------------------------- studies
-
-
-@dataclass
-class Study:
-    """A search space from a study file: {hyperparameter: [values] | {min, max[, step, sampling]} | value}."""
-
-    name: str
-    space: dict
-    description: str = ""
-    tuner: str = "grid"
-    max_trials: int = None
-    source: str = ""
-
-    @property
-    def factors(self):
-        """The hyperparameters that vary (a fixed value is not a factor)."""
-        return [name for name, spec in self.space.items() if isinstance(spec, (list, dict))]
-
-
-def studies_dir():
-    import importlib.resources
-
-    return str(importlib.resources.files(STUDIES_PACKAGE))
-
-
-def study_names():
-    """The studies that ship with cxrkeras (tuning/*.toml), by name."""
-    return sorted(f[: -len(".toml")] for f in os.listdir(studies_dir()) if f.endswith(".toml"))
-
-
-def load_study(name_or_path):
-    """A Study from a shipped study's name (e.g. "learning-rate") or a TOML file's path."""
-    path = name_or_path
-    if not os.path.isfile(path):
-        path = os.path.join(studies_dir(), f"{name_or_path}.toml")
-        if not os.path.isfile(path):
-            raise StudyError(
-                f"Unknown study {name_or_path!r}; expected one of {study_names()} or a .toml file."
-            )
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise StudyError(f"{path}: not a readable TOML file ({e}).") from e
-    unknown = sorted(set(doc) - {"description", "tuner", "max_trials", "hyperparameters"})
-    if unknown:
-        raise StudyError(f"{path}: unknown keys {unknown}; expected description, tuner, max_trials, hyperparameters.")
-    study = Study(
-        name=os.path.splitext(os.path.basename(path))[0],
-        space=doc.get("hyperparameters", {}),
-        description=doc.get("description", ""),
-        tuner=doc.get("tuner", "grid"),
-        max_trials=doc.get("max_trials"),
-        source=path,
-    )
-    check_study(study)
-    return study
-
-
-def check_study(study):
-    """Raise StudyError naming the file, the key and the value of the first thing wrong in `study`."""
-    where = study.source or study.name
-    if study.tuner not in TUNERS:
-        raise StudyError(f"{where}: unknown `tuner`; expected one of {list(TUNERS)}. Received: tuner={study.tuner!r}")
-    if study.max_trials is not None and not (isinstance(study.max_trials, int) and study.max_trials > 0):
-        raise StudyError(f"{where}: `max_trials` must be a positive integer. Received: max_trials={study.max_trials!r}")
-    if not isinstance(study.space, dict) or not study.space:
-        raise StudyError(f"{where}: no [hyperparameters]; expected some of {sorted(TUNABLE)}.")
-    for name, spec in study.space.items():
-        if name not in TUNABLE:
-            raise StudyError(f"{where}: unknown hyperparameter {name!r}; expected one of {sorted(TUNABLE)}.")
-        _check_spec(where, name, spec)
-
-
-def _check_spec(where, name, spec):
-    if isinstance(spec, list):
-        if not spec or len({type(v) for v in spec}) > 1 and not all(_is_number(v) for v in spec):
-            raise StudyError(f"{where}: `{name}` needs a non-empty list of values of one type. Received: {spec!r}")
-    elif isinstance(spec, dict):
-        unknown = sorted(set(spec) - {"min", "max", "step", "sampling"})
-        if unknown or not (_is_number(spec.get("min")) and _is_number(spec.get("max")) and spec["min"] < spec["max"]):
-            raise StudyError(
-                f"{where}: `{name}` as a range needs numbers min < max (and optionally step, sampling). "
-                f"Received: {spec!r}"
-            )
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def grid_size(study):
-    """How many value combinations the study's space holds (None when a range has no step)."""
-    size = 1
-    for spec in study.space.values():
-        if isinstance(spec, list):
-            size *= len(spec)
-        elif isinstance(spec, dict):
-            if "step" not in spec or spec.get("sampling", "linear") != "linear":
-                return None
-            size *= int(math.floor((spec["max"] - spec["min"]) / spec["step"] + 1e-9)) + 1
-    return size
 
 
 # ---------------------------------------------------------------- hyperparameters <-> config
@@ -286,16 +148,6 @@ class StudyHyperModel(keras_tuner.HyperModel):
         return best_epoch_metrics(history.history, cfg.train.monitor)
 
 
-def best_epoch_metrics(history, monitor):
-    """{metric: value} at the best epoch of `history` by `monitor` (NaN values when no epoch has one)."""
-    values = np.asarray(history.get(monitor, []), dtype=float)
-    if not np.isfinite(values).any():
-        return {monitor: float("nan")}
-    pick = np.nanargmin if training.MONITORS[monitor] == "min" else np.nanargmax
-    best = int(pick(np.where(np.isfinite(values), values, np.nan)))
-    return {m: float(history[m][best]) for m in METRICS if m in history}
-
-
 # ---------------------------------------------------------------- oracles and the tuner
 
 
@@ -343,7 +195,7 @@ class BayesianOracle(_AtomicStateFiles, keras_tuner.oracles.BayesianOptimization
 
 def make_oracle(tuner, objective, max_trials, epochs, seed):
     """The oracle for `tuner`; `objective` is "val_loss" or "val_accuracy"; `epochs` bounds Hyperband's rounds."""
-    goal = keras_tuner.Objective(objective, direction=training.MONITORS[objective])
+    goal = keras_tuner.Objective(objective, direction=MONITORS[objective])
     seed += 1  # keras-tuner takes a seed of 0 for "no seed"
     classes = {"grid": GridOracle, "random": RandomOracle, "bayesian": BayesianOracle}
     if tuner == "hyperband":
@@ -431,13 +283,13 @@ class StudyTuner(keras_tuner.Tuner):
     def _progress_line(self, trial, seconds):
         number = int(trial.trial_id) + 1
         of = f"/{self.planned}" if self.planned else ""
-        values = ", ".join(f"{k}={_value(v)}" for k, v in trial.hyperparameters.values.items()
+        values = ", ".join(f"{k}={format_value(v)}" for k, v in trial.hyperparameters.values.items()
                            if not k.startswith("tuner/"))
         objective = self.oracle.objective.name
         if trial.score is not None and math.isfinite(trial.score):
             outcome = f"{objective} {trial.score:.4f}"
         else:
-            outcome = f"{str(trial.status).lower()}: {_last_line(trial.message)}"
+            outcome = f"{str(trial.status).lower()}: {last_line(trial.message)}"
         best = self.oracle.get_best_trials(1)
         if best and best[0].score is not None:
             outcome += f" (best {best[0].score:.4f}, trial {int(best[0].trial_id) + 1})"
@@ -463,11 +315,6 @@ class StudyTuner(keras_tuner.Tuner):
         if not _is_worker():
             self.oracle.save()
         write_json_atomic(self._get_tuner_fname(), self.get_state())
-
-
-def _last_line(message):
-    lines = [line for line in (message or "").strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no message"
 
 
 # ---------------------------------------------------------------- distributed mode
@@ -505,118 +352,7 @@ def serve_oracle(oracle, poll_seconds=1.0):
         server.stop(grace=1)
 
 
-# ---------------------------------------------------------------- project folder
-
-
-def project_dir_for(out, task, name):
-    return os.path.join(out, task, name)
-
-
-def write_state(path, state):
-    """Write a keras-tuner state file atomically, and a copy beside it for `repair_project`."""
-    write_json_atomic(path, state)
-    write_json_atomic(_copy_path(path), state)
-
-
-def _copy_path(path):
-    root, ext = os.path.splitext(path)
-    return f"{root}.copy{ext}"
-
-
-def _readable(path):
-    try:
-        return isinstance(read_json(path), dict)
-    except (OSError, ValueError):
-        return False
-
-
-def repair_project(project_dir, log=print):
-    """Make a project's state files readable again before keras-tuner reloads them.
-
-    A trial.json or oracle.json cut short (by a kill or a full disk, in a
-    project written by keras-tuner itself, or damaged since) is restored from
-    its copy. A trial.json without a readable copy becomes a failed trial that
-    says so, and leaves the queue, so the search goes on without it.
-    """
-    oracle_path = os.path.join(project_dir, ORACLE_FILE)
-    paths = [oracle_path] + sorted(glob.glob(os.path.join(project_dir, "trial_*", TRIAL_FILE)))
-    for path in paths:
-        if not os.path.exists(path) or _readable(path):
-            continue  # a missing oracle.json: a new project
-        if _readable(_copy_path(path)):
-            write_json_atomic(path, read_json(_copy_path(path)))
-            log(f"{path}: unreadable (cut short); restored from {os.path.basename(_copy_path(path))}")
-        elif path == oracle_path:
-            raise TuneError(f"{path}: unreadable and no readable copy; the search can't resume (use another --name).")
-        else:
-            _replace_with_failed_trial(path, oracle_path)
-            log(f"{path}: unreadable and no readable copy; that trial counts as failed")
-
-
-def _replace_with_failed_trial(path, oracle_path):
-    oracle = read_json(oracle_path, {})
-    trial_id = os.path.basename(os.path.dirname(path))[len("trial_"):]
-    hp = keras_tuner.HyperParameters.from_config(oracle["hyperparameters"]) if "hyperparameters" in oracle else None
-    trial = keras_tuner.engine.trial.Trial(hp or keras_tuner.HyperParameters(), trial_id=trial_id, status="FAILED")
-    trial.message = f"{path} was unreadable (cut short) and had no readable copy; the trial's result is lost."
-    write_state(path, trial.get_state())
-    ongoing = {k: v for k, v in oracle.get("ongoing_trials", {}).items() if v != trial_id}
-    if oracle and ongoing != oracle.get("ongoing_trials", {}):
-        write_state(oracle_path, {**oracle, "ongoing_trials": ongoing})
-
-
-def check_project(project_dir, settings):
-    """Record `settings` in a new project, or raise TuneError if the project was started with others.
-
-    `max_trials` may change between runs (to search further); nothing else.
-    """
-    path = os.path.join(project_dir, SETTINGS_FILE)
-    saved = read_json(path)
-    if saved is None:
-        os.makedirs(project_dir, exist_ok=True)
-        write_json_atomic(path, settings)
-        return
-    different = _differences(saved, settings, ignore=("max_trials",))
-    if different:
-        raise TuneError(
-            f"{project_dir}: the search was started with other settings ({', '.join(different)}); "
-            f"rerun it as it was to resume, or pick another --name."
-        )
-    if saved.get("max_trials") != settings.get("max_trials"):
-        write_json_atomic(path, settings)
-
-
-def _differences(a, b, ignore=(), prefix=""):
-    keys = []
-    for key in sorted(set(a) | set(b)):
-        if key in ignore:
-            continue
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            keys += _differences(x, y, prefix=f"{prefix}{key}.")
-        elif x != y:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
 # ---------------------------------------------------------------- search
-
-
-def hold_project(project_dir):
-    """This process's hold on `project_dir` (an open lock file); TuneError naming the tune already running there.
-
-    A second `tune` on a project in use would train the same trials (keras-tuner
-    does not lock its files). In keras-tuner's distributed mode the chief and
-    each worker hold their own lock, KERASTUNER_TUNER_ID's.
-    """
-    os.makedirs(project_dir, exist_ok=True)
-    name = f".{os.environ.get('KERASTUNER_TUNER_ID', 'tune')}.lock"
-    try:
-        return hold(os.path.join(project_dir, name))
-    except HeldError as e:
-        raise TuneError(
-            f"{project_dir}: another `cxrkeras tune` runs on this project ({e}); wait for it to finish or stop it."
-        ) from None
 
 
 def tune(study, base, project_dir, tuner=None, max_trials=None, executions_per_trial=1, augment_on="auto",
@@ -661,139 +397,8 @@ def tune(study, base, project_dir, tuner=None, max_trials=None, executions_per_t
     try:
         searcher.search()
     except RuntimeError as e:  # keras-tuner: "Number of consecutive failures exceeded the limit of 3."
-        raise TuneError(f"{project_dir}: {str(e).strip().splitlines()[0]} Last error: {_last_line(str(e))}") from e
+        raise TuneError(f"{project_dir}: {str(e).strip().splitlines()[0]} Last error: {last_line(str(e))}") from e
     if _is_worker():
         log(f"{os.environ.get('KERASTUNER_TUNER_ID')}: no trials left; the chief writes the results.")
         return None
     return write_results(project_dir, study)
-
-
-# ---------------------------------------------------------------- results
-
-
-def read_trials(project_dir):
-    """Every trial of a project as a dict (id, status, values, score, best epoch, histories, seconds)."""
-    trials = []
-    for path in sorted(glob.glob(os.path.join(project_dir, "trial_*", TRIAL_FILE))):
-        trial_dir = os.path.dirname(path)
-        try:
-            state = read_json(path)
-        except (OSError, ValueError):
-            state = {"trial_id": os.path.basename(trial_dir)[len("trial_"):], "status": "UNREADABLE"}
-        histories = [training.read_history(p) for p in sorted(glob.glob(os.path.join(trial_dir, "execution*.csv")))]
-        trials.append({
-            "trial_id": state.get("trial_id"),
-            "status": state.get("status"),
-            "values": {k: v for k, v in ((state.get("hyperparameters") or {}).get("values") or {}).items()
-                       if not k.startswith("tuner/")},
-            "score": state.get("score") if _finite(state.get("score")) else None,  # JSON has no NaN
-            "history": mean_history(histories),
-            "seconds": (read_json(os.path.join(trial_dir, TRIAL_RUN_FILE), {}) or {}).get("seconds"),
-            "config": os.path.join(trial_dir, TRIAL_CONFIG_FILE),
-            "message": _last_line(state.get("message")) if state.get("message") else "",
-        })
-    return trials
-
-
-def mean_history(histories):
-    """{column: per-epoch mean over executions} of the columns all of them have."""
-    histories = [h for h in histories if h.get("epoch")]
-    if not histories:
-        return {}
-    epochs = min(len(h["epoch"]) for h in histories)
-    columns = [c for c in histories[0] if all(c in h for h in histories)]
-    return {c: [float(np.mean([h[c][i] for h in histories])) for i in range(epochs)] for c in columns}
-
-
-def summarize(project_dir):
-    """The project's trials, best first by the objective, and the files its results live in."""
-    settings = read_json(os.path.join(project_dir, SETTINGS_FILE))
-    if settings is None:
-        raise TuneError(f"{project_dir}: no search there (no {SETTINGS_FILE}).")
-    objective = settings["objective"]
-    trials = read_trials(project_dir)
-    for trial in trials:
-        history = trial.pop("history")
-        for metric in ("val_accuracy", "val_loss"):
-            values = history.get(metric) or []
-            best = best_epoch_metrics({metric: values}, metric).get(metric) if values else None
-            trial[f"best_{metric}"] = best if best is None or math.isfinite(best) else None
-        trial["epochs"] = len(history.get("loss", []))
-    sign = -1 if training.MONITORS[objective] == "max" else 1
-    done = sorted((t for t in trials if _finite(t["score"]) and t["status"] == "COMPLETED"),
-                  key=lambda t: sign * t["score"])
-    rest = [t for t in trials if t not in done]
-    best = os.path.join(project_dir, BEST_CONFIG_FILE)
-    return {
-        "project": project_dir,
-        "task": settings["task"],
-        "study": settings["study"]["name"],
-        "tuner": settings["tuner"],
-        "objective": objective,
-        "factors": [k for k, v in settings["study"]["hyperparameters"].items() if isinstance(v, (list, dict))],
-        "trials": done + rest,
-        "best_config": best if os.path.exists(best) else "",
-    }
-
-
-def _finite(value):
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def format_table(summary, limit=None):
-    """A markdown table of the trials in `summary` (best first), one column per factor."""
-    factors = summary["factors"]
-    head = ["trial"] + factors + [summary["objective"], "best val_accuracy", "best val_loss", "epochs", "time",
-                                  "status"]
-    rows = []
-    for t in summary["trials"][:limit]:
-        rows.append([str(int(t["trial_id"]) + 1)] + [_value(t["values"].get(f)) for f in factors] + [
-            _number(t["score"]), _number(t["best_val_accuracy"]), _number(t["best_val_loss"]), str(t["epochs"]),
-            duration(t["seconds"]) if t["seconds"] is not None else "", str(t["status"]).lower(),
-        ])
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
-
-
-def _value(value):
-    return "" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
-
-
-def _number(value):
-    return f"{value:.4f}" if _finite(value) else ""
-
-
-def write_results(project_dir, study):
-    """Write best_config.json, results.json, results.md and study.png; return the summary."""
-    summary = summarize(project_dir)
-    completed = [t for t in summary["trials"] if t["status"] == "COMPLETED" and _finite(t["score"])]
-    if completed:
-        write_json_atomic(os.path.join(project_dir, BEST_CONFIG_FILE), read_json(completed[0]["config"]))
-        summary["best_config"] = os.path.join(project_dir, BEST_CONFIG_FILE)
-    write_json_atomic(os.path.join(project_dir, RESULTS_FILE), summary)
-    write_text_atomic(os.path.join(project_dir, TABLE_FILE), format_table(summary) + "\n")
-    curves = _study_curves(project_dir, summary, study)
-    if curves:
-        from cxrkeras import plots
-
-        title = f"{summary['task']}: {study.description or study.name}"
-        plots.study_curves(curves, os.path.join(project_dir, FIGURE_FILE), title=title)
-        summary["figure"] = os.path.join(project_dir, FIGURE_FILE)
-    return summary
-
-
-def _study_curves(project_dir, summary, study, limit=8):
-    """[(label, history)] for the figure: one-factor studies in the study's value order, else the best trials."""
-    histories = {t["trial_id"]: t["history"] for t in read_trials(project_dir) if t["history"]}
-    trials = [t for t in summary["trials"] if t["trial_id"] in histories]
-    factors = summary["factors"]
-    if len(factors) == 1 and isinstance(study.space[factors[0]], list):
-        order = [_value(v) for v in study.space[factors[0]]]
-        label = lambda t: f"{factors[0]}={_value(t['values'].get(factors[0]))}"  # noqa: E731
-        trials = sorted(trials, key=lambda t: order.index(_value(t["values"].get(factors[0])))
-                        if _value(t["values"].get(factors[0])) in order else len(order))
-    else:
-        label = lambda t: f"trial {int(t['trial_id']) + 1}"  # noqa: E731
-        trials = trials[:limit]
-    return [(label(t), histories[t["trial_id"]]) for t in trials]

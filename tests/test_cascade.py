@@ -289,9 +289,9 @@ def test_cascade_command_picks_thresholds_on_validation(runs, tmp_path, syntheti
 
 
 def test_cascade_command_with_fixed_thresholds(runs, tmp_path):
-    result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--t-covid", "0.8")
+    result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--threshold", "covid=0.8")
     assert result.exit_code == 0, result.output
-    assert "t_infected=0.50, t_covid=0.80" in result.output
+    assert "infected=0.50, covid=0.80" in result.output
     assert cascade_thresholds(load_model(tmp_path)) == (0.5, 0.8)
     assert "table" not in json.loads((tmp_path / "cascade.json").read_text())
 
@@ -303,6 +303,22 @@ def test_cascade_command_rejects_bad_target_recall(runs, tmp_path, value):
     assert "Invalid value for '--target-recall'" in result.output and repr(value) in result.output
 
 
+def test_cascade_command_takes_both_thresholds_by_name(runs, tmp_path):
+    result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--threshold", "infected=0.3",
+                 "--threshold", "covid=0.6", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["thresholds"] == {"infected": 0.3, "covid": 0.6}
+    assert cascade_thresholds(load_model(tmp_path)) == pytest.approx((0.3, 0.6))
+
+
+@pytest.mark.parametrize("value", ["covid:0.7", "normal=0.5", "covid=high", "covid=1.2"])
+def test_cascade_command_rejects_bad_threshold(runs, tmp_path, value):
+    result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--threshold", value)
+    assert result.exit_code == 2
+    assert "Invalid value for '--threshold'" in result.output and repr(value) in result.output
+    assert "infected, covid" in result.output
+
+
 def test_cascade_command_refuses_a_folder_holding_a_model(runs, tmp_path):
     result = run("cascade", runs["infected"], runs["covid"], "--out", runs["infected"])
     assert result.exit_code == 1
@@ -310,9 +326,9 @@ def test_cascade_command_refuses_a_folder_holding_a_model(runs, tmp_path):
     assert model_kind(load_model(runs["infected"])) == "binary"  # the classifier's run is untouched
     out = tmp_path / "cascade"
     assert run("cascade", runs["infected"], runs["covid"], "--out", out).exit_code == 0
-    result = run("cascade", runs["infected"], runs["covid"], "--out", out, "--t-covid", "0.7")
+    result = run("cascade", runs["infected"], runs["covid"], "--out", out, "--threshold", "covid=0.7")
     assert result.exit_code == 1 and "--overwrite" in result.output
-    result = run("cascade", runs["infected"], runs["covid"], "--out", out, "--t-covid", "0.7", "--overwrite")
+    result = run("cascade", runs["infected"], runs["covid"], "--out", out, "--threshold", "covid=0.7", "--overwrite")
     assert result.exit_code == 0, result.output
     assert cascade_thresholds(load_model(out)) == (0.5, 0.7)
     assert sorted(os.listdir(out)) == ["cascade.json", "model.keras"]  # no temporary file left behind
@@ -349,6 +365,9 @@ def test_corrupt_config_beside_a_model_is_a_one_line_error(runs, tmp_path):
 def test_cascade_command_usage_errors(runs, tmp_path):
     result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--seed", "3")
     assert result.exit_code == 2 and "only apply with --target-recall" in result.output
+    result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--threshold", "covid=0.7",
+                 "--target-recall", "covid=0.9")
+    assert result.exit_code == 2 and "--threshold and --target-recall exclude each other" in result.output
     result = run("cascade", runs["infected"], tmp_path / "missing", "--out", tmp_path)
     assert result.exit_code == 1 and f"Error: {tmp_path / 'missing'}: no such file or folder" in result.output
     for task in ("infected", "covid"):  # bare .keras files: no config.json names the dataset

@@ -63,7 +63,7 @@ def one_image_dataset(tmp_path_factory):
 NOISY_IMPORT = textwrap.dedent(
     """
     import sys
-    from cxrkeras.cli import QuietImport
+    from cxrkeras.cli.process import QuietImport
 
     sys.path.insert(0, sys.argv[1])
     if sys.argv[2] == "quiet":

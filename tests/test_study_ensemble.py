@@ -55,7 +55,7 @@ def test_an_ensemble_refuses_one_member_or_other_kinds():
 def test_the_cascade_command_averages_runs_given_with_commas(ensemble_runs, tmp_path):
     out = tmp_path / "cascade"
     result = CliRunner().invoke(main, ["cascade", ",".join(ensemble_runs["infected"]),
-                                       ",".join(ensemble_runs["covid"]), "--out", str(out), "--t-covid", "0.4"])
+                                       ",".join(ensemble_runs["covid"]), "--out", str(out), "--threshold", "covid=0.4"])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "cascade.json").read_text())
     assert record["sources"] == ensemble_runs

@@ -12,7 +12,8 @@ import keras_tuner
 import pytest
 from click.testing import CliRunner
 
-from cxrkeras import cli, training, tuning
+from cxrkeras import cli, search_spaces, training, tuning, tuning_project
+from cxrkeras.cli.options import build_run_config
 from cxrkeras.config import (
     SETTING_FIELDS,
     RunConfig,
@@ -40,9 +41,9 @@ def fake_data(n=10):
 
 
 @pytest.mark.parametrize("task", ["infected", "covid"])
-@pytest.mark.parametrize("name", tuning.study_names())
+@pytest.mark.parametrize("name", search_spaces.study_names())
 def test_every_study_declares_its_values_with_the_study_defaults(name, task):
-    study = tuning.load_study(name)
+    study = search_spaces.load_study(name)
     base = study_config(task)
     hp = keras_tuner.HyperParameters()
     config = tuning.declare(hp, study, base)
@@ -57,7 +58,7 @@ def test_every_study_declares_its_values_with_the_study_defaults(name, task):
 
 
 def test_depth_means_conv_blocks_for_infected_and_residual_blocks_for_covid():
-    study = tuning.load_study("depth")
+    study = search_spaces.load_study("depth")
     assert study.space == {"depth": [3, 4, 5]}
     for task, default, conv_layers in (("infected", 5, 5), ("covid", 4, 2 + 2 * 4)):
         model = tuning.StudyHyperModel(study, study_config(task), fake_data()).build(keras_tuner.HyperParameters())
@@ -70,7 +71,7 @@ def test_depth_means_conv_blocks_for_infected_and_residual_blocks_for_covid():
 
 
 def test_hypermodel_compiles_with_the_trial_values_and_fixed_overrides():
-    study = tuning.load_study("joint")
+    study = search_spaces.load_study("joint")
     hypermodel = tuning.StudyHyperModel(study, study_config("infected"), fake_data())
     model = hypermodel.build(keras_tuner.HyperParameters())
     assert type(model.optimizer).__name__ == "Adam" and float(model.optimizer.learning_rate) == pytest.approx(1e-3)
@@ -90,9 +91,9 @@ def test_ranges_and_fixed_values_in_a_study_file(tmp_path):
     path.write_text('tuner = "random"\nmax_trials = 3\n[hyperparameters]\n'
                     'learning_rate = { min = 1e-4, max = 1e-2, sampling = "log" }\n'
                     'depth = { min = 3, max = 5 }\noptimizer = "sgd"\n')
-    study = tuning.load_study(str(path))
+    study = search_spaces.load_study(str(path))
     assert (study.name, study.tuner, study.max_trials, study.factors) == ("mine", "random", 3, ["learning_rate", "depth"])
-    assert tuning.grid_size(study) is None
+    assert search_spaces.grid_size(study) is None
     hp = keras_tuner.HyperParameters()
     config = tuning.declare(hp, study, study_config("infected"))
     assert type({p.name: p for p in hp.space}["learning_rate"]).__name__ == "Float"
@@ -115,23 +116,23 @@ def test_ranges_and_fixed_values_in_a_study_file(tmp_path):
 def test_bad_study_files_name_the_file_and_the_value(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    with pytest.raises(tuning.StudyError, match=str(path)) as error:
-        tuning.load_study(str(path))
+    with pytest.raises(search_spaces.StudyError, match=str(path)) as error:
+        search_spaces.load_study(str(path))
     assert message in str(error.value)
 
 
 def test_a_study_value_the_model_refuses_is_named_before_any_training(tmp_path):
     path = tmp_path / "deep.toml"
     path.write_text("[hyperparameters]\ndepth = [5, 6]\n")
-    with pytest.raises(tuning.StudyError, match=r"depth=6 does not work here: Too many `blocks`"):
-        tuning.check_values(tuning.load_study(str(path)), study_config("infected"))
+    with pytest.raises(search_spaces.StudyError, match=r"depth=6 does not work here: Too many `blocks`"):
+        tuning.check_values(search_spaces.load_study(str(path)), study_config("infected"))
 
 
 def test_best_epoch_metrics_follow_the_objective():
     history = {"loss": [0.9, 0.5, 0.4], "val_loss": [0.8, 0.6, 0.7], "val_accuracy": [0.5, 0.7, 0.9],
                "learning_rate": [1e-3] * 3}
-    assert tuning.best_epoch_metrics(history, "val_loss") == {"loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.7}
-    assert tuning.best_epoch_metrics(history, "val_accuracy")["val_accuracy"] == 0.9
+    assert tuning_project.best_epoch_metrics(history, "val_loss") == {"loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.7}
+    assert tuning_project.best_epoch_metrics(history, "val_accuracy")["val_accuracy"] == 0.9
 
 
 # ---------------------------------------------------------------- a search, killed twice and resumed
@@ -157,9 +158,9 @@ def killed_and_resumed(synthetic_dataset, tmp_path_factory):
     runs.append(json.load(open(trial_json)))  # trial 1 as its second run found it
     with open(trial_json, "r+") as f:  # a half-written file, as a kill during keras-tuner's own write leaves
         f.truncate(os.path.getsize(trial_json) // 2)
-    base = cli.build_run_config("infected", synthetic_dataset, str(config))
+    base = build_run_config("infected", synthetic_dataset, str(config))
     lines = []
-    summary = tuning.tune(tuning.load_study(str(study)), base, project, log=lines.append)
+    summary = tuning.tune(search_spaces.load_study(str(study)), base, project, log=lines.append)
     return runs + [lines, summary], project, str(config), str(study)
 
 
@@ -209,7 +210,7 @@ def test_the_best_config_trains_with_fit_and_reproduces_the_trial_score(killed_a
 def test_rerunning_a_finished_search_trains_nothing(killed_and_resumed, synthetic_dataset):
     (*_, summary), project, config, study = killed_and_resumed
     lines = []
-    again = tuning.tune(tuning.load_study(study), cli.build_run_config("infected", synthetic_dataset, config),
+    again = tuning.tune(search_spaces.load_study(study), build_run_config("infected", synthetic_dataset, config),
                         project, log=lines.append)
     assert lines == [f"resuming {project}: 2 trial(s) already ran"]
     assert [t["score"] for t in again["trials"]] == [t["score"] for t in summary["trials"]]
@@ -223,7 +224,7 @@ def test_a_trial_file_without_a_readable_copy_becomes_a_failed_trial(killed_and_
         f.write('{"trial_id": "0001", "hyper')
     os.remove(os.path.join(damaged, "trial_0001", "trial.copy.json"))
     lines = []
-    tuning.repair_project(damaged, log=lines.append)
+    tuning_project.repair_project(damaged, log=lines.append)
     assert lines == [f"{damaged}/trial_0001/trial.json: unreadable and no readable copy; that trial counts as failed"]
     trial = json.load(open(os.path.join(damaged, "trial_0001", "trial.json")))
     assert trial["status"] == "FAILED" and "result is lost" in trial["message"]
@@ -298,9 +299,10 @@ def test_tune_help_names_every_study_and_tuner():
     result = CliRunner().invoke(cli.main, ["tune", "--help"])
     assert result.exit_code == 0
     help_text = " ".join(result.output.split())
-    for name in tuning.study_names():
+    for name in search_spaces.study_names():
         assert name in help_text, name
-    assert cli.TUNERS == tuning.TUNERS
+    for name in search_spaces.TUNERS:
+        assert name in help_text, name
 
 
 def test_setup_cfg_installs_every_package_and_the_study_files():
@@ -312,7 +314,7 @@ def test_setup_cfg_installs_every_package_and_the_study_files():
     assert found | {"cxrkeras.studies"} == listed
     assert "cxrkeras.studies = tuning" in setup["options"]["package_dir"]
     shipped = {f[: -len(".toml")] for f in os.listdir(os.path.join(ROOT, "tuning")) if f.endswith(".toml")}
-    assert set(tuning.study_names()) == shipped == {"depth", "batch-size", "optimizer", "learning-rate",
+    assert set(search_spaces.study_names()) == shipped == {"depth", "batch-size", "optimizer", "learning-rate",
                                                       "weight-decay", "augmentation", "joint"}
 
 
@@ -350,7 +352,7 @@ def test_a_chief_and_two_workers_run_every_trial_once(synthetic_dataset, tmp_pat
     assert sorted(ran) == ["trial 1/4", "trial 2/4", "trial 3/4", "trial 4/4"]  # each trial once, by some worker
     assert not [line for line in outputs["chief"][0].splitlines() if line.startswith("trial ")]  # trains nothing
     project = tmp_path / "out" / "infected" / "lr"
-    summary = tuning.summarize(str(project))
+    summary = tuning_project.summarize(str(project))
     assert [t["status"] for t in summary["trials"]] == ["COMPLETED"] * 4  # every result reached the chief
     assert {json.load(open(project / f"trial_{t['trial_id']}" / "run.json"))["tuner_id"]
             for t in summary["trials"]} <= {"tuner0", "tuner1"}

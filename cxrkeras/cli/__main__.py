@@ -1,0 +1,5 @@
+"""`python -m cxrkeras.cli ...`: the `cxrkeras` command."""
+
+from cxrkeras.cli import main
+
+main()
