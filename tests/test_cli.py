@@ -224,3 +224,18 @@ def test_resume_with_a_corrupt_config_is_a_one_line_error(synthetic_dataset, tmp
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {run_dir / 'config.json'}: not a run config (")
     assert len(result.output.splitlines()) == 1
+
+
+def test_help_texts_read_the_study_facts_from_config():
+    from cxrkeras.cli.options import FACTS
+    from cxrkeras.config import AUDIT_BAND, DECISION_THRESHOLD, IMAGE_SIZE, VAL_FRACTION
+
+    helps = {" ".join(c): " ".join(run(*c, "--help").output.split())
+             for c in (["data", "synth"], ["export"], ["cascade"], ["evaluate"], ["fit"])}
+    assert not [(c, name) for c, text in helps.items() for name in FACTS if "{" + name + "}" in text]
+    assert f"{IMAGE_SIZE}x{IMAGE_SIZE} grayscale" in helps["data synth"]
+    assert f"{IMAGE_SIZE} for the study's" in helps["export"]
+    assert f"[default: {DECISION_THRESHOLD} each]" in helps["cascade"]
+    assert f"both are {DECISION_THRESHOLD} unless --threshold" in helps["cascade"]
+    assert f"[default: {AUDIT_BAND};" in helps["evaluate"] and f"else {VAL_FRACTION}]" in helps["evaluate"]
+    assert f"model selection [{VAL_FRACTION}]" in helps["fit"]

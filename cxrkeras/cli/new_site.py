@@ -73,9 +73,7 @@ def calibrate(model_path, out_dir, data_path, overwrite, batch_size, as_json):
     try:
         record = calibration.calibrate(model_path, out_dir, data_path, overwrite, batch_size,
                                        log=lambda message: click.echo(message, err=True))
-    except calibration.CalibrationError as e:
-        raise click.ClickException(str(e))
-    except model_errors() as e:
+    except (calibration.CalibrationError, *model_errors()) as e:
         raise click.ClickException(str(e))
     if as_json:
         echo_json(record)

@@ -9,15 +9,14 @@ import os
 import click
 
 from cxrkeras import config as settings
-from cxrkeras.config import AUDIT_BAND, CLASSES, DECISION_THRESHOLD, IMAGE_SIZE, TASKS, VAL_FRACTION
+from cxrkeras.config import CLASSES, DECISION_THRESHOLD, IMAGE_SIZE, TASKS, VAL_FRACTION
 
 TASK = click.Choice(list(TASKS))
 BINARY_TASKS = [task for task, classes in TASKS.items() if len(classes) == 2]  # also a cascade's stages
 BINARY_TASK = click.Choice(BINARY_TASKS)
 
 # What help texts may name as {NAME}, filled in by `with_facts` from cxrkeras.config (written there once).
-FACTS = {"IMAGE_SIZE": IMAGE_SIZE, "VAL_FRACTION": VAL_FRACTION, "DECISION_THRESHOLD": DECISION_THRESHOLD,
-         "AUDIT_BAND": AUDIT_BAND}
+FACTS = {"IMAGE_SIZE": IMAGE_SIZE, "VAL_FRACTION": VAL_FRACTION, "DECISION_THRESHOLD": DECISION_THRESHOLD}
 
 
 def with_facts(command):
@@ -107,7 +106,6 @@ TARGET_RECALL = NameValue("CLASS", CLASSES, "RECALL", 0, 1, True, "covid=0.95")
 THRESHOLD = NameValue("NAME", BINARY_TASKS, "VALUE", 0, 1, False, "covid=0.7")
 
 
-# Options that set one RunConfig field: (section, key). Unset options (None) leave the base config alone.
 def train_options(command):
     """The training-setting options (each overrides the study's default or --config), for any command that trains."""
     options = [
