@@ -108,29 +108,33 @@ THRESHOLD = NameValue("NAME", BINARY_TASKS, "VALUE", 0, 1, False, "covid=0.7")
 
 def train_options(command):
     """The training-setting options (each overrides the study's default or --config), for any command that trains."""
+    study, data, epochs = settings.TrainConfig(), settings.DataConfig(), settings.STUDY_EPOCHS
     options = [
-        click.option("--epochs", type=click.IntRange(1), help="Epochs [study: 35; covid 25]."),
-        click.option("--batch-size", type=click.IntRange(1), help="Batch size [study: 64]."),
-        click.option("--optimizer", type=click.Choice(settings.OPTIMIZERS), help="[study: adam]"),
-        click.option("--learning-rate", type=click.FloatRange(0, min_open=True), help="[study: 1e-3]"),
-        click.option("--weight-decay", type=click.FloatRange(0), help="Decoupled weight decay [study: 0]."),
+        click.option("--epochs", type=click.IntRange(1),
+                     help=f"Epochs [study: {epochs['infected']}; covid {epochs['covid']}]."),
+        click.option("--batch-size", type=click.IntRange(1), help=f"Batch size [study: {study.batch_size}]."),
+        click.option("--optimizer", type=click.Choice(settings.OPTIMIZERS), help=f"[study: {study.optimizer}]"),
+        click.option("--learning-rate", type=click.FloatRange(0, min_open=True),
+                     help=f"[study: {study.learning_rate:g}]"),
+        click.option("--weight-decay", type=click.FloatRange(0),
+                     help=f"Decoupled weight decay [study: {study.weight_decay:g}]."),
         click.option("--schedule", type=click.Choice(settings.SCHEDULES),
                      help="Learning rate: constant, cosine decay over the run, or halved on a plateau of --monitor."),
         click.option("--class-weight", type=click.Choice(settings.CLASS_WEIGHTS),
-                     help="balanced: weight each class n / (k * count) [study: none]."),
-        click.option("--seed", type=int, help="Seed of init, shuffling, dropout and augmentation [0]."),
+                     help=f"balanced: weight each class n / (k * count) [study: {study.class_weight}]."),
+        click.option("--seed", type=int, help=f"Seed of init, shuffling, dropout and augmentation [{study.seed}]."),
         click.option("--precision", type=click.Choice(("auto",) + settings.PRECISIONS),
                      help="auto: mixed_bfloat16 where the device computes bfloat16 natively (GPU compute "
                           "capability >= 8, CPU with AVX-512 BF16 or AMX), else float32 [fit: auto; --config: its own]."),
-        click.option("--augment/--no-augment", default=None, help="The study's augmentation of train images [on]."),
+        click.option("--augment/--no-augment", default=None, help=f"The study's augmentation of train images [{'on' if data.augment else 'off'}]."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      help=f"Validation fraction carved from train, for model selection [{VAL_FRACTION}]."),
         click.option("--holdout-fraction", type=click.FloatRange(0, 1, max_open=True),
-                     help="Holdout carved from train before validation, for thresholds only [0: none]."),
+                     help=f"Holdout carved from train before validation, for thresholds only [{data.holdout_fraction:g}: none]."),
         click.option("--monitor", type=click.Choice(list(settings.MONITORS)),
-                     help="Validation metric that picks the kept epoch [val_loss]."),
+                     help=f"Validation metric that picks the kept epoch [{study.monitor}]."),
         click.option("--distribute", type=click.Choice(settings.DISTRIBUTES),
-                     help="mirrored: all local GPUs (else logical CPUs) [none]; multiworker: one run across "
+                     help=f"mirrored: all local GPUs (else logical CPUs) [{study.distribute}]; multiworker: one run across "
                      "processes or machines, KERAS_BACKEND=jax only (fit: see --coordinator)."),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                      help="A RunConfig JSON (a run's config.json, a tuning result); options given here override it."),

@@ -14,6 +14,7 @@ from cxrkeras.cli.options import (
     quote,
     train_options,
 )
+from cxrkeras.config import STUDY_EPOCHS
 from cxrkeras.search_spaces import TUNERS
 
 
@@ -108,7 +109,8 @@ def _echo_tune(result, as_json):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="The report folder, e.g. reports/NAME.")
 @click.option("--quick", is_flag=True, help="The same plan with 1-epoch trainings and 2 values per study, for a look.")
 @click.option("--epochs", type=click.IntRange(1), default=None,
-              help="Stop every training after this many epochs (default: the study's 35 / 25 / 35).")
+              help=f"Stop every training after this many epochs (default: the study's "
+              f"{' / '.join(map(str, STUDY_EPOCHS.values()))}).")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Share of each train class used (a seeded subset).")
 def report(data_path, out_dir, quick, epochs, fraction):
