@@ -7,7 +7,7 @@ model served over TensorFlow Serving's REST API (`cxrkeras serve`, or
 TensorFlow Serving itself). `predict_files` returns one result per file, an
 error for a file that does not decode, in the order given. Every predictor
 gets the same bytes: the file's, or for a DICOM the 16-bit PNG of its pixels
-(`data.encoded_image`), which an exported graph (or a server) decodes as it
+(`images.encoded_image`), which an exported graph (or a server) decodes as it
 decodes any PNG, so a Keras model and its export see the same pixels.
 
 Importing this module imports neither Keras nor TensorFlow: a SavedModel needs
@@ -22,7 +22,7 @@ import urllib.request
 
 import numpy as np
 
-from cxrkeras import data as data_lib
+from cxrkeras import images as images_lib
 from cxrkeras import savedmodel
 
 
@@ -35,7 +35,7 @@ class ServerError(Exception):
 
 
 class KerasPredictor:
-    """A .keras classifier or cascade; images are decoded here with `cxrkeras.data.decode_image`."""
+    """A .keras classifier or cascade; images are decoded here with `cxrkeras.images.decode_image`."""
 
     def __init__(self, path, task=None):
         from cxrkeras import runs
@@ -54,7 +54,7 @@ class KerasPredictor:
         from cxrkeras.models import cascade as cascade_lib
 
         try:
-            images = np.stack([data_lib.decode_image(tf.constant(c), self.image_size).numpy() for c in contents])
+            images = np.stack([images_lib.decode_image(tf.constant(c), self.image_size).numpy() for c in contents])
         except tf.errors.InvalidArgumentError as e:
             raise ImageRejected(f"does not decode in TensorFlow ({savedmodel.error_message(e)})") from e
         return cascade_lib.predict(self.model, images, batch_size)
@@ -161,7 +161,7 @@ def image_problem(path):
         return "no such file"
     if not os.path.isfile(path):
         return "not a file"
-    return data_lib.check_image(path)
+    return images_lib.check_image(path)
 
 
 def predict_files(predictor, paths, batch_size=64):
@@ -174,7 +174,7 @@ def predict_files(predictor, paths, batch_size=64):
     contents = []
     for r in good:
         with open(r["path"], "rb") as f:
-            contents.append(data_lib.encoded_image(f.read(), name=r["path"]))
+            contents.append(images_lib.encoded_image(f.read(), name=r["path"]))
     try:
         outputs = [predictor.predict_bytes(contents, batch_size)] if good else []
         chunks = [good]
