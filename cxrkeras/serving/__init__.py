@@ -24,8 +24,15 @@ inference thread, off the event loop -> `protocol.predict_response`.
 It imports TensorFlow, never Keras, our model builders or `cxrkeras.data`.
 """
 
-from cxrkeras.serving.app import create_app, run, uvicorn_server
-from cxrkeras.serving.servable import served_versions
-from cxrkeras.serving.settings import Settings
+import importlib
 
-__all__ = ["Settings", "create_app", "run", "served_versions", "uvicorn_server"]
+# What `from cxrkeras import serving` offers (the `serve` command's needs), imported when first used, so
+# that `cxrkeras.serving.settings` alone (the CLI's option defaults) imports nothing else.
+EXPORTS = {"Settings": "settings", "create_app": "app", "run": "app", "uvicorn_server": "app", "served_versions": "servable"}
+__all__ = sorted(EXPORTS)
+
+
+def __getattr__(name):
+    if name not in EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{EXPORTS[name]}"), name)

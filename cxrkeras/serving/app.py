@@ -13,7 +13,7 @@ import os
 import time
 
 from cxrkeras import images
-from cxrkeras.serving import monitoring
+from cxrkeras.serving.monitoring import CONTENT_TYPE, PATH
 from cxrkeras.serving.protocol import ApiError, invalid, parse_path
 from cxrkeras.serving.servable import ModelServer, converted, image_problem
 from cxrkeras.serving.settings import Settings
@@ -141,7 +141,7 @@ def routes():
         Mount("/ui", StaticFiles(directory=STATIC_DIR), name="ui"),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
-        Route(monitoring.PATH, metrics),
+        Route(PATH, metrics),
         Route("/v1/{path:path}", v1, methods=["GET", "HEAD", "POST"]),
     ]
 
@@ -195,7 +195,7 @@ async def ready(request):
 async def metrics(request):
     from starlette.responses import Response
 
-    return Response(request.app.state.server.metrics.text(), media_type=monitoring.CONTENT_TYPE)
+    return Response(request.app.state.server.metrics.text(), media_type=CONTENT_TYPE)
 
 
 async def page(request):

@@ -21,9 +21,21 @@ from cxrkeras import images, savedmodel
 from cxrkeras.config import IMAGE_SIZE
 from cxrkeras.dicom import DicomError
 from cxrkeras.savedmodel import EXAMPLE_IMAGE_FEATURE, IMAGE_INPUT
-from cxrkeras.serving import monitoring, protocol
 from cxrkeras.serving.batching import Batcher
-from cxrkeras.serving.protocol import ApiError, invalid, object_array, too_many
+from cxrkeras.serving.monitoring import Metrics
+from cxrkeras.serving.protocol import (
+    ApiError,
+    check_classify_signature,
+    classify_request,
+    classify_response,
+    invalid,
+    not_found,
+    object_array,
+    predict_request,
+    predict_response,
+    servable,
+    too_many,
+)
 
 log = logging.getLogger("cxrkeras.serving")
 
@@ -222,7 +234,7 @@ class ModelServer:
         self.ready = False  # a version serves
         self.stopping = False  # SIGTERM came: answering the requests in flight, then exiting
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        self.metrics = monitoring.Metrics(self)
+        self.metrics = Metrics(self)
 
     # ---- loading
 
@@ -294,7 +306,7 @@ class ModelServer:
 
     def version(self, name, number):
         """The Version a request addresses (highest by default), or TensorFlow Serving's 404 (503 while loading)."""
-        missing = protocol.not_found(f"Servable not found for request: {protocol.servable(name, number)}")
+        missing = not_found(f"Servable not found for request: {servable(name, number)}")
         if name != self.name:
             raise missing
         if not self.ready:
@@ -318,9 +330,9 @@ class ModelServer:
         """TensorFlow Serving's model status: every version (highest first), or the one asked for."""
         states = self.states()
         if name != self.name or not states:
-            raise protocol.not_found(f"Could not find any versions of model {name}")
+            raise not_found(f"Could not find any versions of model {name}")
         if number is not None and number not in states:
-            raise protocol.not_found(f"Could not find version {number} of model {name}")
+            raise not_found(f"Could not find version {number} of model {name}")
         shown = [number] if number is not None else sorted(states, reverse=True)
         return {
             "model_version_status": [
@@ -344,21 +356,21 @@ class ModelServer:
         instances = body.get("instances") if isinstance(body, dict) else None
         if isinstance(instances, list) and len(instances) > self.settings.max_batch_size:
             raise too_many(len(instances), self.settings.max_batch_size)
-        signature, inputs, form = protocol.predict_request(body, version.input_dtypes)
+        signature, inputs, form = predict_request(body, version.input_dtypes)
         outputs = await version.run(signature, inputs)
-        return protocol.predict_response(outputs, form)
+        return predict_response(outputs, form)
 
     async def classify(self, name, number, body, labels):
         """TensorFlow Serving's :classify; `labels` as in `predict`."""
         version = self.version(name, number)
         labels["version"], labels["signature"] = str(version.number), signature_label(version, body)
-        signature, examples = protocol.classify_request(body)
-        input_name = protocol.check_classify_signature(version.signature(signature))
+        signature, examples = classify_request(body)
+        input_name = check_classify_signature(version.signature(signature))
         if len(examples) > self.settings.max_batch_size:
             raise too_many(len(examples), self.settings.max_batch_size)
         inputs = {input_name: object_array(examples)}
         outputs = await version.run(signature, inputs)
-        return protocol.classify_response(outputs)
+        return classify_response(outputs)
 
     def page_model(self):
         """What the page shows: name, served version, class names, thresholds, limits."""
