@@ -524,6 +524,28 @@ def test_a_failed_version_is_tried_again_when_its_folder_changes_and_forgotten_w
     wait_for(lambda: [s["version"] for s in http(url, f"/v1/models/{NAME}")[1]["model_version_status"]] == ["2", "1"])
 
 
+def test_each_version_graph_is_read_and_checked_once(exported_cascade, tmp_path, monkeypatch):
+    """`served_versions` reads and checks each graph, the server loads from that proto; a new version is read once."""
+    from cxrkeras import savedmodel
+
+    base = tmp_path / "base"
+    shutil.copytree(exported_cascade["base"], base)
+    read, real = [], savedmodel.read_proto
+    monkeypatch.setattr(savedmodel, "read_proto", lambda path: read.append(os.path.basename(path)) or real(path))
+    found = serving.served_versions(base)
+    assert list(found) == [1] and read == ["1"]
+    url, server, thread = start(serving.create_app(base, NAME, serving.Settings(poll_seconds=0.2), checked=found))
+    try:
+        wait_for(lambda: http(url, "/v2/health/ready")[0] == 200)
+        shutil.copytree(base / "1", base / ".staging-2")
+        os.rename(base / ".staging-2", base / "2")
+        wait_for(lambda: [s["state"] for s in http(url, f"/v1/models/{NAME}")[1]["model_version_status"]] == ["AVAILABLE"] * 2)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert read == ["1", "2"]
+
+
 def test_serve_refuses_a_crafted_savedmodel(tmp_path):
     marker = tmp_path / "written"
     write_crafted_savedmodel(tmp_path / "base" / "1", marker)
