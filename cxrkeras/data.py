@@ -130,7 +130,6 @@ def _manifest_rows(path):
         raise DatasetError(f"{path}: not a CSV manifest ({e}).\n{EXPECTED_LAYOUT}") from None
 
 
-
 # ---------------------------------------------------------------- checking files
 
 

@@ -71,7 +71,6 @@ def max_pixels():
     return int(value)
 
 
-
 def declared_size(file, kind):
     """(width, height) from the header of a `kind` image in an open binary `file`, nothing decoded.
 
@@ -200,7 +199,6 @@ def _op_message(error):
     return re.sub(r"\s*\[Op:\w+\].*$", "", text)
 
 
-
 # ---------------------------------------------------------------- decoding
 
 
@@ -271,7 +269,6 @@ def gray_resized(image, image_size=IMAGE_SIZE):
     return tf.clip_by_value(image, 0.0, 1.0)
 
 
-
 def pillow_pixels(contents):
     """Encoded image bytes -> [height, width, channels] float32 in [0, 1], as `decode_pixels` reads them, in Python.
 
@@ -298,7 +295,6 @@ def _pixels(image):
                               "L" if image.mode == "1" else "RGB")
     pixels = np.asarray(image, "float32") / 255.0
     return pixels if pixels.ndim == 3 else pixels[..., None]
-
 
 
 # ---------------------------------------------------------------- remembered verdicts

@@ -66,12 +66,12 @@ class SavedModelPredictor:
     def __init__(self, path, trust=False):
         self.path = path
         self.module = savedmodel.load(path, trust=trust)
-        if "serving_default" not in self.module.signatures or not hasattr(self.module, "class_names"):
+        if savedmodel.DEFAULT_SIGNATURE not in self.module.signatures or not hasattr(self.module, "class_names"):
             raise savedmodel.SavedModelError(
                 f"{path}: a SavedModel without cxrkeras' `serving_default` signature and class names; "
                 f"expected a folder written by `cxrkeras export`."
             )
-        self.signature = self.module.signatures["serving_default"]
+        self.signature = self.module.signatures[savedmodel.DEFAULT_SIGNATURE]
         self.class_names = tuple(n.decode() for n in self.module.class_names.numpy())
         metadata = savedmodel.read_metadata(path) or {}
         self.status = {"adapted": metadata.get("adapted"), "calibrated": metadata.get("calibrated")}
@@ -101,7 +101,8 @@ class RemotePredictor:
         self.url = f"{url.rstrip('/')}/v1/models/{name}"
         self.timeout = timeout
         self.status = self._call("")
-        probe = {"signature_name": "classify", "examples": [{"image": _b64(savedmodel.probe_image(8))}]}
+        example = {savedmodel.EXAMPLE_IMAGE_FEATURE: _b64(savedmodel.probe_image(8))}
+        probe = {"signature_name": "classify", "examples": [example]}
         results = self._call(":classify", probe)["results"][0]
         self.class_names = tuple(label for label, _ in results)
         self.status = {}  # the REST API does not say whether the served model is adapted or calibrated

@@ -196,7 +196,7 @@ def untrusted_ops(proto):
 
 
 def check_ops(path, proto=None):
-    """Raise `UntrustedOpsError` naming each op of the SavedModel at `path` (its `proto`, if read) outside the allow-list."""
+    """Raise `UntrustedOpsError` naming each op outside the allow-list of the SavedModel at `path` (or its `proto`)."""
     found = untrusted_ops(read_proto(path) if proto is None else proto)
     if found:
         listed = "; ".join(f"{op} (in {', '.join(places[:3])})" for op, places in found.items())
