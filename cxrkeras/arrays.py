@@ -1,9 +1,9 @@
 """In-memory arrays: how images reach a model where tf.data does not (Keras on JAX or torch).
 
-Path of a batch: files -> `decode_pixels` (Pillow, in Python; a DICOM first
-becomes the 16-bit PNG `data.encoded_image` makes of it) -> `model_input`
+Path of a batch: files -> `images.pillow_pixels` (Pillow, in Python; a DICOM
+first becomes the 16-bit PNG `images.encoded_image` makes of it) -> `model_input`
 (grayscale and an antialiased resize in numpy, the same arithmetic as
-`data.decode_image`'s TensorFlow ops) -> `load_arrays` (one [N, size, size, 1]
+`images.decode_image`'s TensorFlow ops) -> `load_arrays` (one [N, size, size, 1]
 float32 array, decoded once and cached on disk by the files' fingerprint) ->
 `ArrayBatches` (a keras.utils.PyDataset: shuffled and batched, seeded) ->
 augmentation inside the model, on the device.
@@ -14,7 +14,6 @@ kernel as TensorFlow's `scale_and_translate`. Nothing here imports TensorFlow.
 """
 
 import hashlib
-import io
 import math
 import os
 
@@ -22,6 +21,7 @@ import keras
 import numpy as np
 
 from cxrkeras.config import IMAGE_SIZE
+from cxrkeras.images import cache_dir, encoded_image, pillow_pixels
 
 ARRAYS_VERSION = 1  # bump when the decoded pixels change: cached arrays are then decoded again
 GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], "float32")  # tf.image.rgb_to_grayscale's
@@ -29,34 +29,6 @@ MEMORY_SHARE = 0.5  # the arrays path is taken while the images take at most thi
 
 
 # ---------------------------------------------------------------- one file
-
-
-def decode_pixels(contents):
-    """Encoded image bytes -> [height, width, channels] float32 in [0, 1], as `data.decode_pixels` reads them.
-
-    8-bit images are divided by 255, 16-bit ones by 65535; a palette becomes
-    RGB; GIF gives its first frame. Raises ValueError for bytes Pillow cannot
-    decode (the message says why).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(contents)) as image:
-            image.seek(0)
-            image.load()
-            return _pixels(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as e:
-        raise ValueError(str(e) or type(e).__name__) from None
-
-
-def _pixels(image):
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return (np.asarray(image, "float64") / 65535.0).astype("float32")[..., None]
-    if image.mode not in ("L", "LA", "RGB", "RGBA"):
-        image = image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else
-                              "L" if image.mode == "1" else "RGB")
-    pixels = np.asarray(image, "float32") / 255.0
-    return pixels if pixels.ndim == 3 else pixels[..., None]
 
 
 def model_input(pixels, image_size=IMAGE_SIZE):
@@ -89,16 +61,14 @@ def _resize_weights(input_size, output_size):
 
 
 def read_file(path):
-    """The file at `path` as bytes `decode_pixels` reads (a DICOM converted, as `data.read_image` does)."""
-    from cxrkeras.data import encoded_image
-
+    """The file at `path` as bytes `pillow_pixels` reads (a DICOM converted, as `images.read_image` does)."""
     with open(path, "rb") as f:
         return encoded_image(f.read(), name=os.fspath(path))
 
 
 def decode_image(path, image_size=IMAGE_SIZE):
     """The file at `path` as the [size, size, 1] float32 image a model takes."""
-    return model_input(decode_pixels(read_file(path)), image_size)
+    return model_input(pillow_pixels(read_file(path)), image_size)
 
 
 # ---------------------------------------------------------------- many files, cached
@@ -107,14 +77,13 @@ def decode_image(path, image_size=IMAGE_SIZE):
 def load_arrays(paths, image_size=IMAGE_SIZE, cache=True):
     """[N, size, size, 1] float32 images of `paths`, decoded once; with `cache`, kept on disk for next time.
 
-    The cache file (in `data.cache_dir()`) is named after the files' paths,
+    The cache file (in `images.cache_dir()`) is named after the files' paths,
     sizes and modification times, the image size and ARRAYS_VERSION, so a
     changed file or setting decodes again. A cache that cannot be written is
     skipped: it only saves time.
     """
     if not cache:
         return _decode_all(paths, image_size)
-    from cxrkeras.data import cache_dir
     from cxrkeras.files import write_atomic
 
     path = os.path.join(cache_dir(), f"arrays-{arrays_key(paths, image_size)}.npy")

@@ -5,7 +5,7 @@ TensorFlow op, so TensorFlow Serving runs all of them):
 
 - `serving_default`: `images` tf.string [N], encoded JPEG, PNG, BMP or GIF
   bytes of any size (gray, RGB or RGBA), the REST API's {"b64": "..."}.
-  Decoding and resizing (`cxrkeras.data.decode_image`) run inside the graph,
+  Decoding and resizing (`cxrkeras.images.decode_image`) run inside the graph,
   so a server needs no Python of ours. Answers {"probabilities" [N, K]
   float32, "class_id" [N] int64, "class_name" [N] string}.
 - `predict_images`: `images` float32 [N, size, size, 1] in [0, 1]; the same answer.
@@ -33,10 +33,8 @@ import shutil
 
 from cxrkeras import runs
 from cxrkeras.models import cascade as cascade_lib
-from cxrkeras.savedmodel import METADATA_FILE, is_saved_model, versions
+from cxrkeras.savedmodel import EXAMPLE_IMAGE_FEATURE, METADATA_FILE, is_saved_model, versions
 from cxrkeras.savedmodel import read_metadata  # noqa: F401  (cli.py reads an export's metadata from here)
-
-EXAMPLE_IMAGE_FEATURE = "image"  # the tf.Example feature the classify signature decodes
 
 
 class ExportError(ValueError):
@@ -79,7 +77,7 @@ def serving_module(model, info):
     """A tf.Module with the four signature functions around `model` (see the module docstring)."""
     import tensorflow as tf
 
-    from cxrkeras.data import decode_image
+    from cxrkeras.images import decode_image
 
     size, kind = info["image_size"], info["kind"]
     module = tf.Module()

@@ -7,7 +7,7 @@ model served over TensorFlow Serving's REST API (`cxrkeras serve`, or
 TensorFlow Serving itself). `predict_files` returns one result per file, an
 error for a file that does not decode, in the order given. Every predictor
 gets the same bytes: the file's, or for a DICOM the 16-bit PNG of its pixels
-(`data.encoded_image`), which an exported graph (or a server) decodes as it
+(`images.encoded_image`), which an exported graph (or a server) decodes as it
 decodes any PNG, so a Keras model and its export see the same pixels.
 
 Importing this module imports neither Keras nor TensorFlow: a SavedModel needs
@@ -22,7 +22,7 @@ import urllib.request
 
 import numpy as np
 
-from cxrkeras import data as data_lib
+from cxrkeras import images as images_lib
 from cxrkeras import savedmodel
 
 
@@ -35,7 +35,7 @@ class ServerError(Exception):
 
 
 class KerasPredictor:
-    """A .keras classifier or cascade; images are decoded here with `cxrkeras.data.decode_image`."""
+    """A .keras classifier or cascade; images are decoded here with `cxrkeras.images.decode_image`."""
 
     def __init__(self, path, task=None):
         from cxrkeras import runs
@@ -54,7 +54,7 @@ class KerasPredictor:
         from cxrkeras.models import cascade as cascade_lib
 
         try:
-            images = np.stack([data_lib.decode_image(tf.constant(c), self.image_size).numpy() for c in contents])
+            images = np.stack([images_lib.decode_image(tf.constant(c), self.image_size).numpy() for c in contents])
         except tf.errors.InvalidArgumentError as e:
             raise ImageRejected(f"does not decode in TensorFlow ({savedmodel.error_message(e)})") from e
         return cascade_lib.predict(self.model, images, batch_size)
@@ -66,12 +66,12 @@ class SavedModelPredictor:
     def __init__(self, path, trust=False):
         self.path = path
         self.module = savedmodel.load(path, trust=trust)
-        if "serving_default" not in self.module.signatures or not hasattr(self.module, "class_names"):
+        if savedmodel.DEFAULT_SIGNATURE not in self.module.signatures or not hasattr(self.module, "class_names"):
             raise savedmodel.SavedModelError(
                 f"{path}: a SavedModel without cxrkeras' `serving_default` signature and class names; "
                 f"expected a folder written by `cxrkeras export`."
             )
-        self.signature = self.module.signatures["serving_default"]
+        self.signature = self.module.signatures[savedmodel.DEFAULT_SIGNATURE]
         self.class_names = tuple(n.decode() for n in self.module.class_names.numpy())
         metadata = savedmodel.read_metadata(path) or {}
         self.status = {"adapted": metadata.get("adapted"), "calibrated": metadata.get("calibrated")}
@@ -101,7 +101,8 @@ class RemotePredictor:
         self.url = f"{url.rstrip('/')}/v1/models/{name}"
         self.timeout = timeout
         self.status = self._call("")
-        probe = {"signature_name": "classify", "examples": [{"image": _b64(savedmodel.probe_image(8))}]}
+        example = {savedmodel.EXAMPLE_IMAGE_FEATURE: _b64(savedmodel.probe_image(8))}
+        probe = {"signature_name": "classify", "examples": [example]}
         results = self._call(":classify", probe)["results"][0]
         self.class_names = tuple(label for label, _ in results)
         self.status = {}  # the REST API does not say whether the served model is adapted or calibrated
@@ -161,7 +162,7 @@ def image_problem(path):
         return "no such file"
     if not os.path.isfile(path):
         return "not a file"
-    return data_lib.check_image(path)
+    return images_lib.check_image(path)
 
 
 def predict_files(predictor, paths, batch_size=64):
@@ -174,7 +175,7 @@ def predict_files(predictor, paths, batch_size=64):
     contents = []
     for r in good:
         with open(r["path"], "rb") as f:
-            contents.append(data_lib.encoded_image(f.read(), name=r["path"]))
+            contents.append(images_lib.encoded_image(f.read(), name=r["path"]))
     try:
         outputs = [predictor.predict_bytes(contents, batch_size)] if good else []
         chunks = [good]

@@ -11,7 +11,8 @@ ones our exports use, and the plain math of Keras layers). The saver's file
 ops (`RestoreV2`, `SaveV2`, `MergeV2Checkpoints`) are needed to load
 variables: they are allowed only in the functions that the SavedModel's
 saver (`saver_def`) calls and that no signature or other graph node reaches.
-`load(path, trust=False)` checks, then loads.
+`load(path, trust=False)` checks, then loads; `read_checked` reads and checks
+the graph once for a reader that keeps it (the server).
 """
 
 import json
@@ -20,6 +21,8 @@ import os
 METADATA_FILE = os.path.join("assets.extra", "cxrkeras.json")
 SAVED_MODEL_FILE = "saved_model.pb"
 DEFAULT_SIGNATURE = "serving_default"
+IMAGE_INPUT = "images"  # our exports' encoded-image input
+EXAMPLE_IMAGE_FEATURE = "image"  # the tf.Example feature our exports' classify signature decodes
 
 # Ops the saver's own functions need to restore and save variables: file I/O, allowed nowhere else.
 SAVER_FILE_OPS = frozenset({"RestoreV2", "SaveV2", "MergeV2Checkpoints"})
@@ -192,9 +195,9 @@ def untrusted_ops(proto):
     return {op: sorted(places) for op, places in sorted(found.items())}
 
 
-def check_ops(path):
-    """Raise `UntrustedOpsError` naming each op of the SavedModel at `path` outside the allow-list."""
-    found = untrusted_ops(read_proto(path))
+def check_ops(path, proto=None):
+    """Raise `UntrustedOpsError` naming each op outside the allow-list of the SavedModel at `path` (or its `proto`)."""
+    found = untrusted_ops(read_proto(path) if proto is None else proto)
     if found:
         listed = "; ".join(f"{op} (in {', '.join(places[:3])})" for op, places in found.items())
         raise UntrustedOpsError(
@@ -203,12 +206,24 @@ def check_ops(path):
         )
 
 
-def load(path, trust=False):
-    """The SavedModel at `path` (tf.saved_model.load), after `check_ops` unless `trust`."""
+def read_checked(path, trust=False):
+    """The proto of the SavedModel at `path`, its ops checked (`check_ops`) unless `trust`: read once, handed on."""
+    proto = read_proto(path)
+    if not trust:
+        check_ops(path, proto)
+    return proto
+
+
+def load(path, trust=False, proto=None):
+    """The SavedModel at `path` (tf.saved_model.load), after `check_ops` unless `trust`.
+
+    `proto`: what `read_checked(path, trust)` returned, so the graph is not
+    read and checked again.
+    """
     import tensorflow as tf
 
     path = os.fspath(path)
-    if not trust:
+    if proto is None and not trust:
         check_ops(path)
     try:
         return tf.saved_model.load(path)

@@ -3,7 +3,7 @@ import os
 import keras
 import pytest
 
-from cxrkeras.data import CACHE_ENV
+from cxrkeras.images import CACHE_ENV
 from cxrkeras.synth import write_synthetic_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

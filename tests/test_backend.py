@@ -177,7 +177,7 @@ def test_decoded_arrays_are_cached_on_disk_by_the_files_and_the_size(tmp_path, m
     from PIL import Image
 
     from cxrkeras import arrays
-    from cxrkeras.data import CACHE_ENV
+    from cxrkeras.images import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     paths = []

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from cxrkeras import data as data_lib
+from cxrkeras import images as images_lib
 from cxrkeras.cli import main
 
 CLI = [sys.executable, "-m", "cxrkeras.cli"]
@@ -85,13 +86,13 @@ def test_quiet_import_silences_file_descriptor_2_during_the_import_only(tmp_path
 
 @pytest.mark.slow  # two TensorFlow start-ups in fresh processes
 def test_tensorflow_start_up_lines_only_with_verbose(one_image_dataset, tmp_path):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", data_lib.CACHE_ENV: str(tmp_path / "a")}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", images_lib.CACHE_ENV: str(tmp_path / "a")}
     verbose = subprocess.run([*CLI, "--verbose", "data", "check", one_image_dataset], capture_output=True, text=True,
                              env=env)
     assert verbose.returncode == 0, verbose.stderr
     if not verbose.stderr.strip():
         pytest.skip("this TensorFlow build prints no start-up lines here")
-    env[data_lib.CACHE_ENV] = str(tmp_path / "b")  # no cached verdicts: TensorFlow is imported again
+    env[images_lib.CACHE_ENV] = str(tmp_path / "b")  # no cached verdicts: TensorFlow is imported again
     quiet = subprocess.run([*CLI, "data", "check", one_image_dataset], capture_output=True, text=True, env=env)
     assert quiet.returncode == 0 and quiet.stderr == ""
 
@@ -114,7 +115,7 @@ def wait_for_tensorflow_import(pid, timeout=60):
 @pytest.mark.slow
 def test_ctrl_c_during_start_up_is_one_line(one_image_dataset, tmp_path):
     """A real SIGINT while the command imports TensorFlow (its first seconds)."""
-    env = {**os.environ, data_lib.CACHE_ENV: str(tmp_path)}
+    env = {**os.environ, images_lib.CACHE_ENV: str(tmp_path)}
     process = subprocess.Popen([*CLI, "data", "check", one_image_dataset], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env)
     wait_for_tensorflow_import(process.pid)  # a fixed sleep missed it once, on a loaded machine
@@ -186,7 +187,7 @@ def test_stats_counts_only_images_and_says_how_many_were_not(synthetic_dataset, 
 def test_check_lists_odd_names_and_the_pixel_limit_is_an_option(synthetic_dataset, tmp_path, monkeypatch):
     from images import png_declaring
 
-    monkeypatch.delenv(data_lib.MAX_PIXELS_ENV, raising=False)  # restored after the test: --max-pixels sets it
+    monkeypatch.delenv(images_lib.MAX_PIXELS_ENV, raising=False)  # restored after the test: --max-pixels sets it
     root = tmp_path / "ds"
     shutil.copytree(synthetic_dataset, root)
     folder = root / "train" / "normal"

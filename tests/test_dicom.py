@@ -12,6 +12,7 @@ from images import PATIENT, dicom_of, write_dicom
 from PIL import Image
 
 from cxrkeras import data, dicom, training
+from cxrkeras import images as images_lib
 from cxrkeras.cli import main
 from cxrkeras.config import RunConfig, study_model_config, study_train_config
 from cxrkeras.synth import synth_image, write_synthetic_dataset
@@ -79,11 +80,11 @@ def test_recognised_by_preamble_or_by_name_alone(tmp_path):
     bare = write_dicom(tmp_path / "bare.dcm", stored, preamble=False)  # no preamble: only its name says DICOM
     for path in (no_name, bare):
         with open(path, "rb") as f:
-            assert data.sniff_format(f.read(data.HEAD_BYTES), path) == data.DICOM
-        assert data.check_image(path) is None
+            assert images_lib.sniff_format(f.read(images_lib.HEAD_BYTES), path) == images_lib.DICOM
+        assert images_lib.check_image(path) is None
         np.testing.assert_allclose(shown(path), S / 4095, atol=1e-9)
     shutil.copy(bare, tmp_path / "bare")
-    assert data.check_image(str(tmp_path / "bare")).startswith("not an image")
+    assert images_lib.check_image(str(tmp_path / "bare")).startswith("not an image")
 
 
 def test_a_manifest_lists_dicom_files(tmp_path):
@@ -114,10 +115,10 @@ def test_shipped_files_read_the_same_in_every_encoding():
     first = shown(shipped(encodings[0]))
     assert first.shape == (64, 64) and 0 <= first.min() < first.max() <= 1
     for name in encodings[1:]:
-        assert data.check_image(shipped(name)) is None
+        assert images_lib.check_image(shipped(name)) is None
         np.testing.assert_allclose(shown(shipped(name)), first, atol=1e-9)
     ct = shipped("CT_small.dcm")  # signed, rescaled
-    assert data.check_image(ct) is None and shown(ct).shape == (128, 128)
+    assert images_lib.check_image(ct) is None and shown(ct).shape == (128, 128)
 
 
 def unreadable(folder):

@@ -13,6 +13,7 @@ import tensorflow as tf
 from PIL import Image
 
 from cxrkeras import data as data_lib
+from cxrkeras import images as images_lib
 from cxrkeras import runs, training
 from cxrkeras.config import ModelConfig, resnet_model_config, study_model_config
 from cxrkeras.models import blocks, build_model
@@ -159,7 +160,7 @@ def pillow_pixels(contents):
 @pytest.mark.parametrize("name", sorted(jpegs()))
 def test_jpeg_pixels_are_pillows_byte_for_byte(name):
     contents = jpegs()[name]
-    ours = np.round(data_lib.decode_pixels(tf.constant(contents)).numpy() * 255).astype("uint8")
+    ours = np.round(images_lib.decode_pixels(tf.constant(contents)).numpy() * 255).astype("uint8")
     np.testing.assert_array_equal(ours, pillow_pixels(contents))
 
 
@@ -175,7 +176,7 @@ def test_every_path_sees_the_same_jpeg_pixels(tmp_path, exported_cascade):
         with open(paths[-1], "wb") as f:
             f.write(contents)
     scaled = [tf.image.convert_image_dtype(pillow_pixels(c), tf.float32) for c in made.values()]  # as decoded
-    from_pillow = np.stack([data_lib.gray_resized(pixels).numpy() for pixels in scaled])
+    from_pillow = np.stack([images_lib.gray_resized(pixels).numpy() for pixels in scaled])
     dataset = data_lib.make_dataset(paths, [0] * len(paths), "infected", batch_size=len(paths))
     np.testing.assert_array_equal(next(iter(dataset))[0].numpy(), from_pillow)
     np.testing.assert_array_equal(data_lib.load_images(paths), from_pillow)

@@ -1,4 +1,4 @@
-"""One judge of a file (`data.check_image`): what training's decoder reads, what it refuses and why.
+"""One judge of a file (`images.check_image`): what training's decoder reads, what it refuses and why.
 
 Every file here is made by the test: PNGs that lie about their size or carry a
 bad checksum, BMP, GIF, CMYK JPEG, 16-bit and 1x1 images, names that are not
@@ -14,6 +14,7 @@ from images import png_declaring, png_with_bad_crc
 from PIL import Image
 
 from cxrkeras import data
+from cxrkeras import images as images_lib
 from cxrkeras.predict import image_problem
 
 
@@ -34,23 +35,23 @@ def test_bad_crc_png_passes_pillow_but_is_refused_by_the_check(tmp_path):
     path.write_bytes(png_with_bad_crc())
     with Image.open(path) as image:
         image.load()  # the check of old: Pillow accepts it
-    reason = data.check_image(str(path))
+    reason = images_lib.check_image(str(path))
     assert reason is not None and reason.startswith("does not decode as PNG")
 
 
 def test_a_png_declaring_a_huge_size_is_refused_by_its_header(tmp_path, monkeypatch):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_declaring(20000, 20000))
-    monkeypatch.delenv(data.MAX_PIXELS_ENV, raising=False)
-    reason = data.check_image(str(path))
+    monkeypatch.delenv(images_lib.MAX_PIXELS_ENV, raising=False)
+    reason = images_lib.check_image(str(path))
     assert reason.startswith("PNG declares 20000x20000 = 400,000,000 pixels, over the limit of 50,000,000")
     assert image_problem(str(path)) == reason  # predict judges files by the same function
     # Under a higher limit the header passes, and the truncated stream is what fails.
-    monkeypatch.setenv(data.MAX_PIXELS_ENV, str(10**9))
-    assert data.check_image(str(path)).startswith("does not decode as PNG")
-    monkeypatch.setenv(data.MAX_PIXELS_ENV, "lots")
+    monkeypatch.setenv(images_lib.MAX_PIXELS_ENV, str(10**9))
+    assert images_lib.check_image(str(path)).startswith("does not decode as PNG")
+    monkeypatch.setenv(images_lib.MAX_PIXELS_ENV, "lots")
     with pytest.raises(data.DatasetError, match=r"\$CXRKERAS_MAX_PIXELS='lots'"):
-        data.max_pixels()
+        images_lib.max_pixels()
 
 
 def test_every_format_the_decoder_reads_is_accepted(tmp_path):
@@ -69,7 +70,7 @@ def test_every_format_the_decoder_reads_is_accepted(tmp_path):
     }
     frames = [Image.fromarray(g), Image.fromarray(255 - g)]
     frames[0].save(files["first-frame.gif"], save_all=True, append_images=frames[1:])
-    assert {name: data.check_image(path) for name, path in files.items()} == {name: None for name in files}
+    assert {name: images_lib.check_image(path) for name, path in files.items()} == {name: None for name in files}
 
     images = data.load_images(list(files.values()), image_size=32)
     expected = g.astype("float32").mean() / 255
@@ -86,12 +87,12 @@ def test_what_the_decoder_refuses_is_named_with_its_reason(tmp_path):
     webp = save(tmp_path / "photo.jpg", g, format="WEBP")  # a WebP named .jpg
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "folder.jpg").mkdir()
-    reasons = {os.path.basename(p): data.check_image(str(p)) for p in [one_bit, tiff, webp]}
+    reasons = {os.path.basename(p): images_lib.check_image(str(p)) for p in [one_bit, tiff, webp]}
     assert reasons["one-bit.bmp"].startswith("does not decode as BMP (Number of channels")
     assert reasons["scan.tif"].startswith("not an image") and reasons["photo.jpg"].startswith("not an image")
-    assert data.check_image(str(tmp_path / "empty.png")) == "empty file (0 bytes)"
-    assert data.check_image(str(tmp_path / "folder.jpg")) == "a folder, not an image file"
-    assert data.check_image(str(tmp_path / "missing.png")) == "no such file"
+    assert images_lib.check_image(str(tmp_path / "empty.png")) == "empty file (0 bytes)"
+    assert images_lib.check_image(str(tmp_path / "folder.jpg")) == "a folder, not an image file"
+    assert images_lib.check_image(str(tmp_path / "missing.png")) == "no such file"
 
 
 @pytest.fixture
@@ -174,13 +175,13 @@ def test_verdicts_are_cached_by_path_size_and_mtime(synthetic_dataset, tmp_path,
     assert len(good) == len(samples) and not problems
 
     decoded = []
-    real = data.decode_problem
-    monkeypatch.setattr(data, "decode_problem", lambda *a: decoded.append(a) or real(*a))
+    real = images_lib.decode_problem
+    monkeypatch.setattr(images_lib, "decode_problem", lambda *a: decoded.append(a) or real(*a))
     assert data.check_samples(samples) == (good, [])
     assert decoded == []  # nothing read again
     changed = root / "val" / "normal" / "normal-0001.jpg"
     changed.write_bytes(png_with_bad_crc())  # a new size and time: checked again
     good, problems = data.check_samples(samples)
     assert len(decoded) == 1 and [p.path for p in problems] == [str(changed)]
-    monkeypatch.setenv(data.MAX_PIXELS_ENV, "100")  # another limit: every verdict is redone
+    monkeypatch.setenv(images_lib.MAX_PIXELS_ENV, "100")  # another limit: every verdict is redone
     assert len(data.check_samples(samples)[1]) == len(samples)

@@ -14,6 +14,7 @@ from PIL import Image
 from serving_helpers import http, start, wait_for
 
 from cxrkeras import serving
+from cxrkeras.config import IMAGE_SIZE
 from cxrkeras.synth import synth_image
 
 NAME = "cxr"
@@ -113,6 +114,7 @@ def test_the_page_shows_each_image_result(page_server, browser, image_files, tmp
     page.wait_for_function("document.getElementById('model-info').textContent.startsWith('Model')")
     info = page.inner_text("#model-info")
     assert f"“{NAME}”, version 1" in info and "infected > 0.50, then covid > 0.50" in info
+    assert page.inner_text("#image-size") == f"{IMAGE_SIZE} × {IMAGE_SIZE}"  # the served model's, not a literal
 
     # keyboard: Tab reaches the drop zone, then the file input behind "Choose images…"
     page.keyboard.press("Tab")

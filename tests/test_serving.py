@@ -29,7 +29,8 @@ from tiny_models import write_crafted_savedmodel
 
 from cxrkeras import serving
 from cxrkeras.cli import main
-from cxrkeras.rest import ApiError
+from cxrkeras.serving import batching, protocol
+from cxrkeras.serving.protocol import ApiError
 from cxrkeras.synth import synth_image
 
 NAME = "cxr"
@@ -439,7 +440,7 @@ def test_batcher_queue_limit_and_isolation():
         return {"y": batch["x"] * 2}
 
     async def scenario():
-        batcher = serving.Batcher(run, settings, ThreadPoolExecutor(1))
+        batcher = batching.Batcher(run, settings, ThreadPoolExecutor(1))
         tasks = [asyncio.create_task(batcher.submit({"x": np.array([v])})) for v in (1, -1, 3)]
         await asyncio.sleep(0)
         with pytest.raises(ApiError) as full:
@@ -472,7 +473,7 @@ def test_batcher_waits_for_every_client_coming_back():
             await asyncio.sleep(0.004 * i)
 
     async def scenario():
-        batcher = serving.Batcher(run, settings, ThreadPoolExecutor(1))
+        batcher = batching.Batcher(run, settings, ThreadPoolExecutor(1))
         await asyncio.wait_for(client(batcher, 0, 3), 10)  # a lone client waits for no one
         clients = asyncio.gather(*(client(batcher, i, 6) for i in range(4)))  # coming back 0 to 12 ms apart
         await asyncio.wait_for(clients, 20)
@@ -521,6 +522,28 @@ def test_a_failed_version_is_tried_again_when_its_folder_changes_and_forgotten_w
     shutil.rmtree(version)
     shutil.rmtree(base / "3", ignore_errors=True)  # the crafted version: failed, then removed
     wait_for(lambda: [s["version"] for s in http(url, f"/v1/models/{NAME}")[1]["model_version_status"]] == ["2", "1"])
+
+
+def test_each_version_graph_is_read_and_checked_once(exported_cascade, tmp_path, monkeypatch):
+    """`served_versions` reads and checks each graph, the server loads from that proto; a new version is read once."""
+    from cxrkeras import savedmodel
+
+    base = tmp_path / "base"
+    shutil.copytree(exported_cascade["base"], base)
+    read, real = [], savedmodel.read_proto
+    monkeypatch.setattr(savedmodel, "read_proto", lambda path: read.append(os.path.basename(path)) or real(path))
+    found = serving.served_versions(base)
+    assert list(found) == [1] and read == ["1"]
+    url, server, thread = start(serving.create_app(base, NAME, serving.Settings(poll_seconds=0.2), checked=found))
+    try:
+        wait_for(lambda: http(url, "/v2/health/ready")[0] == 200)
+        shutil.copytree(base / "1", base / ".staging-2")
+        os.rename(base / ".staging-2", base / "2")
+        wait_for(lambda: [s["state"] for s in http(url, f"/v1/models/{NAME}")[1]["model_version_status"]] == ["AVAILABLE"] * 2)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert read == ["1", "2"]
 
 
 def test_serve_refuses_a_crafted_savedmodel(tmp_path):
@@ -586,8 +609,9 @@ def test_cors_only_when_asked(tmp_path):
 
 def test_serving_needs_no_keras():
     code = (
-        "import sys, cxrkeras.serving, cxrkeras.predict, cxrkeras.savedmodel, cxrkeras.rest; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'keras' or m.startswith('cxrkeras.models')))"
+        "import sys, cxrkeras.serving, cxrkeras.predict, cxrkeras.savedmodel; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'keras' or m.startswith('cxrkeras.models') "
+        "or m == 'cxrkeras.data'))"  # serving reads images through cxrkeras.images, never training's data.py
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -635,10 +659,9 @@ def _ready(url):
 
 def test_json_mapping_as_tensorflow_serving():
     """Cases from TensorFlow Serving's json_tensor_test.cc, on tensors of other signatures than ours."""
-    from cxrkeras import rest
 
     float_input = {"x": "DT_FLOAT"}
-    _, tensors, form = rest.predict_request({"instances": [[1, 2], [3, 4.5]]}, lambda name: float_input)
+    _, tensors, form = protocol.predict_request({"instances": [[1, 2], [3, 4.5]]}, lambda name: float_input)
     assert form == "row" and tensors["x"].dtype == np.float32 and tensors["x"].tolist() == [[1, 2], [3, 4.5]]
     for body, message in [
         ({"instances": [[1, 2], [3]]}, "Expecting shape [2] but got: [1]"),
@@ -650,19 +673,19 @@ def test_json_mapping_as_tensorflow_serving():
         ({"signature_name": 5, "instances": [1]}, "'signature_name' key must be a string value."),
     ]:
         with pytest.raises(ApiError, match=re.escape(message)):
-            rest.predict_request(body, lambda name: float_input)
+            protocol.predict_request(body, lambda name: float_input)
     two = {"a": "DT_INT64", "b": "DT_STRING"}
     with pytest.raises(ApiError, match="instances is a plain list, but expecting list of objects"):
-        rest.predict_request({"instances": [1]}, lambda name: two)
+        protocol.predict_request({"instances": [1]}, lambda name: two)
     with pytest.raises(ApiError, match="Missing named input: b in 'inputs' object."):
-        rest.predict_request({"inputs": {"a": [1]}}, lambda name: two)
-    _, tensors, _ = rest.predict_request({"instances": [{"a": 1, "b": {"b64": "aGVsbG8="}}]}, lambda name: two)
+        protocol.predict_request({"inputs": {"a": [1]}}, lambda name: two)
+    _, tensors, _ = protocol.predict_request({"instances": [{"a": 1, "b": {"b64": "aGVsbG8="}}]}, lambda name: two)
     assert tensors["a"].tolist() == [1] and tensors["b"].tolist() == [b"hello"]
     # answers: one output -> plain values; several -> objects; `_bytes` outputs as {"b64"}
     y = {"y": np.array([[2.5, 3.0], [3.5, 4.0]], np.float32)}
-    assert rest.predict_response(y, "row") == {"predictions": [[2.5, 3.0], [3.5, 4.0]]}
-    assert rest.predict_response(y, "columnar") == {"outputs": [[2.5, 3.0], [3.5, 4.0]]}
-    named = {"str_tensor_bytes": serving.object_array([b"hello", b"world"]), "n": np.array([1, 2])}
-    assert rest.predict_response(named, "row") == {
+    assert protocol.predict_response(y, "row") == {"predictions": [[2.5, 3.0], [3.5, 4.0]]}
+    assert protocol.predict_response(y, "columnar") == {"outputs": [[2.5, 3.0], [3.5, 4.0]]}
+    named = {"str_tensor_bytes": protocol.object_array([b"hello", b"world"]), "n": np.array([1, 2])}
+    assert protocol.predict_response(named, "row") == {
         "predictions": [{"str_tensor_bytes": {"b64": "aGVsbG8="}, "n": 1}, {"str_tensor_bytes": {"b64": "d29ybGQ="}, "n": 2}]
     }

@@ -24,6 +24,7 @@ async function loadModel() {
     return;
   }
   modelInfo.textContent = describeModel(model);
+  if (model.image_size) document.getElementById("image-size").textContent = `${model.image_size} × ${model.image_size}`;
 }
 
 function describeModel(m) {

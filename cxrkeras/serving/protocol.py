@@ -66,6 +66,20 @@ def not_found(message):
     return ApiError(404, message)
 
 
+def object_array(items):
+    """A 1-D numpy object array of bytes (a string tensor)."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+def too_many(count, limit):
+    return invalid(
+        f"Task size {count} is larger than maximum input batch size {limit}: "
+        f"send at most {limit} instances per request (--max-batch-size)."
+    )
+
+
 # ---------------------------------------------------------------- paths
 
 
