@@ -16,7 +16,7 @@ from cxrkeras import images
 from cxrkeras.serving.monitoring import CONTENT_TYPE, PATH
 from cxrkeras.serving.protocol import ApiError, invalid, parse_path
 from cxrkeras.serving.servable import ModelServer, converted, image_problem
-from cxrkeras.serving.settings import Settings
+from cxrkeras.serving.settings import HOST, PORT, Settings
 
 log = logging.getLogger("cxrkeras.serving")
 
@@ -229,7 +229,7 @@ async def http_error(request, exc):
     return json_response({"error": f"{exc.detail}: {request.method} {request.url.path}"}, exc.status_code)
 
 
-def run(app, host="127.0.0.1", port=8501):
+def run(app, host=HOST, port=PORT):
     """Serve `app` until SIGTERM or Ctrl-C, which answer the requests in flight first; False if it couldn't bind."""
     import signal
 
@@ -242,7 +242,7 @@ def run(app, host="127.0.0.1", port=8501):
     return True
 
 
-def uvicorn_server(app, host="127.0.0.1", port=8501, log_level="info"):
+def uvicorn_server(app, host=HOST, port=PORT, log_level="info"):
     """A uvicorn.Server for `app` (call .run(); it stops on SIGTERM/SIGINT after answering requests in flight).
 
     Slow and idle connections are closed: uvicorn's keep-alive timeout after

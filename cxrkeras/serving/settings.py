@@ -2,6 +2,9 @@
 
 import dataclasses
 
+HOST = "127.0.0.1"  # where `serve` binds by default (0.0.0.0: every interface)
+PORT = 8501  # TensorFlow Serving's REST port
+
 
 @dataclasses.dataclass
 class Settings:
