@@ -18,7 +18,7 @@ IMAGE_SIZE = 150  # pixels of the square grayscale input (the model's; the data 
 VAL_FRACTION = 0.15  # of train, carved for model selection (after the holdout, when there is one)
 DECISION_THRESHOLD = 0.5  # the study's: a stage calls its positive class when p > this
 AUDIT_BAND = 22  # the shortcut audit's border band, in pixels of an IMAGE_SIZE image
-# The largest image accepted, in pixels declared by its header (cxrkeras.data.max_pixels reads the variable).
+# The largest image accepted, in pixels declared by its header (cxrkeras.images.max_pixels reads the variable).
 MAX_PIXELS_ENV = "CXRKERAS_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000  # 7071 x 7071; a chest X-ray is rarely above 3000 x 3000
 

@@ -47,7 +47,7 @@ def main(verbose, max_pixels):
     synthetic dataset, or point `--data` at a folder in the study's layout.
     """
     if max_pixels is not None:
-        os.environ[MAX_PIXELS_ENV] = str(max_pixels)  # read by cxrkeras.data.max_pixels
+        os.environ[MAX_PIXELS_ENV] = str(max_pixels)  # read by cxrkeras.images.max_pixels
     # TensorFlow's C++ log (its errors too: Python exceptions carry what matters) only with --verbose.
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose else "3"
     quiet = not verbose and "tensorflow" not in sys.modules
