@@ -348,13 +348,7 @@ def build_run_config(task, data_path=None, config_file=None, base=None, **option
 
     Raises click.UsageError naming --config, the bad key or the bad value.
     """
-    from cxrkeras import training
-    from cxrkeras.config import (
-        SETTING_FIELDS,
-        RunConfig,
-        study_model_config,
-        study_train_config,
-    )
+    from cxrkeras.config import RunConfig, study_model_config, study_train_config
 
     config = base or RunConfig(model=study_model_config(task), train=study_train_config(task))
     source = "options"
@@ -370,17 +364,14 @@ def build_run_config(task, data_path=None, config_file=None, base=None, **option
             raise click.UsageError(f"{source}: {e}")
         if config.model.task != task:
             raise click.UsageError(f"{source} is for task {config.model.task!r}, not {task!r}.")
-    for option, value in options.items():
-        if value is not None:
-            section, key = SETTING_FIELDS[option]
-            setattr(getattr(config, section), key, value)
+    config = config.with_settings(**options)
     if data_path is not None:
         path = os.path.abspath(_dataset_source(data_path))
         config.data.data_dir, config.data.manifest = ("", path) if os.path.isfile(path) else (path, "")
     if not (config.data.data_dir or config.data.manifest):
         raise click.UsageError("Missing option '--data' (a dataset folder or CSV manifest).")
     try:
-        training.check_run_config(config)
+        config.validate()
     except ValueError as e:
         raise click.UsageError(f"{source}: {e}")
     return config
@@ -424,7 +415,7 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
     import contextlib
     import sys
 
-    from cxrkeras import distributed, training
+    from cxrkeras import distributed, runs, training
     from cxrkeras.config import RunConfig
     from cxrkeras.data import DatasetError
 
@@ -440,12 +431,12 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
             raise click.UsageError("--config with --resume: a resumed run uses its own config.json.")
 
         def find_run():
-            run_dir = os.path.join(out, task, name) if name else training.latest_unfinished_run(out, task)
-            if not run_dir or not os.path.exists(os.path.join(run_dir, training.CONFIG_FILE)):
+            run_dir = os.path.join(out, task, name) if name else runs.latest_unfinished_run(out, task)
+            if not run_dir or not os.path.exists(os.path.join(run_dir, runs.CONFIG_FILE)):
                 where = run_dir or os.path.join(out, task)
-                raise click.UsageError(f"--resume: no run to resume in {where} (no {training.CONFIG_FILE}).")
+                raise click.UsageError(f"--resume: no run to resume in {where} (no {runs.CONFIG_FILE}).")
             try:
-                return run_dir, RunConfig.load(os.path.join(run_dir, training.CONFIG_FILE)).to_dict()
+                return run_dir, RunConfig.load(os.path.join(run_dir, runs.CONFIG_FILE)).to_dict()
             except ValueError as e:
                 raise click.ClickException(str(e))
 
@@ -455,7 +446,7 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
         if options["precision"] is None and not config_file:
             options["precision"] = "auto"  # the study's float32 where bfloat16 would be emulated (slower)
         run_config = build_run_config(task, data_path, config_file, **options)
-        run_dir = _on_chief(lambda: training.run_dir_for(out, task, name))  # one timestamp for all processes
+        run_dir = _on_chief(lambda: runs.run_dir_for(out, task, name))  # one timestamp for all processes
 
     resume_command = " ".join(
         ["cxrkeras", "fit", task]
@@ -478,7 +469,7 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
         raise SystemExit(130)
     except distributed.ClusterError as e:
         _cluster_stopped(e)
-    except (DatasetError, training.RunDirError) as e:
+    except (DatasetError, runs.RunDirError) as e:
         raise click.ClickException(str(e))
     except ValueError as e:  # settings that only fail with the data or devices at hand (batch size vs replicas)
         raise click.UsageError(str(e))
@@ -1099,7 +1090,7 @@ def report(data_path, out_dir, quick, epochs, fraction):
     the same command. The study's full plan is many CPU-hours (its timing
     section shows each epoch's cost): `--epochs 2` or `--quick` for a look.
     """
-    from cxrkeras import evaluation, training, tuning
+    from cxrkeras import evaluation, runs, tuning
     from cxrkeras import report as report_lib
 
     source = _dataset_source(data_path)
@@ -1108,7 +1099,7 @@ def report(data_path, out_dir, quick, epochs, fraction):
     except KeyboardInterrupt:
         click.echo("\nInterrupted. Finished stages are kept; the same command resumes the report.", err=True)
         raise SystemExit(130)
-    except (*_model_errors(), training.RunDirError, tuning.TuneError, evaluation.EvaluationError) as e:
+    except (*_model_errors(), runs.RunDirError, tuning.TuneError, evaluation.EvaluationError) as e:
         raise click.ClickException(str(e))
     click.echo(f"wrote {os.path.join(out_dir, 'README.md')}")
 

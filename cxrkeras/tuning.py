@@ -45,10 +45,10 @@ from keras_tuner.src.engine import (
 from keras_tuner.src.tuners import gridsearch  # its LinkedList, for GridOracle
 
 from cxrkeras import training
-from cxrkeras.config import SETTING_FIELDS, RunConfig
+from cxrkeras.callbacks import KillAfterEpoch, schedule_callbacks
+from cxrkeras.config import MONITORS, RunConfig
 from cxrkeras.files import HeldError, hold, read_json, write_json_atomic, write_text_atomic
-from cxrkeras.models import check_config as check_model_config
-from cxrkeras.runs import duration
+from cxrkeras.runs import duration, read_history
 
 STUDIES_PACKAGE = "cxrkeras.studies"  # the repository's tuning/ folder (setup.cfg maps it)
 TUNERS = ("grid", "random", "hyperband", "bayesian")
@@ -200,13 +200,10 @@ def declare(hp, study, base):
     in `hp` (`hp.Fixed`) wins. Raises ValueError (from the config check) for a
     value the config refuses.
     """
-    cfg = RunConfig.from_dict(base.to_dict())
-    for name, spec in study.space.items():
-        section, key = SETTING_FIELDS[name]
-        current = getattr(getattr(cfg, section), key)
-        setattr(getattr(cfg, section), key, _register(hp, name, spec, current))
-    check_model_config(cfg.model)
-    training.check_train_config(cfg.train)
+    cfg = base.with_settings(**{name: _register(hp, name, spec, base.setting(name))
+                                for name, spec in study.space.items()})
+    cfg.model.validate()
+    cfg.train.validate()
     return cfg
 
 
@@ -270,7 +267,7 @@ class StudyHyperModel(keras_tuner.HyperModel):
     def fit(self, hp, model, callbacks=(), epochs=None, initial_epoch=0, history_path=None, **kwargs):
         cfg = self.config(hp)
         sets = training.make_datasets(cfg, self.data, self.augment_on)
-        extra = training.schedule_callbacks(cfg)
+        extra = schedule_callbacks(cfg)
         if history_path:
             extra.append(keras.callbacks.CSVLogger(history_path))
         history = model.fit(
@@ -291,7 +288,7 @@ def best_epoch_metrics(history, monitor):
     values = np.asarray(history.get(monitor, []), dtype=float)
     if not np.isfinite(values).any():
         return {monitor: float("nan")}
-    pick = np.nanargmin if training.MONITORS[monitor] == "min" else np.nanargmax
+    pick = np.nanargmin if MONITORS[monitor] == "min" else np.nanargmax
     best = int(pick(np.where(np.isfinite(values), values, np.nan)))
     return {m: float(history[m][best]) for m in METRICS if m in history}
 
@@ -343,7 +340,7 @@ class BayesianOracle(_AtomicStateFiles, keras_tuner.oracles.BayesianOptimization
 
 def make_oracle(tuner, objective, max_trials, epochs, seed):
     """The oracle for `tuner`; `objective` is "val_loss" or "val_accuracy"; `epochs` bounds Hyperband's rounds."""
-    goal = keras_tuner.Objective(objective, direction=training.MONITORS[objective])
+    goal = keras_tuner.Objective(objective, direction=MONITORS[objective])
     seed += 1  # keras-tuner takes a seed of 0 for "no seed"
     classes = {"grid": GridOracle, "random": RandomOracle, "bayesian": BayesianOracle}
     if tuner == "hyperband":
@@ -449,7 +446,7 @@ class StudyTuner(keras_tuner.Tuner):
 
     def _kill_hook(self, trial):
         if os.environ.get(KILL_ENV) == f"in-trial:{int(trial.trial_id)}":
-            return [training._KillAfterEpoch(0)]
+            return [KillAfterEpoch(0)]
         return []
 
     def search(self, *args, **kwargs):
@@ -680,7 +677,7 @@ def read_trials(project_dir):
             state = read_json(path)
         except (OSError, ValueError):
             state = {"trial_id": os.path.basename(trial_dir)[len("trial_"):], "status": "UNREADABLE"}
-        histories = [training.read_history(p) for p in sorted(glob.glob(os.path.join(trial_dir, "execution*.csv")))]
+        histories = [read_history(p) for p in sorted(glob.glob(os.path.join(trial_dir, "execution*.csv")))]
         trials.append({
             "trial_id": state.get("trial_id"),
             "status": state.get("status"),
@@ -719,7 +716,7 @@ def summarize(project_dir):
             best = best_epoch_metrics({metric: values}, metric).get(metric) if values else None
             trial[f"best_{metric}"] = best if best is None or math.isfinite(best) else None
         trial["epochs"] = len(history.get("loss", []))
-    sign = -1 if training.MONITORS[objective] == "max" else 1
+    sign = -1 if MONITORS[objective] == "max" else 1
     done = sorted((t for t in trials if _finite(t["score"]) and t["status"] == "COMPLETED"),
                   key=lambda t: sign * t["score"])
     rest = [t for t in trials if t not in done]
