@@ -13,8 +13,8 @@ from cxrkeras.config import TASKS, RunConfig
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.json")))
 # Training's machinery, which only the package touches: experiments/ trains through `cxrkeras` commands.
-TRAINING = {"cxrkeras.training", "cxrkeras.arrays", "cxrkeras.augment", "cxrkeras.tuning",
-            "cxrkeras.models.classifiers", "cxrkeras.models.blocks"}
+TRAINING = {"cxrkeras.training", "cxrkeras.callbacks", "cxrkeras.devices", "cxrkeras.arrays", "cxrkeras.augment",
+            "cxrkeras.tuning", "cxrkeras.models.classifiers", "cxrkeras.models.blocks"}
 BUILDERS = {"build_model", "build_ensemble", "build_cascade", "classifiers", "blocks"}  # of cxrkeras.models
 BACKENDS = {"keras", "tensorflow", "jax", "torch"}
 
