@@ -64,7 +64,7 @@ def _sized_config(task, image_size, out):
     from cxrkeras.config import RunConfig, study_model_config, study_train_config
 
     config = RunConfig(model=study_model_config(task), train=study_train_config(task))
-    config.model.image_size = config.data.image_size = image_size
+    config.model.image_size = image_size
     config.train.precision = "auto"
     path = os.path.join(out, f"{task}-{image_size}.json")
     os.makedirs(out, exist_ok=True)

@@ -19,7 +19,7 @@ import time
 
 def timed_fit(cfg, run_dir):
     """{stage: seconds} and counts for one fit of `cfg` into `run_dir`, made of training's parts."""
-    from cxrkeras import training
+    from cxrkeras import callbacks, runs, training
 
     stages, clock = {}, time.perf_counter()
 
@@ -33,15 +33,15 @@ def timed_fit(cfg, run_dir):
     cfg.fingerprint = data.fingerprint
     lap("data check")
     augment_on = training.check_fit_options("auto", False)
-    training.start_run(cfg, run_dir, data.problems, log=print)
+    runs.start_run(cfg, run_dir, data.problems, log=print)
     steps = training.steps_per_epoch(cfg, len(data.train_paths))
     model, trained = training.build_and_compile(cfg, steps, augment_on)
     lap("build and compile")
     sets = training.make_datasets(cfg, data, augment_on)
     lap("dataset build")
-    steps_clock, meter = StepTimes(), training.ThroughputMeter(sets.images_per_epoch)
+    steps_clock, meter = StepTimes(), callbacks.ThroughputMeter(sets.images_per_epoch)
     trained.fit(sets.train, validation_data=sets.val, epochs=cfg.train.epochs, class_weight=sets.class_weight,
-                callbacks=[steps_clock] + training.run_callbacks(cfg, run_dir, model, meter), verbose=0, shuffle=False)
+                callbacks=[steps_clock] + callbacks.run_callbacks(cfg, run_dir, model, meter), verbose=0, shuffle=False)
     lap("epochs")
     training.finish_run(cfg, run_dir, data.problems, meter, sum(meter.epoch_seconds), 1)
     lap("saving (state, curves)")
@@ -104,7 +104,7 @@ def main(argv=None):
         cfg = RunConfig(model=study_model_config(args.task), train=study_train_config(args.task))
         cfg.data.manifest = subset_manifest(args.data, args.fraction, os.path.join(tmp, "subset.csv"))
         cfg.train.epochs = args.epochs
-        from cxrkeras.training import resolve_precision
+        from cxrkeras.devices import resolve_precision
 
         cfg.train.precision = resolve_precision(args.precision)
         start = time.perf_counter()

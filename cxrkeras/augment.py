@@ -16,6 +16,8 @@ import math
 import keras
 from keras import ops
 
+from cxrkeras.config import IMAGE_SIZE
+
 
 class _RandomLayer(keras.layers.Layer):
     def __init__(self, seed=None, **kwargs):
@@ -123,7 +125,7 @@ class RandomResizedCrop(_RandomLayer):
         params = self.sample(ops.shape(images)[0], images.shape[1], images.shape[2])
         return self.apply(images, params)
 
-    def sample(self, n, height=150, width=150):
+    def sample(self, n, height=IMAGE_SIZE, width=IMAGE_SIZE):
         shape = (n, self.tries)
         area = self._uniform(shape, *self.scale) * (height * width)
         ratio = ops.exp(self._uniform(shape, math.log(self.ratio[0]), math.log(self.ratio[1])))
@@ -172,7 +174,7 @@ class BorderErase(_RandomLayer):
     Not in the study: a lever against border shortcuts (see `cxrkeras.audit`).
     """
 
-    def __init__(self, fraction=0.15, probability=0.5, **kwargs):
+    def __init__(self, fraction, probability=0.5, **kwargs):
         super().__init__(**kwargs)
         self.fraction, self.probability = fraction, probability
 
@@ -181,7 +183,7 @@ class BorderErase(_RandomLayer):
             return images
         return self.apply(images, self.sample(ops.shape(images)[0], images.shape[1], images.shape[2]))
 
-    def sample(self, n, height=150, width=150):
+    def sample(self, n, height=IMAGE_SIZE, width=IMAGE_SIZE):
         """{"top", "bottom", "left", "right"}: band widths [N] in pixels (0 where the edge is kept)."""
         sides = {"top": height, "bottom": height, "left": width, "right": width}
         return {

@@ -29,6 +29,16 @@ from dataclasses import dataclass
 
 import keras
 
+from cxrkeras.runs import (
+    BACKUP_DIR,
+    BACKUP_METADATA,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    pending_model_path,
+)
+
 # The variables Keras' `keras.distribution.initialize` reads; the flags of `fit` win over them.
 JOB_ADDRESSES_ENV = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
 NUM_PROCESSES_ENV = "KERAS_DISTRIBUTION_NUM_PROCESSES"
@@ -47,8 +57,8 @@ MULTIWORKER_UNDER_TENSORFLOW = (
 )
 
 # The files of a run directory the other processes need to take the chief's decisions (relative paths).
-BOOKKEEPING = ("config.json", "state.json", "history.csv", "model.pending.keras",
-               "backup/training_metadata.json", "backup/latest.weights.h5")
+BOOKKEEPING = (CONFIG_FILE, STATE_FILE, HISTORY_FILE, pending_model_path(MODEL_FILE),
+               f"{BACKUP_DIR}/{BACKUP_METADATA}", f"{BACKUP_DIR}/latest.weights.h5")  # the last: Keras' name
 
 
 class ClusterError(Exception):
@@ -274,16 +284,6 @@ def _remove_scratch():
 
 
 atexit.register(_remove_scratch)
-
-
-def check_process_count(state, processes, run_dir):
-    """Raise RunDirError when the run in `run_dir` (its `state`) trained on another number of processes."""
-    from cxrkeras.training import RunDirError
-
-    before = state.get("processes", 1)
-    if before != processes:
-        raise RunDirError(f"{run_dir}: the run trained on {before} process(es); resume it on {before}, "
-                          f"not {processes} (the data each process reads would change).")
 
 
 # ---------------------------------------------------------------- a process that stops

@@ -131,7 +131,7 @@ def make_plan(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_S
 
 def _run_config(task, source, epochs, configure):
     from cxrkeras.config import RunConfig, study_model_config, study_train_config
-    from cxrkeras.training import resolve_precision
+    from cxrkeras.devices import resolve_precision
 
     cfg = RunConfig(model=study_model_config(task), train=study_train_config(task))
     cfg.data.data_dir, cfg.data.manifest = ("", source) if os.path.isfile(source) else (source, "")
@@ -276,8 +276,9 @@ def augmentation_preview(source, folder):
 
 def fit_stage(cfg, folder, callbacks=()):
     from cxrkeras import training
+    from cxrkeras.runs import CONFIG_FILE
 
-    training.fit(cfg, folder, verbose=0, resume=os.path.exists(os.path.join(folder, training.CONFIG_FILE)),
+    training.fit(cfg, folder, verbose=0, resume=os.path.exists(os.path.join(folder, CONFIG_FILE)),
                  callbacks=callbacks)
 
 
@@ -431,7 +432,7 @@ def _study_table(out_dir, stage_name):
 
 def machine_name():
     """The CPU's model name and core count (and the GPUs Keras sees), for the timing table."""
-    from cxrkeras.training import gpu_compute_capabilities
+    from cxrkeras.devices import gpu_compute_capabilities
 
     names = [line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")]
     gpus = gpu_compute_capabilities()

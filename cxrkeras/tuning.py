@@ -27,9 +27,9 @@ from keras_tuner.src.engine import (
 from keras_tuner.src.tuners import gridsearch  # its LinkedList, for GridOracle
 
 from cxrkeras import training
-from cxrkeras.config import MONITORS, SETTING_FIELDS, RunConfig
+from cxrkeras.callbacks import KillAfterEpoch, schedule_callbacks
+from cxrkeras.config import MONITORS, RunConfig
 from cxrkeras.files import write_json_atomic
-from cxrkeras.models import check_config as check_model_config
 from cxrkeras.runs import duration
 from cxrkeras.search_spaces import TUNERS, Study, StudyError, grid_size
 from cxrkeras.tuning_project import (
@@ -62,13 +62,10 @@ def declare(hp, study, base):
     in `hp` (`hp.Fixed`) wins. Raises ValueError (from the config check) for a
     value the config refuses.
     """
-    cfg = RunConfig.from_dict(base.to_dict())
-    for name, spec in study.space.items():
-        section, key = SETTING_FIELDS[name]
-        current = getattr(getattr(cfg, section), key)
-        setattr(getattr(cfg, section), key, _register(hp, name, spec, current))
-    check_model_config(cfg.model)
-    training.check_train_config(cfg.train)
+    cfg = base.with_settings(**{name: _register(hp, name, spec, base.setting(name))
+                                for name, spec in study.space.items()})
+    cfg.model.validate()
+    cfg.train.validate()
     return cfg
 
 
@@ -132,7 +129,7 @@ class StudyHyperModel(keras_tuner.HyperModel):
     def fit(self, hp, model, callbacks=(), epochs=None, initial_epoch=0, history_path=None, **kwargs):
         cfg = self.config(hp)
         sets = training.make_datasets(cfg, self.data, self.augment_on)
-        extra = training.schedule_callbacks(cfg)
+        extra = schedule_callbacks(cfg)
         if history_path:
             extra.append(keras.callbacks.CSVLogger(history_path))
         history = model.fit(
@@ -301,7 +298,7 @@ class StudyTuner(keras_tuner.Tuner):
 
     def _kill_hook(self, trial):
         if os.environ.get(KILL_ENV) == f"in-trial:{int(trial.trial_id)}":
-            return [training._KillAfterEpoch(0)]
+            return [KillAfterEpoch(0)]
         return []
 
     def search(self, *args, **kwargs):

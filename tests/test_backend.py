@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from cxrkeras import training
+from cxrkeras import devices, training
 from cxrkeras.synth import write_synthetic_dataset
 
 
@@ -27,18 +27,18 @@ from cxrkeras.synth import write_synthetic_dataset
     ],
 )
 def test_auto_precision_follows_the_device(monkeypatch, gpus, flags, expected):
-    monkeypatch.setattr(training, "gpu_compute_capabilities", lambda: gpus)
-    monkeypatch.setattr(training, "cpu_flags", lambda: flags)
-    assert training.resolve_precision("auto") == expected
-    assert training.resolve_precision("float32") == "float32"  # an explicit choice is kept
-    assert training.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    monkeypatch.setattr(devices, "gpu_compute_capabilities", lambda: gpus)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
+    assert devices.resolve_precision("auto") == expected
+    assert devices.resolve_precision("float32") == "float32"  # an explicit choice is kept
+    assert devices.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
 
 
 def test_cpu_flags_reads_the_flags_line(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\nbugs\t\t: spectre\n")
-    assert training.cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "avx512_bf16"}
-    assert training.cpu_flags(str(tmp_path / "missing")) == set()
+    assert devices.cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "avx512_bf16"}
+    assert devices.cpu_flags(str(tmp_path / "missing")) == set()
 
 
 # ---------------------------------------------------------------- JAX, without TensorFlow
@@ -85,7 +85,7 @@ def tiny_run_config(data_dir, task="infected"):
     config = RunConfig(model=study_model_config("infected"), train=study_train_config(task))
     config.model.task = task
     config.model.blocks, config.model.filters, config.model.dense_units = 2, [4, 8], 8
-    config.model.image_size = config.data.image_size = 48
+    config.model.image_size = 48
     config.train.batch_size = 8
     config.data.data_dir = data_dir
     return config

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cxrkeras import training
+from cxrkeras import callbacks, training
 from cxrkeras.cli import main
 from cxrkeras.config import RunConfig
 from cxrkeras.data import fingerprint, load_splits
@@ -212,7 +212,7 @@ def test_a_run_folder_that_cannot_be_made_says_nothing_was_trained(tmp_path, syn
 
 
 def test_a_full_disk_during_fit_is_one_line_and_the_run_resumes(tmp_path, dataset_with_a_broken_file, monkeypatch):
-    out, real_write_atomic = str(tmp_path / "runs"), training.write_atomic
+    out, real_write_atomic = str(tmp_path / "runs"), callbacks.write_atomic
     writes = []
 
     def disk_full_at_the_second_backup(path, write, suffix=""):
@@ -221,8 +221,8 @@ def test_a_full_disk_during_fit_is_one_line_and_the_run_resumes(tmp_path, datase
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return real_write_atomic(path, write, suffix)
 
-    monkeypatch.setattr(training, "write_atomic", disk_full_at_the_second_backup)
-    small = _config_file(tmp_path, "small", {"data": {"image_size": 48}, "model": {
+    monkeypatch.setattr(callbacks, "write_atomic", disk_full_at_the_second_backup)
+    small = _config_file(tmp_path, "small", {"model": {
         "blocks": 2, "filters": [4, 8], "dense_units": 8, "image_size": 48}})
     args = ["fit", "infected", "--data", dataset_with_a_broken_file, "--epochs", "3", "--batch-size", "16",
             "--config", small, "--out", out, "--name", "full"]

@@ -180,7 +180,7 @@ def test_a_folder_mixing_jpeg_and_dicom_trains(tmp_path):
 
     config = RunConfig(model=study_model_config("infected"), train=study_train_config("infected"))
     config.model.blocks, config.model.filters, config.model.dense_units = 2, [4, 8], 8
-    config.model.image_size = config.data.image_size = 32
+    config.model.image_size = 32
     config.train.epochs, config.train.batch_size = 1, 8
     config.data.data_dir = str(root)
     result = training.fit(config, str(tmp_path / "run"), verbose=0)

@@ -12,13 +12,13 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from cxrkeras import distributed, training
+from cxrkeras import callbacks, distributed, runs
 from cxrkeras.cli import main
 from test_training import assert_history_agrees_with_the_model
 
 # A tiny classifier on 48-pixel images: 24 train images (3 global batches of 8) and 6 validation ones.
 TINY = {"model": {"blocks": 2, "filters": [4, 8], "dense_units": 8, "image_size": 48},
-        "data": {"image_size": 48, "augment": False},
+        "data": {"augment": False},
         "train": {"batch_size": 8, "epochs": 2, "precision": "float32"}}
 KILL_STEP = 4  # the second step of epoch 2 of 2
 
@@ -89,9 +89,9 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused():
 
 
 def test_a_run_resumed_on_another_number_of_processes_is_refused():
-    with pytest.raises(training.RunDirError, match="trained on 2 process\\(es\\); resume it on 2, not 1"):
-        distributed.check_process_count({"processes": 2}, 1, "runs/x")
-    distributed.check_process_count({}, 1, "runs/x")  # runs from before the count was kept: one process
+    with pytest.raises(runs.RunDirError, match="trained on 2 process\\(es\\); resume it on 2, not 1"):
+        runs.check_process_count({"processes": 2}, 1, "runs/x")
+    runs.check_process_count({}, 1, "runs/x")  # runs from before the count was kept: one process
 
 
 def test_cluster_flags_without_multiworker_are_misuse(synthetic_dataset):
@@ -143,13 +143,13 @@ def killed_and_resumed(synthetic_dataset, tmp_path_factory):
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
            # the resumed processes reuse the first ones' compiled steps
            "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    env.pop(training.KILL_STEP_ENV, None)
+    env.pop(callbacks.KILL_STEP_ENV, None)
     fit = ["fit", "infected", "--data", synthetic_dataset]
     results = {}
     for phase in ("killed", "resumed"):
         port = _free_port()
         extra = ["--config", str(config)] if phase == "killed" else ["--resume"]
-        kill = {training.KILL_STEP_ENV: str(KILL_STEP)} if phase == "killed" else {}
+        kill = {callbacks.KILL_STEP_ENV: str(KILL_STEP)} if phase == "killed" else {}
         cluster = ["--distribute", "multiworker", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
         (root / f"tmp1-{phase}").mkdir()
         chief = _start(fit + extra + ["--out", str(root / "runs"), "--name", "two", *cluster, "--process-id", "0"],
@@ -162,7 +162,7 @@ def killed_and_resumed(synthetic_dataset, tmp_path_factory):
         # Within 60 s of process 1's end, process 0 has ended too (a hang would time out here).
         results[f"chief-{phase}"] = _finish(chief, timeout=60 if phase == "killed" else 300)
         results[f"one-{phase}"] = _finish(alone)
-        results[f"epochs-{phase}"] = training.epochs_done(root / "runs" / "infected" / "two")
+        results[f"epochs-{phase}"] = runs.epochs_done(root / "runs" / "infected" / "two")
     return root, results
 
 
@@ -183,7 +183,7 @@ def test_resume_finishes_the_run_with_the_weights_of_one_process(killed_and_resu
         assert results[name][0] == 0, results[name][1][-3000:]
     assert "after epoch 1 of 2" in results["chief-resumed"][1]
     two, one = root / "runs" / "infected" / "two", root / "runs" / "infected" / "one"
-    assert training.read_history(two / "history.csv")["epoch"] == [0, 1]
+    assert runs.read_history(two / "history.csv")["epoch"] == [0, 1]
     assert json.loads((two / "state.json").read_text())["processes"] == 2
     weights = [_h5_arrays(run / "backup" / "latest.weights.h5") for run in (two, one)]  # model and optimizer
     assert len(weights[0]) == len(weights[1]) > 0

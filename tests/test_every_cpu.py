@@ -108,11 +108,11 @@ def test_a_shipped_cascade_member_loads_without_the_kernel():
 
 RESOLVE = """
 import sys
-from cxrkeras import training
-training.gpu_compute_capabilities = lambda: []
+from cxrkeras import devices
+devices.gpu_compute_capabilities = lambda: []
 for flags in sys.argv[1:]:
-    training.cpu_flags = lambda flags=flags: set(flags.split(","))
-    print(training.resolve_precision("auto"))
+    devices.cpu_flags = lambda flags=flags: set(flags.split(","))
+    print(devices.resolve_precision("auto"))
 """
 CPUS = {"native": "avx2,avx512f,avx512_bf16", "amx": "avx2,amx_bf16,amx_tile", "emulated": "avx2,fma"}
 

@@ -14,7 +14,7 @@ def shrink(cfg):
     cfg.model.blocks, cfg.model.filters, cfg.model.dense_units = 2, [4, 8], 8
     if cfg.model.arch == "residual":
         cfg.model.blocks = 1
-    cfg.model.image_size = cfg.data.image_size = 48
+    cfg.model.image_size = 48
     cfg.train.batch_size = 8
 
 

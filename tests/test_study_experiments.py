@@ -9,13 +9,12 @@ import os
 import pytest
 from scripts import ROOT, load_script
 
-from cxrkeras import training
 from cxrkeras.config import TASKS, RunConfig
 
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.json")))
 # Training's machinery, which only the package touches: experiments/ trains through `cxrkeras` commands.
-TRAINING = {"cxrkeras.training", "cxrkeras.arrays", "cxrkeras.augment", "cxrkeras.tuning",
-            "cxrkeras.models.classifiers", "cxrkeras.models.blocks"}
+TRAINING = {"cxrkeras.training", "cxrkeras.callbacks", "cxrkeras.devices", "cxrkeras.arrays", "cxrkeras.augment",
+            "cxrkeras.tuning", "cxrkeras.models.classifiers", "cxrkeras.models.blocks"}
 BUILDERS = {"build_model", "build_ensemble", "build_cascade", "classifiers", "blocks"}  # of cxrkeras.models
 BACKENDS = {"keras", "tensorflow", "jax", "torch"}
 
@@ -40,7 +39,7 @@ def test_every_recipe_is_a_valid_run_config_for_its_task_on_the_shipped_carve(pa
     with open(path) as f:
         cfg = RunConfig.from_dict(json.load(f))
     cfg.data.data_dir = "x"
-    training.check_run_config(cfg)
+    cfg.validate()
     task = next(t for t in TASKS if os.path.basename(path).endswith(f"-{t}.json"))
     assert cfg.model.task == task
     assert (cfg.data.holdout_fraction, cfg.data.val_fraction, cfg.data.seed) == (0.1, 0.15, 0)

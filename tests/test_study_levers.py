@@ -13,7 +13,7 @@ from cxrkeras.cli import main
 from cxrkeras.config import AUGMENTATIONS, ModelConfig, RunConfig, TrainConfig, resnet_model_config
 from cxrkeras.evaluation import grad_cam, gradcam_layer
 from cxrkeras.export import export_model
-from cxrkeras.models import build_model, check_config, task_info
+from cxrkeras.models import build_model, task_info
 from cxrkeras.models.classifiers import Equalize
 
 # ---------------------------------------------------------------- the resnet trunk
@@ -88,7 +88,7 @@ def test_resnet_config_errors_name_the_field(field, value):
     config = resnet_model_config("infected")
     setattr(config, field, value)
     with pytest.raises(ValueError, match=field):
-        check_config(config)
+        config.validate()
 
 
 # ---------------------------------------------------------------- the levers
@@ -172,7 +172,7 @@ def test_lever_settings_are_checked(section, field, value):
     cfg.data.data_dir = "x"
     setattr(getattr(cfg, section), field, value)
     with pytest.raises(ValueError, match=field):
-        training.check_run_config(cfg)
+        cfg.validate()
 
 
 def test_fit_one_epoch_with_the_resnet_trunk_and_every_lever(tmp_path, synthetic_dataset):

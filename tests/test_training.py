@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from cxrkeras import training
+from cxrkeras import callbacks, devices, files, runs, training
 from cxrkeras.config import RunConfig, TrainConfig, study_model_config, study_train_config
 from cxrkeras.synth import write_synthetic_dataset
 
@@ -23,7 +23,7 @@ def small_run_config(data_dir, **train):
     """tiny_run_config with a two-block classifier on 48x48 images: a fit is mostly Keras' start-up."""
     config = tiny_run_config(data_dir, **train)
     config.model.blocks, config.model.filters, config.model.dense_units = 2, [4, 8], 8
-    config.model.image_size = config.data.image_size = 48
+    config.model.image_size = 48
     return config
 
 
@@ -49,12 +49,12 @@ def tiny_run_config(data_dir, task="infected", **train):
 def test_check_train_config_names_the_bad_key_and_value(key, value):
     train = TrainConfig(**{key: value})
     with pytest.raises(ValueError, match=rf"`{key}`.*Received: {key}={value!r}"):
-        training.check_train_config(train)
+        train.validate()
 
 
 def test_study_defaults_pass_the_check():
     for task in ("infected", "covid", "three-class"):
-        training.check_train_config(study_train_config(task))
+        study_train_config(task).validate()
 
 
 @pytest.mark.parametrize("name, cls", [("adam", "Adam"), ("sgd", "SGD"), ("rmsprop", "RMSprop")])
@@ -101,7 +101,7 @@ def test_balanced_class_weight():
 def test_save_model_atomic_leaves_the_old_model_when_a_write_fails(tmp_path, monkeypatch):
     path = str(tmp_path / "model.keras")
     old = tiny_model()
-    training.save_model_atomic(old, path)
+    files.save_model_atomic(old, path)
     expected = old.predict(np.ones((2, 4)), verbose=0)
 
     def half_write_then_die(model, filepath, **kwargs):
@@ -111,7 +111,7 @@ def test_save_model_atomic_leaves_the_old_model_when_a_write_fails(tmp_path, mon
 
     monkeypatch.setattr(keras.saving, "save_model", half_write_then_die)
     with pytest.raises(OSError, match="disk full"):
-        training.save_model_atomic(tiny_model(), path)
+        files.save_model_atomic(tiny_model(), path)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["model.keras"]  # no temp file left behind
     reloaded = keras.saving.load_model(path)
@@ -120,8 +120,8 @@ def test_save_model_atomic_leaves_the_old_model_when_a_write_fails(tmp_path, mon
 
 def test_best_checkpoint_keeps_the_best_across_resume(tmp_path):
     path, state = str(tmp_path / "model.keras"), str(tmp_path / "state.json")
-    training.write_json_atomic(state, {"monitor": "val_loss", "best": 0.1, "best_epoch": 3})
-    callback = training.BestModelCheckpoint(path, state, "val_loss")
+    files.write_json_atomic(state, {"monitor": "val_loss", "best": 0.1, "best_epoch": 3})
+    callback = callbacks.BestModelCheckpoint(path, state, "val_loss")
     callback.set_model(tiny_model())
     callback.on_train_begin()
     callback.on_epoch_end(4, {"val_loss": 0.5})  # worse than the run's best before the resume
@@ -136,14 +136,14 @@ def test_best_checkpoint_keeps_the_best_across_resume(tmp_path):
 
 def test_a_staged_best_of_an_epoch_that_did_not_commit_is_dropped(tmp_path):
     path, state = str(tmp_path / "model.keras"), str(tmp_path / "state.json")
-    callback = training.BestModelCheckpoint(path, state, "val_loss")
+    callback = callbacks.BestModelCheckpoint(path, state, "val_loss")
     callback.set_model(tiny_model())
     callback.on_train_begin()
     callback.on_epoch_end(0, {"val_loss": 0.5})
     callback.commit(1)
     committed = open(path, "rb").read()
     callback.on_epoch_end(1, {"val_loss": 0.2})  # then killed before epoch 1's backup
-    training.settle_pending(path, state, epochs_done=1)  # what a resume does first
+    runs.settle_pending(path, state, epochs_done=1)  # what a resume does first
     assert open(path, "rb").read() == committed and not os.path.exists(callback.pending_path)
     saved = json.load(open(state))
     assert (saved["best"], saved["best_epoch"]) == (pytest.approx(0.5), 0) and "pending" not in saved
@@ -151,7 +151,7 @@ def test_a_staged_best_of_an_epoch_that_did_not_commit_is_dropped(tmp_path):
 
 def test_best_checkpoint_on_accuracy_keeps_the_highest(tmp_path):
     path, state = str(tmp_path / "model.keras"), str(tmp_path / "state.json")
-    callback = training.BestModelCheckpoint(path, state, "val_accuracy")
+    callback = callbacks.BestModelCheckpoint(path, state, "val_accuracy")
     callback.set_model(tiny_model())
     callback.on_train_begin()
     for epoch, acc in enumerate([0.5, 0.8, 0.7]):
@@ -162,9 +162,9 @@ def test_best_checkpoint_on_accuracy_keeps_the_highest(tmp_path):
 def test_history_is_trimmed_to_the_restored_epoch_and_deduplicated(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss\n0,0.9\n1,0.8\n1,0.7\n2,0.6\n3,0.")  # last row cut by a kill
-    assert training.read_history(str(path))["epoch"] == [0, 1, 2, 3]
-    assert training.read_history(str(path))["loss"][1] == pytest.approx(0.7)  # the re-run epoch wins
-    assert training.truncate_history(str(path), 2) == 2
+    assert runs.read_history(str(path))["epoch"] == [0, 1, 2, 3]
+    assert runs.read_history(str(path))["loss"][1] == pytest.approx(0.7)  # the re-run epoch wins
+    assert runs.truncate_history(str(path), 2) == 2
     assert path.read_text() == "epoch,loss\n0,0.9\n1,0.8\n"
 
 
@@ -175,17 +175,17 @@ def test_resume_after_kill_continues_and_keeps_one_row_per_epoch(synthetic_datas
     out = str(tmp_path / "runs")
     command = [sys.executable, "-m", "cxrkeras.cli", "fit", "infected", "--data", synthetic_dataset,
                "--epochs", "3", "--batch-size", "16", "--out", out, "--name", "r"]
-    env = {**os.environ, training.KILL_ENV: "1"}
+    env = {**os.environ, callbacks.KILL_ENV: "1"}
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_dir = os.path.join(out, "infected", "r")
-    assert training.read_history(os.path.join(run_dir, "history.csv"))["epoch"] == [0, 1]
+    assert runs.read_history(os.path.join(run_dir, "history.csv"))["epoch"] == [0, 1]
     backup = json.load(open(os.path.join(run_dir, "backup", "training_metadata.json")))
     assert backup["epoch"] == 1  # killed after epoch 1's row and checkpoint, before its backup
     killed_state = json.load(open(os.path.join(run_dir, "state.json")))
     assert killed_state["best_epoch"] < 1 and killed_state["pending"]["best_epoch"] == 1  # epoch 1's best: staged only
 
-    env.pop(training.KILL_ENV)
+    env.pop(callbacks.KILL_ENV)
     resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout and "after epoch 1 of 3" in resumed.stdout
@@ -194,14 +194,14 @@ def test_resume_after_kill_continues_and_keeps_one_row_per_epoch(synthetic_datas
     assert epochs == ["0", "1", "2"]
     state = json.load(open(os.path.join(run_dir, "state.json")))
     assert state["completed"] is True and 0 <= state["best_epoch"] <= 2
-    assert training.epochs_done(run_dir) == 3  # the last epoch's backup stays, so the run can be extended
+    assert runs.epochs_done(run_dir) == 3  # the last epoch's backup stays, so the run can be extended
     assert_history_agrees_with_the_model(run_dir, synthetic_dataset)
 
 
 def assert_history_agrees_with_the_model(run_dir, data_dir):
     """state.json's best is history.csv's value at the best epoch, and model.keras scores it on validation."""
     state = json.load(open(os.path.join(run_dir, "state.json")))
-    history = training.read_history(os.path.join(run_dir, "history.csv"))
+    history = runs.read_history(os.path.join(run_dir, "history.csv"))
     assert state["best"] == pytest.approx(history["val_loss"][state["best_epoch"]], abs=1e-6)
     assert state["best"] == pytest.approx(min(history["val_loss"]), abs=1e-6)
     config = RunConfig.load(os.path.join(run_dir, "config.json"))
@@ -228,9 +228,9 @@ def test_covid_negatives_all_adds_the_normal_images_to_the_covid_stage(synthetic
 def test_a_finished_run_extends_with_more_epochs(synthetic_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
     first = training.fit(small_run_config(synthetic_dataset), run_dir, verbose=0)
-    assert first.completed and training.epochs_done(run_dir) == 1
+    assert first.completed and runs.epochs_done(run_dir) == 1
     state_path = os.path.join(run_dir, "state.json")
-    training.write_json_atomic(state_path, {**json.load(open(state_path)), "completed": False})  # killed before
+    files.write_json_atomic(state_path, {**json.load(open(state_path)), "completed": False})  # killed before
     again = training.fit(small_run_config(synthetic_dataset), run_dir, resume=True, verbose=0)  # the final state
     assert again.completed and again.epochs_run == 0 and again.history == first.history
     messages = []
@@ -297,11 +297,11 @@ def test_fit_refuses_a_run_dir_that_is_there_and_a_resume_with_other_settings(sy
     os.makedirs(os.path.join(run_dir, "backup"))
     config = tiny_run_config(synthetic_dataset)
     config.save(os.path.join(run_dir, "config.json"))
-    training.write_json_atomic(os.path.join(run_dir, "backup", "training_metadata.json"), {"epoch": 1, "batch": 0})
-    with pytest.raises(training.RunDirError, match="already there"):
+    files.write_json_atomic(os.path.join(run_dir, "backup", "training_metadata.json"), {"epoch": 1, "batch": 0})
+    with pytest.raises(runs.RunDirError, match="already there"):
         training.fit(config, run_dir, verbose=0)
     other = tiny_run_config(synthetic_dataset, learning_rate=0.01)
-    with pytest.raises(training.RunDirError, match="train.learning_rate"):
+    with pytest.raises(runs.RunDirError, match="train.learning_rate"):
         training.fit(other, run_dir, resume=True, verbose=0)
 
 
@@ -310,7 +310,7 @@ def test_fit_refuses_a_run_dir_that_is_there_and_a_resume_with_other_settings(sy
     [(100, 64, 1, 64), (128, 64, 2, 64), (65, 64, 2, 62), (6, 4, 2, 4), (7, 8, 2, 4)],
 )
 def test_validation_batches_split_over_the_replicas(n_val, batch, replicas, expected):
-    b = training.replica_batch_sizes(100, n_val, batch, replicas)
+    b = devices.replica_batch_sizes(100, n_val, batch, replicas)
     assert b == expected
     sizes = [b] * (n_val // b) + ([n_val % b] if n_val % b else [])
     assert sizes[0] % replicas == 0 and all(s >= replicas for s in sizes)
@@ -318,11 +318,11 @@ def test_validation_batches_split_over_the_replicas(n_val, batch, replicas, expe
 
 def test_batches_that_cannot_split_over_the_replicas_are_refused():
     with pytest.raises(ValueError, match="expected a multiple of 2. Received: batch_size=5"):
-        training.replica_batch_sizes(100, 10, 5, 2)
+        devices.replica_batch_sizes(100, 10, 5, 2)
     with pytest.raises(Exception, match="3 validation images cannot be split evenly over 2 replicas"):
-        training.replica_batch_sizes(100, 3, 8, 2)
+        devices.replica_batch_sizes(100, 3, 8, 2)
     with pytest.raises(Exception, match="fewer than one batch"):
-        training.replica_batch_sizes(6, 10, 8, 2)
+        devices.replica_batch_sizes(6, 10, 8, 2)
 
 
 def test_latest_unfinished_run_is_found_for_resume(tmp_path):
@@ -330,10 +330,10 @@ def test_latest_unfinished_run_is_found_for_resume(tmp_path):
         run = tmp_path / "covid" / name
         run.mkdir(parents=True)
         (run / "config.json").write_text("{}")
-        training.write_json_atomic(str(run / "state.json"), {"completed": completed})
+        files.write_json_atomic(str(run / "state.json"), {"completed": completed})
         os.utime(run, (0, {"old": 1, "done": 3, "new": 2}[name]))
-    assert training.latest_unfinished_run(str(tmp_path), "covid") == str(tmp_path / "covid" / "new")
-    assert training.latest_unfinished_run(str(tmp_path), "infected") is None
+    assert runs.latest_unfinished_run(str(tmp_path), "covid") == str(tmp_path / "covid" / "new")
+    assert runs.latest_unfinished_run(str(tmp_path), "infected") is None
 
 
 def test_precision_is_per_model_not_process_wide(synthetic_dataset):

@@ -12,7 +12,7 @@ import keras_tuner
 import pytest
 from click.testing import CliRunner
 
-from cxrkeras import cli, search_spaces, training, tuning, tuning_project
+from cxrkeras import cli, runs, search_spaces, training, tuning, tuning_project
 from cxrkeras.cli.options import build_run_config
 from cxrkeras.config import (
     SETTING_FIELDS,
@@ -24,7 +24,7 @@ from cxrkeras.models import conv_layer_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A classifier small enough that a trial is mostly Keras' start-up: 48x48 inputs, two conv blocks.
-TINY = {"data": {"image_size": 48}, "model": {"blocks": 2, "filters": [4, 8], "dense_units": 8, "image_size": 48},
+TINY = {"model": {"blocks": 2, "filters": [4, 8], "dense_units": 8, "image_size": 48},
         "train": {"epochs": 2, "batch_size": 16}}
 STUDY = "[hyperparameters]\nlearning_rate = [1e-3, 1e-2]\n"
 
@@ -203,7 +203,7 @@ def test_the_best_config_trains_with_fit_and_reproduces_the_trial_score(killed_a
     # Same data, seed and code path: the same training; the tolerance leaves room for thread-order noise only.
     assert fitted["best_metric"] == pytest.approx(best["score"], abs=1e-4)
     assert fitted["history"]["val_loss"] == pytest.approx(
-        training.read_history(os.path.join(project, f"trial_{best['trial_id']}", "execution0.csv"))["val_loss"],
+        runs.read_history(os.path.join(project, f"trial_{best['trial_id']}", "execution0.csv"))["val_loss"],
         abs=1e-4)
 
 

@@ -9,7 +9,7 @@ import os
 import click
 
 from cxrkeras import config as settings
-from cxrkeras.config import CLASSES, DECISION_THRESHOLD, IMAGE_SIZE, TASKS, VAL_FRACTION
+from cxrkeras.config import AUGMENT_ON, CLASSES, DECISION_THRESHOLD, IMAGE_SIZE, TASKS, VAL_FRACTION
 
 TASK = click.Choice(list(TASKS))
 BINARY_TASKS = [task for task, classes in TASKS.items() if len(classes) == 2]  # also a cascade's stages
@@ -145,7 +145,7 @@ def train_options(command):
 
 
 augment_on_option = click.option(
-    "--augment-on", type=click.Choice(["auto", "data", "model"]), default="auto", show_default=True,
+    "--augment-on", type=click.Choice(AUGMENT_ON), default="auto", show_default=True,
     help="Where augmentation runs: tf.data on the CPU, or inside the model (auto: model if a GPU is visible).")
 
 task_option = click.option(
@@ -153,11 +153,6 @@ task_option = click.option(
     help="Which classifier a binary model is, when it does not say (older files) and has no config.json.")
 
 
-def _merge(base, update):
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return merged
 
 
 def build_run_config(task, data_path=None, config_file=None, base=None, **options):
@@ -165,13 +160,7 @@ def build_run_config(task, data_path=None, config_file=None, base=None, **option
 
     Raises click.UsageError naming --config, the bad key or the bad value.
     """
-    from cxrkeras import training
-    from cxrkeras.config import (
-        SETTING_FIELDS,
-        RunConfig,
-        study_model_config,
-        study_train_config,
-    )
+    from cxrkeras.config import RunConfig, study_model_config, study_train_config
 
     config = base or RunConfig(model=study_model_config(task), train=study_train_config(task))
     source = "options"
@@ -182,22 +171,19 @@ def build_run_config(task, data_path=None, config_file=None, base=None, **option
                 loaded = json.load(f)
             if not isinstance(loaded, dict):
                 raise ValueError("expected a JSON object with data, model and train sections")
-            config = RunConfig.from_dict(_merge(config.to_dict(), loaded))
+            config = config.merged(loaded)
         except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
             raise click.UsageError(f"{source}: {e}")
         if config.model.task != task:
             raise click.UsageError(f"{source} is for task {config.model.task!r}, not {task!r}.")
-    for option, value in options.items():
-        if value is not None:
-            section, key = SETTING_FIELDS[option]
-            setattr(getattr(config, section), key, value)
+    config = config.with_settings(**options)
     if data_path is not None:
         path = os.path.abspath(dataset_source(data_path))
         config.data.data_dir, config.data.manifest = ("", path) if os.path.isfile(path) else (path, "")
     if not (config.data.data_dir or config.data.manifest):
         raise click.UsageError("Missing option '--data' (a dataset folder or CSV manifest).")
     try:
-        training.check_run_config(config)
+        config.validate()
     except ValueError as e:
         raise click.UsageError(f"{source}: {e}")
     return config

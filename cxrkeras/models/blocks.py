@@ -8,7 +8,7 @@ import math
 
 import keras
 
-INITIALIZERS = ("torch", "keras")
+from cxrkeras.config import INITIALIZERS
 
 
 @keras.saving.register_keras_serializable(package="cxrkeras")

@@ -16,19 +16,14 @@ policy name such as "mixed_bfloat16", or a `keras.DTypePolicy`) goes to every
 layer but the output, which stays float32; None means Keras' global policy.
 """
 
-import math
-
 import keras
 
-from cxrkeras.config import CONTRASTS, TASKS, check_task, study_model_config
+from cxrkeras.config import TASKS, check_task, study_model_config
 from cxrkeras.models import blocks
-
-ARCHS = ("plain", "residual", "resnet")
-
 
 def build_model(config, dtype=None):
     """An uncompiled classifier for `config` (a `cxrkeras.config.ModelConfig`), its layers in `dtype`."""
-    check_config(config)
+    config.validate()
     inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
     x = TaskInfo(config.task, name="task_info")(inputs)
     if config.contrast == "standardize":  # each image to zero mean and unit variance: exposure-blind input
@@ -222,65 +217,3 @@ def last_conv_layer_name(model):
     if not names:
         raise ValueError(f"Model {model.name!r} has no Conv2D layer.")
     return names[-1]
-
-
-def check_config(config):
-    """Raise ValueError naming the first bad setting in `config` and its value."""
-    check_task(config.task)
-    if config.arch not in ARCHS:
-        _fail("arch", config.arch, f"expected one of {list(ARCHS)}", "Unknown")
-    if config.initializer not in blocks.INITIALIZERS:
-        expected = f"expected one of {list(blocks.INITIALIZERS)}"
-        _fail("initializer", config.initializer, expected, "Unknown")
-    if not _positive_int(config.blocks):
-        _fail("blocks", config.blocks, "expected a positive integer")
-    filters = config.filters
-    if not (isinstance(filters, (list, tuple)) and filters and all(map(_positive_int, filters))):
-        _fail("filters", filters, "expected a non-empty list of positive integers")
-    if config.arch == "residual" and len(filters) > 2:
-        _fail("filters", filters, "the residual arch takes [stem_filters, width] or [width]")
-    if config.arch == "resnet" and len(filters) < 2:
-        _fail("filters", filters, "the resnet arch takes [stem_filters, stage1_width, stage2_width, ...]")
-    if not (_positive_int(config.dense_units) or config.dense_units == 0 and type(config.dense_units) is int):
-        _fail("dense_units", config.dense_units, "expected a positive integer, or 0 for no hidden Dense layer")
-    if config.contrast not in CONTRASTS:
-        _fail("contrast", config.contrast, f"expected one of {list(CONTRASTS)}", "Unknown")
-    for name in ("conv_dropout", "dropout"):
-        rate = getattr(config, name)
-        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
-            _fail(name, rate, "expected a rate in [0, 1)")
-    if not _positive_int(config.image_size):
-        _fail("image_size", config.image_size, "expected a positive integer")
-    if _final_size(config) < 1:
-        raise ValueError(
-            f"Too many `blocks` for `image_size`: the feature map shrinks to nothing. "
-            f"Received: blocks={config.blocks!r}, image_size={config.image_size!r}"
-        )
-
-
-def _final_size(config):
-    """Height (= width) of the last feature map."""
-    size = config.image_size
-    if config.arch == "plain":
-        for _ in range(config.blocks):
-            size = (size - 2) // 2  # valid 3x3 conv, then 2x2 pool
-            if size < 1:
-                return 0
-        return size
-    if config.arch == "resnet":
-        size = math.ceil(math.ceil(size / 2) / 2)  # stem conv and pool, "same" padding
-        for _ in config.filters[2:]:
-            size = math.ceil(size / 2)
-        return size
-    size //= 3
-    for _ in range(config.blocks):
-        size //= 2
-    return size
-
-
-def _positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _fail(name, value, expected, kind="Invalid"):
-    raise ValueError(f"{kind} `{name}`; {expected}. Received: {name}={value!r}")
