@@ -741,8 +741,7 @@ def cascade(
             data=data_source,
             val_fraction=val_fraction,
             seed=seed,
-            t_infected=0.5 if t_infected is None else t_infected,
-            t_covid=0.5 if t_covid is None else t_covid,
+            thresholds={k: v for k, v in (("infected", t_infected), ("covid", t_covid)) if v is not None},
             overwrite=overwrite,
         )
     except _model_errors() as e:

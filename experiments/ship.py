@@ -279,7 +279,7 @@ The release's test split was never read.
 ## Protocol
 Each classifier's kept epoch is its best validation loss. The thresholds are picked on the holdout (no
 epoch was picked on it): the most accurate pair whose covid recall reaches {m['target_recall'].split('=')[1]}
-(`t_infected` {t['t_infected']:.4f}, `t_covid` {t['t_covid']:.4f}). The table compares it with the study's
+(infected {t['infected']:.4f}, covid {t['covid']:.4f}). The table compares it with the study's
 recipe on the same validation split, at the same kind of operating point.
 {selection_note(m)}
 ## Validation ({ens['validation']['n']} images; epochs were picked on it, so the figures lean optimistic)

@@ -41,7 +41,7 @@ def models(tmp_path_factory):
     tiny("three-class").save(three)
     cascade_dir = root / "cascade"
     cascade_dir.mkdir()
-    build_cascade(tiny("infected"), tiny("covid"), t_infected=0.4).save(cascade_dir / "model.keras")
+    build_cascade(tiny("infected"), tiny("covid"), {"infected": 0.4}).save(cascade_dir / "model.keras")
     return {"covid": covid_run, "three-class": three, "cascade": cascade_dir}
 
 
@@ -76,7 +76,7 @@ def test_evaluate_writes_the_table_metrics_and_figures(models, synthetic_dataset
     assert len(gradcams) == 4 and all((out / p).stat().st_size > 5000 for p in gradcams)
     assert metrics["grid"]["n"] == (6 if kind == "covid" else 9)  # val/: 3 per class, infected only for covid
     if kind == "cascade":
-        assert metrics["thresholds"] == {"t_infected": 0.4, "t_covid": 0.5}
+        assert metrics["thresholds"] == {"infected": 0.4, "covid": 0.5}
         assert set(metrics["stage_accuracy"]) >= {"normal_vs_infected", "covid_vs_non_covid"}
         assert "stages: normal vs infected" in result.output
         assert {g["model"] for g in metrics["gradcam"]} <= {"infected_classifier", "covid_classifier"}
