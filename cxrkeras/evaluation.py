@@ -200,6 +200,7 @@ def evaluate_run(model_path, data_dir, split="test", out_dir=None, images=None, 
     predictions = Predictions(opened.model, batch_size)
     x = data_lib.load_images(paths, predictions.size)
     predictions.remember(paths, x, *predict(opened.model, x, batch_size))
+    scores, uncalibrated = _scores(opened, predictions, paths, labels, audit_band)
     metrics = {
         "model": os.path.abspath(os.fspath(model_path)),
         "data": os.path.abspath(os.fspath(data_dir)),
@@ -207,7 +208,7 @@ def evaluate_run(model_path, data_dir, split="test", out_dir=None, images=None, 
         "task": opened.data_task,
         "fingerprint": data_lib.fingerprint(samples),
         "skipped_files": len(splits.problems),
-        **_scores(opened, predictions, paths, labels, audit_band),
+        **scores,
     }
     if split == "validation":
         metrics["validation"] = {"val_fraction": carve["val_fraction"], "seed": carve["seed"]}
@@ -217,7 +218,6 @@ def evaluate_run(model_path, data_dir, split="test", out_dir=None, images=None, 
     write_json_atomic(metrics_path, {**metrics, "files": [runs.METRICS_FILE]})  # the numbers first
 
     title = f"{os.path.basename(opened.folder)} on {split} (n={len(labels)})"
-    uncalibrated = metrics.pop("uncalibrated")
     files = _metric_figures(metrics, predictions(paths)[1], labels, opened.class_names, out_dir, title, uncalibrated)
     files += _explained_figures(opened, predictions, splits.val, paths, labels, chosen, metrics, out_dir, log)
     metrics["files"] = [os.path.basename(f) for f in files] + [runs.METRICS_FILE]
@@ -227,18 +227,18 @@ def evaluate_run(model_path, data_dir, split="test", out_dir=None, images=None, 
 
 
 def _scores(opened, predictions, paths, labels, audit_band):
-    """The metrics of the model's predictions on `paths`, the shortcut audit and (a calibrated model) the
-    calibration section; "uncalibrated": the probabilities without temperatures (None: not calibrated)."""
+    """(the metrics of the model's predictions on `paths`, the shortcut audit and (a calibrated model) the
+    calibration section; the probabilities without temperatures, None when the model has none)."""
     x, probabilities, decisions = predictions(paths)
     model, batch_size = opened.model, predictions.batch_size
     scores = {
         **_metrics(model, opened.kind, x, labels, probabilities, decisions, list(opened.class_names), batch_size),
         "audit": shortcut_audit(model, x, labels, audit_band or AUDIT_BAND, batch_size, whole=decisions),
     }
-    calibrated, scores["uncalibrated"] = calibration.evaluation_section(model, x, labels, scores["ece"], batch_size)
+    calibrated, uncalibrated = calibration.evaluation_section(model, x, labels, scores["ece"], batch_size)
     if calibrated:
         scores["calibration"] = calibrated  # temperatures, ECE before and after
-    return scores
+    return scores, uncalibrated
 
 
 def _metric_figures(metrics, probabilities, labels, class_names, out_dir, title, uncalibrated=None):

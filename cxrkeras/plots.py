@@ -197,7 +197,7 @@ def pr_figure(curves, path, title="Precision-recall, one-vs-rest"):
 def reliability_figure(bins, ece, path, title=None):
     """Reliability diagram: accuracy per max-probability bin against the diagonal, with bin counts and ECE.
 
-    `bins` is `cxrkeras.evaluation.reliability_bins` output (edges, confidence, accuracy, count).
+    `bins` is `cxrkeras.metrics.reliability_bins` output (edges, confidence, accuracy, count).
     """
     edges, count = np.asarray(bins["edges"]), np.asarray(bins["count"])
     accuracy = np.nan_to_num(np.asarray(bins["accuracy"], dtype="float64"))

@@ -17,7 +17,7 @@ from cxrkeras import calibration, data as data_lib, runs, serving
 from cxrkeras import export as export_lib
 from cxrkeras.cli import main
 from cxrkeras.config import ModelConfig
-from cxrkeras.evaluation import expected_calibration_error
+from cxrkeras.metrics import expected_calibration_error
 from cxrkeras.models import build_model
 from cxrkeras.models import cascade as cascade_lib
 from cxrkeras.synth import synth_image
