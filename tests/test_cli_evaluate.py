@@ -204,3 +204,24 @@ def test_an_image_the_decoder_refuses_is_named(models, synthetic_dataset, tmp_pa
                  "--out", tmp_path / "e")
     assert result.exit_code == 1
     assert f"Error: {bomb}: PNG declares 20000x20000 = 400,000,000 pixels, over the limit" in result.output
+
+
+@pytest.mark.parametrize("kind", ["three-class", "cascade"])
+def test_each_image_is_predicted_once(models, synthetic_dataset, tmp_path, monkeypatch, kind):
+    """On val/ the scores, the audit, the grid and Grad-CAM all show the same images: one prediction each
+    (the audit adds its centre-only and border-only copies)."""
+    from cxrkeras import evaluation
+
+    calls = []  # (model, images) of every prediction
+    real_predict = evaluation.cascade_lib.predict
+
+    def counting(model, images, batch_size=64):
+        calls.append((model, len(images)))
+        return real_predict(model, images, batch_size)
+
+    monkeypatch.setattr(evaluation.cascade_lib, "predict", counting)
+    metrics = evaluation.evaluate_run(models[kind], synthetic_dataset, split="val", out_dir=tmp_path / "eval",
+                                      log=lambda message: None)
+    evaluated = calls[0][0]
+    assert [n for model, n in calls if model is evaluated] == [metrics["n"]] * 3  # whole, centre only, border only
+    assert metrics["grid"]["n"] == metrics["n"] and len(metrics["gradcam"]) == evaluation.GRADCAM_DEFAULT_IMAGES
