@@ -244,9 +244,9 @@ def explain_heatmaps(explainers, images, class_id):
         return grad_cam_batch(grad_model, head, images, class_id)
     (_, infected, infected_head), (_, covid, covid_head) = explainers
     stage, stage_class = deciding_stage(class_id)
-    heat_infected = grad_cam_batch(infected, infected_head, images, ops.zeros_like(class_id))
-    heat_covid = grad_cam_batch(covid, covid_head, images, ops.cast(stage_class, class_id.dtype))
-    return ops.where(ops.equal(stage, 1)[:, None, None], heat_covid, heat_infected)
+    infected_heat = grad_cam_batch(infected, infected_head, images, ops.zeros_like(class_id))
+    covid_heat = grad_cam_batch(covid, covid_head, images, ops.cast(stage_class, class_id.dtype))
+    return ops.where(ops.equal(stage, 1)[:, None, None], covid_heat, infected_heat)
 
 
 def explain_batch(explainers, images, class_id):

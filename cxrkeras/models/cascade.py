@@ -20,9 +20,10 @@ from cxrkeras.config import DECISION_THRESHOLD
 KINDS = ("binary", "three-class", "cascade")
 SUBMODELS = {"infected": "infected_classifier", "covid": "covid_classifier"}
 THRESHOLD_NAMES = ("infected", "covid")  # a cascade's thresholds, by the stage they belong to
-# Files written before the thresholds took their stages' names (a .keras layer config, operating_points.json)
-# call them t_infected / t_covid: `check_thresholds` reads those names too, and nothing else does.
-LEGACY_THRESHOLD_NAMES = {"t_infected": "infected", "t_covid": "covid"}
+# Files written before the thresholds took their stages' names (a .keras layer config, cascade.json,
+# metrics.json, operating_points.json) prefix them with "t_": `check_thresholds` reads those names too
+# (the one place that does); nothing writes them.
+LEGACY_THRESHOLD_NAMES = {f"t_{name}": name for name in THRESHOLD_NAMES}
 
 
 class ModelError(ValueError):
