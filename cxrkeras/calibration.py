@@ -160,14 +160,15 @@ def fit_stages(model, images, labels3, path=None, batch_size=64):
 
 def holdout_samples(model_path, data=None):
     """(source, carve, the holdout's samples) of the model's runs; CalibrationError when they carved none."""
-    carve = runs.carve_settings(model_path)
+    section = runs.data_section(model_path)
+    carve = runs.carve_from(section)
     if not carve["holdout_fraction"]:
         raise CalibrationError(
             f"{model_path}: its runs carved no holdout from train (`fit --holdout-fraction`; the config says "
             f"holdout_fraction 0). A temperature is fitted only on images that neither trained the model nor "
             f"picked its epochs: validation picked the epochs, and test is for scoring."
         )
-    source = data or runs.data_source(model_path)
+    source = data or runs.dataset_of(section)
     if not source:
         raise CalibrationError(f"{model_path}: its config names no dataset; pass the dataset the runs used (--data).")
     samples = data_lib.load_splits(source, **carve).holdout

@@ -154,12 +154,16 @@ def carve_from(section, **given):
 
 def carve_settings(path, **given):
     """`carve_from` for the model at `path`, without loading it: its config.json, else its cascade.json."""
-    return carve_from(_data_section(run_config(path), cascade_record(path)), **given)
+    return carve_from(data_section(path), **given)
 
 
-def data_source(path):
-    """The dataset the model at `path` was trained on (its runs' manifest, else data folder), or None."""
-    section = _data_section(run_config(path), cascade_record(path))
+def data_section(path):
+    """The data settings of the model at `path`, without loading it: config.json's "data", else cascade.json's."""
+    return _data_section(run_config(path), cascade_record(path))
+
+
+def dataset_of(section):
+    """The dataset a run's data `section` names (its manifest, else its data folder), or None."""
     return section.get("manifest") or section.get("data_dir") or None
 
 

@@ -58,7 +58,7 @@ def _carve(configs, data, val_fraction, seed):
               file=sys.stderr)
     first = configs[0] if configs else {}
     if data is None:
-        data = first.get("manifest") or first.get("data_dir") or None
+        data = runs.dataset_of(first)
     return data, runs.carve_from(first, val_fraction=val_fraction, seed=seed)
 
 
