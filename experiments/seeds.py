@@ -82,9 +82,10 @@ def train_and_evaluate(args):
             for task in TASKS:
                 run_dir = os.path.join(args.out, task, name)
                 extra = ["--epochs", str(args.epochs)] if args.epochs else []
-                extra += ["--resume"] if os.path.isdir(run_dir) else []  # a finished run: fit says so and stops
-                seconds = run(base + ["fit", task, "--data", args.data, "--config", recipe_path(recipe, task),
-                                      "--seed", str(seed), "--name", name, "--out", args.out, *extra], args.dry_run)
+                # A run cut short resumes with its own config.json (a finished one: fit says so and stops).
+                extra += ["--resume"] if os.path.isdir(run_dir) else ["--config", recipe_path(recipe, task)]
+                seconds = run(base + ["fit", task, "--data", args.data, "--seed", str(seed), "--name", name,
+                                      "--out", args.out, *extra], args.dry_run)
                 add_seconds(args.out, f"{task}/{name}", seconds)
             cascade_and_evaluate(base, args, name, [name])
         cascade_and_evaluate(base, args, f"{recipe}-ensemble", names)

@@ -87,6 +87,15 @@ def test_seeds_prints_the_commands_of_a_recipe_over_seeds(seeds, capsys, tmp_pat
     assert sum(" evaluate " in line and "--split validation" in line for line in lines) == 3
 
 
+def test_seeds_resumes_a_run_cut_short_with_its_own_config(seeds, capsys, tmp_path):
+    (tmp_path / "infected" / "long-s0").mkdir(parents=True)  # a run that started: fit --resume, no --config
+    seeds.main(["--data", "DATA", "--out", str(tmp_path), "--recipes", "long", "--seeds", "0", "--dry-run"])
+    fits = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+") and " fit " in line]
+    resumed, fresh = fits
+    assert "--resume" in resumed and "--config" not in resumed and "--seed 0" in resumed
+    assert "--resume" not in fresh and "recipes/long-covid.json" in fresh
+
+
 def test_the_table_gives_mean_and_spread_over_seeds(seeds, tmp_path):
     for name, accuracy, f1 in (("study-s0", 0.8, 0.7), ("study-s1", 0.9, 0.8), ("study-ensemble", 0.95, 0.9)):
         folder = tmp_path / "cascades" / name / "eval-validation"
