@@ -19,7 +19,7 @@ import time
 
 def timed_fit(cfg, run_dir):
     """{stage: seconds} and counts for one fit of `cfg` into `run_dir`, made of training's parts."""
-    from cxrkeras import callbacks, runs, training
+    from cxrkeras import callbacks, rundir, training
 
     stages, clock = {}, time.perf_counter()
 
@@ -33,7 +33,7 @@ def timed_fit(cfg, run_dir):
     cfg.fingerprint = data.fingerprint
     lap("data check")
     augment_on = training.check_fit_options("auto", False)
-    runs.start_run(cfg, run_dir, data.problems, log=print)
+    rundir.start_run(cfg, run_dir, data.problems, log=print)
     steps = training.steps_per_epoch(cfg, len(data.train_paths))
     model, trained = training.build_and_compile(cfg, steps, augment_on)
     lap("build and compile")

@@ -214,7 +214,7 @@ def evaluate_adapted(model_path, images_source, data_dir, split="test", out_dir=
     record = adapt(model_path, images_source, adapted_dir, stages, overwrite=True, batch_size=batch_size, log=log)
     adapted = evaluation.evaluate_run(adapted_dir, data_dir, split, os.path.join(out_dir, "adapted"),
                                       batch_size=batch_size, log=log, **options)
-    carve = evaluation.carve_settings(model_path, **{k: options.get(k) for k in ("val_fraction", "seed", "holdout_fraction")})
+    carve = runs.carve_settings(model_path, **{k: options.get(k) for k in ("val_fraction", "seed", "holdout_fraction")})
     evaluated = {os.path.realpath(s.path) for s in evaluation._split_samples(data_dir, split, carve)[1]}
     adapted_on = {os.path.realpath(p) for p in image_paths(images_source)}
     overlap = len(evaluated & adapted_on)

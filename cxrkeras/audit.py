@@ -11,13 +11,12 @@ signal the model uses.
 
 import numpy as np
 
+from cxrkeras import explain
+from cxrkeras.config import AUDIT_BAND, IMAGE_SIZE
 from cxrkeras.models import cascade as cascade_lib
 
-DEFAULT_BAND = 22  # pixels of a 150-pixel image
-BAND_REFERENCE_SIZE = 150
 
-
-def band_pixels(band, size, reference=BAND_REFERENCE_SIZE):
+def band_pixels(band, size, reference=IMAGE_SIZE):
     """`band` pixels of a `reference`-pixel image, scaled to a `size`-pixel one (at least 1, less than half)."""
     if not 0 < band < reference / 2:
         raise ValueError(f"`band` must be in (0, {reference / 2}) pixels of {reference}. Received: band={band!r}")
@@ -55,14 +54,15 @@ def border_mass(heatmaps, band):
     return float(np.mean(heatmaps[hot][:, mask].sum(axis=1) / total[hot]))
 
 
-def shortcut_audit(model, images, labels, band=DEFAULT_BAND, batch_size=64):
+def shortcut_audit(model, images, labels, band=AUDIT_BAND, batch_size=64, whole=None):
     """{"band_px", "whole", "centre_only", "border_only", "majority_rate", "gradcam_border_mass"} for `model`.
 
     `images` [N, H, W, 1] in [0, 1], `labels` the class indices the model's
-    decisions are scored against; `band` in pixels of a 150-pixel image.
+    decisions are scored against; `band` in pixels of an IMAGE_SIZE image;
+    `whole`: the model's decisions on `images` when they are known already.
     The accuracies use the model's own decisions (a cascade's thresholds).
-    Grad-CAM explains each image's decision as the export's `explain` signature does;
-    "gradcam_border_mass" is None for a model Grad-CAM can't read.
+    Grad-CAM explains each image's decision as the export's `explain` signature does
+    (`cxrkeras.explain`); "gradcam_border_mass" is None for a model Grad-CAM can't read.
     """
     images = np.asarray(images, dtype="float32")
     labels = np.asarray(labels, dtype="int64")
@@ -71,7 +71,7 @@ def shortcut_audit(model, images, labels, band=DEFAULT_BAND, batch_size=64):
     def decisions(x):
         return cascade_lib.predict(model, x, batch_size)[1]
 
-    whole = decisions(images)
+    whole = decisions(images) if whole is None else np.asarray(whole, dtype="int64")
     return {
         "band": band,
         "band_px": px,
@@ -87,15 +87,12 @@ def _gradcam_border_mass(model, images, class_id, px, batch_size):
     """`border_mass` of the Grad-CAM of each image's decision `class_id`, batch by batch (None: no Grad-CAM)."""
     import keras
 
-    from cxrkeras.evaluation import explain_heatmaps
-    from cxrkeras.export import stage_explainers
-
-    explainers = stage_explainers(model, cascade_lib.model_kind(model))
+    explainers = explain.stage_explainers(model, cascade_lib.model_kind(model))
     if not explainers:
         return None
     heatmaps = []
     for start in range(0, len(images), batch_size):
         batch = keras.ops.convert_to_tensor(images[start:start + batch_size])
-        heat = explain_heatmaps(explainers, batch, keras.ops.convert_to_tensor(class_id[start:start + batch_size]))
+        heat = explain.explain_heatmaps(explainers, batch, keras.ops.convert_to_tensor(class_id[start:start + batch_size]))
         heatmaps.append(keras.ops.convert_to_numpy(heat))
     return border_mass(np.concatenate(heatmaps), px)

@@ -19,6 +19,7 @@ import numpy as np
 from cxrkeras import data as data_lib
 from cxrkeras import runs
 from cxrkeras.config import CLASSES
+from cxrkeras.metrics import expected_calibration_error
 from cxrkeras.models import cascade as cascade_lib
 from cxrkeras.models.temperature import EPSILON, calibrated, scaled_probability, temperature, uncalibrated
 
@@ -64,13 +65,9 @@ def with_temperatures(model, stage_temperatures):
     rebuilt = {
         stage: (uncalibrated(m) if new[stage] is None else calibrated(m, new[stage])) for stage, m in stages.items()
     }
-    t_infected, t_covid = cascade_lib.cascade_thresholds(model)
-    return cascade_lib.build_cascade(
-        rebuilt["infected"],
-        rebuilt["covid"],
-        scaled_probability(t_infected, old["infected"], new["infected"] or 1.0),
-        scaled_probability(t_covid, old["covid"], new["covid"] or 1.0),
-    )
+    thresholds = cascade_lib.cascade_thresholds(model)
+    moved = {stage: scaled_probability(t, old[stage], new[stage] or 1.0) for stage, t in thresholds.items()}
+    return cascade_lib.build_cascade(rebuilt["infected"], rebuilt["covid"], moved)
 
 
 def uncalibrated_model(model):
@@ -123,8 +120,6 @@ def scale(p, t):
 
 
 def _binary_ece(p, y):
-    from cxrkeras.evaluation import expected_calibration_error
-
     p = np.asarray(p, dtype="float64").reshape(-1)
     return expected_calibration_error(np.stack([1.0 - p, p], axis=-1), np.asarray(y).reshape(-1))
 
@@ -165,17 +160,15 @@ def fit_stages(model, images, labels3, path=None, batch_size=64):
 
 def holdout_samples(model_path, data=None):
     """(source, carve, the holdout's samples) of the model's runs; CalibrationError when they carved none."""
-    from cxrkeras.evaluation import _cascade_record, carve_settings
-
-    carve = carve_settings(model_path)
+    section = runs.data_section(model_path)
+    carve = runs.carve_from(section)
     if not carve["holdout_fraction"]:
         raise CalibrationError(
             f"{model_path}: its runs carved no holdout from train (`fit --holdout-fraction`; the config says "
             f"holdout_fraction 0). A temperature is fitted only on images that neither trained the model nor "
             f"picked its epochs: validation picked the epochs, and test is for scoring."
         )
-    section = (runs.run_config(model_path) or {}).get("data") or _cascade_record(model_path).get("data") or {}
-    source = data or section.get("manifest") or section.get("data_dir")
+    source = data or runs.dataset_of(section)
     if not source:
         raise CalibrationError(f"{model_path}: its config names no dataset; pass the dataset the runs used (--data).")
     samples = data_lib.load_splits(source, **carve).holdout
@@ -191,8 +184,6 @@ def decisions(model, images, batch_size=64):
 
 def calibrate(model_path, out_dir, data=None, overwrite=False, batch_size=64, log=print):
     """Fit a temperature per stage on the holdout; write the calibrated model to OUT_DIR; return the record."""
-    from cxrkeras.evaluation import expected_calibration_error
-
     model_path = os.fspath(model_path)
     model = runs.load_model(model_path)
     if cascade_lib.model_kind(model) == "three-class":
@@ -233,8 +224,8 @@ def calibrate(model_path, out_dir, data=None, overwrite=False, batch_size=64, lo
     }
     if cascade_lib.model_kind(model) == "cascade":
         record["thresholds"] = {
-            "before": dict(zip(("infected", "covid"), cascade_lib.cascade_thresholds(before))),
-            "after": dict(zip(("infected", "covid"), cascade_lib.cascade_thresholds(after))),
+            "before": cascade_lib.cascade_thresholds(before),
+            "after": cascade_lib.cascade_thresholds(after),
         }
     record["model"] = runs.save_derived(new, model_path, out_dir, runs.CALIBRATION_FILE, record, overwrite)
     return record
@@ -245,8 +236,6 @@ def calibrate(model_path, out_dir, data=None, overwrite=False, batch_size=64, lo
 
 def evaluation_section(model, images, labels, ece_after, batch_size=64):
     """(metrics["calibration"], the uncalibrated probabilities) for a calibrated model, else (None, None)."""
-    from cxrkeras.evaluation import expected_calibration_error
-
     found = temperatures(model)
     if not found:
         return None, None

@@ -14,15 +14,8 @@ import keras
 
 from cxrkeras.config import MONITORS
 from cxrkeras.files import read_json, save_model_atomic, write_atomic, write_json_atomic
-from cxrkeras.runs import (
-    BACKUP_DIR,
-    HISTORY_FILE,
-    LOGS_DIR,
-    MODEL_FILE,
-    STATE_FILE,
-    pending_model_path,
-    settle_pending,
-)
+from cxrkeras.rundir import pending_model_path, settle_pending
+from cxrkeras.runs import BACKUP_DIR, HISTORY_FILE, LOGS_DIR, MODEL_FILE, STATE_FILE
 
 # Test hook, read by `testing_callbacks`: SIGKILL this process at the end of epoch N (0-based), after
 # history.csv and model.keras are written but before the epoch's backup, the worst moment

@@ -29,15 +29,8 @@ from dataclasses import dataclass
 
 import keras
 
-from cxrkeras.runs import (
-    BACKUP_DIR,
-    BACKUP_METADATA,
-    CONFIG_FILE,
-    HISTORY_FILE,
-    MODEL_FILE,
-    STATE_FILE,
-    pending_model_path,
-)
+from cxrkeras.rundir import pending_model_path
+from cxrkeras.runs import BACKUP_DIR, BACKUP_METADATA, CONFIG_FILE, HISTORY_FILE, MODEL_FILE, STATE_FILE
 
 # The variables Keras' `keras.distribution.initialize` reads; the flags of `fit` win over them.
 JOB_ADDRESSES_ENV = "KERAS_DISTRIBUTION_JOB_ADDRESSES"

@@ -1,33 +1,29 @@
 """Evaluate a classifier: the study's table, curves, calibration, the 25-image grid, feature maps, Grad-CAM.
 
-Path of an evaluation: `evaluate_run` loads a model (a binary classifier, the
-three-class classifier or the cascade) and one split, predicts
-(`predict`), computes the metrics from arrays alone
-(`metrics_from_predictions`: the study's per-class recall / precision / F1 and
-accuracy, confusion, one-vs-rest AUC, ECE, and for the cascade its stage
-accuracies), then draws every figure through `cxrkeras.plots` and writes
-`metrics.json`. `compare` reads several `metrics.json` files back into the
-study's side-by-side table.
-
-Backend-agnostic: Grad-CAM takes its gradients from the backend itself
-(TensorFlow's GradientTape or jax.grad), images come through `data.load_images`.
+Path of an evaluation (`evaluate_run`): open the model once (`runs.open`: a
+binary classifier, the three-class classifier or the cascade, with its task,
+class names and how its runs carved train), read one split, predict each
+image once, compute the metrics from arrays alone (`cxrkeras.metrics`: the
+study's per-class recall / precision / F1 and accuracy, confusion, AUC, ECE;
+for the cascade its stage accuracies) and the shortcut audit, write `metrics.json`, then draw every figure through `cxrkeras.plots`
+(Grad-CAM and feature maps from `cxrkeras.explain`). `compare` reads several
+`metrics.json` files back into the study's side-by-side table.
 """
 
 import hashlib
 import json
 import os
 
-import keras
 import numpy as np
 
 from cxrkeras import calibration
 from cxrkeras import data as data_lib
-from cxrkeras import runs
-from cxrkeras.audit import DEFAULT_BAND, shortcut_audit
-from cxrkeras.files import read_json, write_json_atomic
+from cxrkeras import explain, runs
+from cxrkeras.audit import shortcut_audit
+from cxrkeras.config import AUDIT_BAND, IMAGE_SIZE
+from cxrkeras.files import write_json_atomic
+from cxrkeras.metrics import metrics_from_predictions, one_vs_rest_curves, reliability_bins, stage_accuracies
 from cxrkeras.models import cascade as cascade_lib
-from cxrkeras.models import conv_layer_names, explained_classifier
-from cxrkeras.models.temperature import Temperature
 
 SPLIT_NAMES = ("validation", "holdout", "val", "test")
 GRID_SIZE = 25  # the study's Figure 2.8.2
@@ -39,134 +35,7 @@ class EvaluationError(Exception):
     """An evaluation that cannot run as asked: the message names the thing and what was expected."""
 
 
-# ---------------------------------------------------------------- metrics from arrays
-
-
-def classification_table(labels, predictions, class_names):
-    """The study's table: per-class recall, precision, F1 and support; overall accuracy; the confusion.
-
-    scikit-learn's metrics, with 0 where a ratio is undefined: a class never
-    predicted has precision 0, a class absent from `labels` recall 0.
-    """
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    classes = list(range(len(class_names)))
-    labels, predictions = np.asarray(labels, "int64"), np.asarray(predictions, "int64")
-    cm = confusion_matrix(labels, predictions, labels=classes)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predictions, labels=classes, zero_division=0.0
-    )
-    per_class = {
-        name: {"recall": float(recall[i]), "precision": float(precision[i]), "f1": float(f1[i]),
-               "support": int(support[i])}
-        for i, name in enumerate(class_names)
-    }
-    n, correct = int(cm.sum()), int(np.trace(cm))
-    return {
-        "classes": list(class_names),
-        "per_class": per_class,
-        "accuracy": correct / n if n else 0.0,
-        "correct": correct,
-        "n": n,
-        "confusion": cm.tolist(),
-    }
-
-
-def reliability_bins(probabilities, labels, bins=15):
-    """Equal-width bins of max-probability: edges, mean confidence, accuracy and count per bin.
-
-    The prediction is the argmax of `probabilities` (the standard definition of ECE).
-    Empty bins have NaN confidence and accuracy.
-    """
-    probabilities = np.asarray(probabilities, dtype="float64")
-    labels = np.asarray(labels)
-    confidence = probabilities.max(axis=1)
-    correct = (probabilities.argmax(axis=1) == labels).astype("float64")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)  # bins (lo, hi]
-    count = np.bincount(index, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.bincount(index, weights=confidence, minlength=bins) / count
-        accuracy = np.bincount(index, weights=correct, minlength=bins) / count
-    return {"edges": edges, "confidence": mean_conf, "accuracy": accuracy, "count": count}
-
-
-def expected_calibration_error(probabilities, labels, bins=15):
-    """ECE: sum over equal-width max-probability bins of (bin size / n) * |accuracy - confidence|."""
-    stats = reliability_bins(probabilities, labels, bins)
-    n = stats["count"].sum()
-    if n == 0:
-        return 0.0
-    used = stats["count"] > 0
-    gaps = np.abs(stats["accuracy"][used] - stats["confidence"][used])
-    return float((stats["count"][used] / n * gaps).sum())
-
-
-def one_vs_rest_curves(probabilities, labels, class_names):
-    """{"roc": {class: (fpr, tpr, auc)}, "pr": {class: (recall, precision, average precision)}}.
-
-    A class with no positive or no negative example has no curve (left out).
-    """
-    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
-
-    probabilities, labels = np.asarray(probabilities), np.asarray(labels)
-    roc, pr = {}, {}
-    for i, name in enumerate(class_names):
-        positive = labels == i
-        if positive.all() or not positive.any():
-            continue
-        fpr, tpr, _ = roc_curve(positive, probabilities[:, i])
-        roc[name] = (fpr, tpr, float(auc(fpr, tpr)))
-        precision, recall, _ = precision_recall_curve(positive, probabilities[:, i])
-        pr[name] = (recall, precision, float(average_precision_score(positive, probabilities[:, i])))
-    return {"roc": roc, "pr": pr}
-
-
-def stage_accuracies(labels, predictions, covid_predictions=None):
-    """The study's stage accuracies of a three-class decision.
-
-    normal_vs_infected: accuracy of "normal or not" over all images.
-    covid_vs_non_covid: on the truly infected images, accuracy of the covid
-    stage's own decision (`covid_predictions`: 1 = covid, one per image, as the
-    study measured it: its covid classifier alone on the infected images);
-    without it, of the three-class prediction (an image called normal counts
-    as wrong).
-    """
-    labels, predictions = np.asarray(labels), np.asarray(predictions)
-    result = {"normal_vs_infected": float(np.mean((labels != 0) == (predictions != 0))) if len(labels) else 0.0}
-    infected = labels != 0
-    if infected.any():
-        if covid_predictions is not None:
-            decided = np.asarray(covid_predictions)[infected] == (labels[infected] == 2)
-        else:
-            decided = predictions[infected] == labels[infected]
-        result["covid_vs_non_covid"] = float(np.mean(decided))
-        result["infected_images"] = int(infected.sum())
-    return result
-
-
-def metrics_from_predictions(probabilities, predictions, labels, class_names):
-    """Every metric from arrays: the study's table, confusion, per-class AUC and AP, ECE."""
-    table = classification_table(labels, predictions, class_names)
-    curves = one_vs_rest_curves(probabilities, labels, class_names)
-    table["auc"] = {name: curves["roc"][name][2] if name in curves["roc"] else None for name in class_names}
-    table["average_precision"] = {name: curves["pr"][name][2] if name in curves["pr"] else None for name in class_names}
-    table["ece"] = expected_calibration_error(probabilities, labels)
-    return table
-
-
 # ---------------------------------------------------------------- models
-
-
-def cascade_stages(model):
-    """(infected sub-model, covid sub-model) of a cascade (either may be an ensemble)."""
-    return model.get_layer("infected_classifier"), model.get_layer("covid_classifier")
-
-
-def thresholds_dict(model):
-    """A cascade's thresholds as {"t_infected": ..., "t_covid": ...}."""
-    t_infected, t_covid = cascade_lib.cascade_thresholds(model)
-    return {"t_infected": float(t_infected), "t_covid": float(t_covid)}
 
 
 def predict(model, images, batch_size=64):
@@ -199,208 +68,45 @@ def _metrics(model, kind, images, labels, probabilities, predictions, class_name
         )
     metrics = {"kind": kind, **metrics_from_predictions(probabilities, predictions, labels, class_names)}
     if kind == "cascade":
-        metrics["thresholds"] = thresholds_dict(model)
+        metrics["thresholds"] = cascade_lib.cascade_thresholds(model)
         covid_decisions = None
         infected = labels != 0
         if infected.any():
-            _, covid = cascade_stages(model)
+            _, covid = explain.cascade_stages(model)
             p_covid = np.asarray(cascade_lib.predict_probabilities(covid, images[infected], batch_size))[:, 1]
             covid_decisions = np.zeros(len(labels), dtype=bool)
-            covid_decisions[infected] = p_covid > metrics["thresholds"].get("t_covid", 0.5)
+            covid_decisions[infected] = p_covid > metrics["thresholds"]["covid"]
         metrics["stage_accuracy"] = stage_accuracies(labels, predictions, covid_decisions)
     return metrics
 
 
-# ---------------------------------------------------------------- feature maps and Grad-CAM
+class Predictions:
+    """Each image's pixels, probabilities and decision by `model`, predicted once however often it is shown."""
 
+    def __init__(self, model, batch_size=64):
+        self.model, self.batch_size = model, batch_size
+        self.size = int(model.input_shape[1])
+        self.seen = {}  # path -> (image, probabilities, decision)
 
-def _single_input(model):
-    """The model's one input tensor (so the extractor is called with a plain array)."""
-    inputs = model.inputs
-    return inputs[0] if len(inputs) == 1 else inputs
+    def remember(self, paths, images, probabilities, predictions):
+        self.seen.update(zip(paths, zip(images, probabilities, predictions)))
 
-
-def every_second_conv(model):
-    """The 2nd, 4th, ... Conv2D layers of `model` (the study's Figures 3.4.x)."""
-    names = conv_layer_names(model)
-    return names[1::2] or names
-
-
-def feature_maps(model, image, layers=None):
-    """{layer name: [H, W, C] activations} of `image` ([H, W, 1]) at `layers` (default: every second conv)."""
-    layers = list(layers or every_second_conv(model))
-    extractor = keras.Model(inputs=_single_input(model), outputs=[model.get_layer(n).output for n in layers])
-    outputs = extractor(np.asarray(image, "float32")[None], training=False)
-    if not isinstance(outputs, (list, tuple)):
-        outputs = [outputs]
-    return {name: keras.ops.convert_to_numpy(out)[0].astype("float32") for name, out in zip(layers, outputs)}
-
-
-_PASS_THROUGH = (keras.layers.ReLU, keras.layers.Activation, keras.layers.BatchNormalization, keras.layers.Add)
-
-
-def gradcam_layer(model):
-    """The layer Grad-CAM reads: the last Conv2D, followed through its BatchNorm / Add / ReLU.
-
-    For the covid classifier that is `res4_out` (after the skip and the ReLU);
-    for the infected classifier `block5_relu`.
-    """
-    layers = model.layers
-    conv_names = conv_layer_names(model)
-    if not conv_names:
-        raise EvaluationError(f"Model {model.name!r} has no Conv2D layer for Grad-CAM.")
-    index = [layer.name for layer in layers].index(conv_names[-1])
-    while index + 1 < len(layers) and isinstance(layers[index + 1], _PASS_THROUGH):
-        index += 1
-    return layers[index].name
-
-
-def logit_head(model):
-    """The final Dense layer when its activation is sigmoid or softmax (Grad-CAM then uses the logits).
-
-    A calibrated classifier's Temperature layer after it is looked through (it rescales the logit only).
-    """
-    layers = model.layers
-    head = layers[-2] if isinstance(layers[-1], Temperature) and len(layers) > 1 else layers[-1]
-    if isinstance(head, keras.layers.Dense) and getattr(head.activation, "__name__", "") in ("sigmoid", "softmax"):
-        return head
-    return None
-
-
-def grad_cam(model, image, layer_name=None, class_index=None):
-    """Grad-CAM heatmap [H, W] in [0, 1] of `image` ([H, W, 1]) for `class_index` (default: the argmax).
-
-    `grad_cam_batch` on one image, with `layer_name` (default
-    `gradcam_layer(model)`) as the feature layer.
-    """
-    layer_name = layer_name or gradcam_layer(model)
-    head = logit_head(model)
-    scored = head.input if head is not None else model.outputs[0]
-    grad_model = keras.Model(_single_input(model), [model.get_layer(layer_name).output, scored])
-    x = np.asarray(image, "float32")[None]
-    if class_index is None:
-        p = keras.ops.convert_to_numpy(model(x, training=False)).astype("float32")[0]
-        class_index = int(p[0] > 0.5) if p.shape[-1] == 1 else int(np.argmax(p))
-    try:
-        heat = grad_cam_batch(grad_model, head, keras.ops.convert_to_tensor(x),
-                              keras.ops.convert_to_tensor(np.array([class_index], "int64")))
-    except ValueError as e:
-        raise EvaluationError(f"Layer {layer_name!r} of {model.name!r}: {e}") from e
-    return keras.ops.convert_to_numpy(heat)[0].astype("float32")
-
-
-def grad_cam_batch(grad_model, head, images, class_index):
-    """Grad-CAM [N, H, W] in [0, 1] of each image for its `class_index` [N] (what `export`'s explain runs).
-
-    `grad_model` maps images to (feature layer output, the head's input; or
-    the output itself when `head` is None). The score is the class logit
-    (pre-sigmoid / pre-softmax; for one sigmoid unit class 0 scores minus the
-    logit); the gradients with respect to the features, averaged over space,
-    weight its channels; the ReLU of the weighted sum is resized to the image
-    and divided by its maximum. Images are independent in inference mode, so
-    the gradient of the summed scores gives each image its own gradients.
-    The gradients are the backend's own: TensorFlow's GradientTape (also in
-    the exported graph) or jax.grad.
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        features, grads = _tensorflow_feature_gradients(grad_model, head, images, class_index)
-    elif backend == "jax":
-        features, grads = _jax_feature_gradients(grad_model, head, images, class_index)
-    else:
-        raise EvaluationError(f"Grad-CAM runs under the TensorFlow or JAX backend, not {backend!r}.")
-    if grads is None:
-        raise ValueError("the feature layer does not affect the output")
-    ops = keras.ops
-    weights = ops.mean(ops.cast(grads, "float32"), axis=(1, 2))
-    cam = ops.relu(ops.sum(ops.cast(features, "float32") * weights[:, None, None, :], axis=-1))
-    cam = ops.image.resize(cam[..., None], tuple(images.shape[1:3]), interpolation="bilinear", antialias=False)[..., 0]
-    peak = ops.max(cam, axis=(1, 2), keepdims=True)
-    return ops.where(peak > 0, cam / ops.where(peak > 0, peak, 1.0), 0.0)
-
-
-def explain_heatmaps(explainers, images, class_id):
-    """Grad-CAM [N, H, W] of decisions `class_id` [N], from `export.stage_explainers`' explainers.
-
-    For the cascade (two explainers), the stage that decided: the infected
-    classifier's class "normal" for a normal decision, else the covid
-    classifier's covid (2) or non-covid (1) class. keras.ops on any backend,
-    so the exported graph and `audit` under JAX compute the same.
-    """
-    ops = keras.ops
-    if len(explainers) == 1:
-        _, grad_model, head = explainers[0]
-        return grad_cam_batch(grad_model, head, images, class_id)
-    (_, infected, infected_head), (_, covid, covid_head) = explainers
-    heat_infected = grad_cam_batch(infected, infected_head, images, ops.zeros_like(class_id))
-    heat_covid = grad_cam_batch(covid, covid_head, images, ops.cast(ops.equal(class_id, 2), class_id.dtype))
-    return ops.where(ops.equal(class_id, 0)[:, None, None], heat_infected, heat_covid)
-
-
-def _class_score(logits, head, class_index):
-    """The summed score of each row's `class_index`: its logit (from the head's input when `head`)."""
-    ops = keras.ops
-    logits = ops.cast(logits, "float32")
-    if head is not None:
-        logits = ops.matmul(logits, ops.cast(head.kernel, "float32")) + ops.cast(head.bias, "float32")
-    if logits.shape[-1] == 1:
-        score = ops.where(class_index == 1, logits[:, 0], -logits[:, 0])
-    else:
-        score = ops.take_along_axis(logits, ops.cast(class_index, "int32")[:, None], axis=1)[:, 0]
-    return ops.sum(score)
-
-
-def _tensorflow_feature_gradients(grad_model, head, images, class_index):
-    import tensorflow as tf
-
-    with tf.GradientTape() as tape:
-        features, logits = grad_model(images, training=False)
-        total = _class_score(logits, head, class_index)
-    return features, tape.gradient(total, features)
-
-
-def _jax_feature_gradients(grad_model, head, images, class_index):
-    """(features, d score / d features) by jax.grad through the part of `grad_model` after its feature layer."""
-    import jax
-
-    features_out, scored_out = grad_model.outputs
-    features = keras.Model(grad_model.inputs, features_out)(images, training=False)
-    try:
-        tail = keras.Model(features_out, scored_out)
-    except ValueError:  # the score also reads an earlier layer: no gradient through the feature layer alone
-        return features, None
-    grads = jax.grad(lambda f: _class_score(tail(f, training=False), head, class_index))(features)
-    return features, grads
-
-
-def explained_model(model, kind, prediction):
-    """(sub-model, class index in it) whose Grad-CAM explains a decision.
-
-    For the cascade, the stage that decided: the infected classifier for a
-    "normal" prediction (class normal), the covid classifier for an infected
-    one (class covid or non-covid). Other models explain themselves; an
-    ensemble stage is explained by its first member.
-    """
-    if kind != "cascade":
-        return model, int(prediction)
-    infected, covid = (explained_classifier(stage) for stage in cascade_stages(model))
-    if prediction == 0:
-        return infected, 0
-    return covid, int(prediction == 2)
-
-
-def feature_model(model, kind):
-    """The model whose feature maps are drawn: a cascade's covid classifier (the study's choice), else the model."""
-    if kind == "cascade":
-        return explained_classifier(cascade_stages(model)[1])
-    return model
+    def __call__(self, paths):
+        """(images [N, size, size, 1], probabilities [N, K], decisions [N]) of `paths`, predicting only new ones."""
+        new = [p for p in dict.fromkeys(paths) if p not in self.seen]
+        if new:
+            images = data_lib.load_images(new, self.size)
+            self.remember(new, images, *predict(self.model, images, self.batch_size))
+        rows = [self.seen[p] for p in paths]
+        return tuple(np.stack([row[i] for row in rows]) for i in range(3))
 
 
 # ---------------------------------------------------------------- a run on a dataset
 
 
-def _split_samples(data_dir, split, carve):
-    """(Splits, the evaluated split's samples); DatasetError naming a missing split folder.
+def _split_samples(data_dir, split, carve, task=None):
+    """(Splits, the evaluated split's samples, those of `task` when given); DatasetError naming a missing split
+    folder, or a split without images of the task.
 
     `carve`: the load_splits settings (val_fraction, seed, holdout_fraction, holdout_seed).
     """
@@ -415,25 +121,13 @@ def _split_samples(data_dir, split, carve):
     if not samples:
         where = folder if os.path.isdir(data_dir) else f"{data_dir}: the manifest's {split!r} split"
         raise data_lib.DatasetError(f"{where}: no readable images; cannot evaluate split {split!r}.")
+    if task is not None:
+        samples = _task_samples(samples, task)
+        if not samples:
+            raise data_lib.DatasetError(f"{data_dir}: split {split!r} has no infected images for the covid task.")
     return splits, samples
 
 
-def carve_settings(model_path, **given):
-    """How train is carved for the model at `model_path`: the `given` values that are not None, else its
-    run's config.json (a cascade's: cascade.json's "data"), else 0.15, seed 0, no holdout, holdout seed 0."""
-    data_config = (runs.run_config(model_path) or {}).get("data") or _cascade_record(model_path).get("data") or {}
-    defaults = {"val_fraction": 0.15, "seed": 0, "holdout_fraction": 0.0, "holdout_seed": 0}
-    return {k: given[k] if given.get(k) is not None else data_config.get(k, v) for k, v in defaults.items()}
-
-
-def _cascade_record(model_path):
-    """The cascade.json beside `model_path` as a dict ({} when there is none, or it is not an object)."""
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    try:
-        record = read_json(os.path.join(folder, runs.CASCADE_FILE), {})
-    except ValueError:
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def _task_samples(samples, task):
@@ -472,71 +166,50 @@ def output_name(prefix, stem, suffix=".png", limit=120):
     return f"{prefix}{cut}-{tag}{suffix}"
 
 
-def evaluate_run(
-    model_path,
-    data_dir,
-    split="test",
-    out_dir=None,
-    images=None,
-    task=None,
-    val_fraction=None,
-    seed=None,
-    batch_size=64,
-    log=print,
-    holdout_fraction=None,
-    audit_band=None,
-):
+
+
+def evaluate_run(model_path, data_dir, split="test", out_dir=None, images=None, task=None, val_fraction=None,
+                 seed=None, batch_size=64, log=print, holdout_fraction=None, audit_band=None):
     """Evaluate a saved model on one split; write metrics.json and every figure into `out_dir`.
 
     `model_path` is a .keras file or a run dir (binary, three-class or
     cascade); images are read at the model's own input size. `split`:
     "validation" (carved from train with `val_fraction` / `seed`, else the
-    run's, else 0.15 / 0), "holdout" (carved from train before validation:
+    run's, else the defaults of `runs.carve_from`), "holdout" (carved from train before validation:
     `holdout_fraction`, else the run's), "val" (the release's val/) or
     "test". `images`: image paths for the feature maps (the first) and
     Grad-CAM (all); default: the split's first image for the feature maps and
     the first image of each class in turn (4 in all) for Grad-CAM. metrics.json
     is written before any figure, so a figure that fails loses no numbers.
     It holds the shortcut audit (`audit.shortcut_audit`, band `audit_band`
-    pixels of 150, default 22). Returns the metrics dict (also saved), with "files" listing what was written.
+    pixels of an IMAGE_SIZE image, default AUDIT_BAND). Returns the metrics dict (also saved), with "files"
+    listing what was written.
     """
     if split not in SPLIT_NAMES:
         raise EvaluationError(f"Unknown split {split!r}; expected one of {list(SPLIT_NAMES)}.")
-    model_path = os.fspath(model_path)
-    run_dir = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    model = runs.load_model(model_path)
-    kind = cascade_lib.model_kind(model)
-    class_names = list(runs.class_names(model, model_path, task))
-    task = runs.data_task(model, model_path, task)
-    carve = carve_settings(model_path, val_fraction=val_fraction, seed=seed, holdout_fraction=holdout_fraction)
-
-    splits, samples = _split_samples(data_dir, split, carve)
-    samples = _task_samples(samples, task)
-    if not samples:
-        raise data_lib.DatasetError(f"{data_dir}: split {split!r} has no infected images for the covid task.")
+    opened = runs.open(model_path, task)
+    carve = opened.carve(val_fraction=val_fraction, seed=seed, holdout_fraction=holdout_fraction)
+    splits, samples = _split_samples(data_dir, split, carve, opened.data_task)
     chosen = _checked_images(images) if images else None
-    paths, labels = data_lib.task_arrays(samples, task)
-    out_dir = out_dir or os.path.join(run_dir, f"eval-{split}")
+    paths, labels = data_lib.task_arrays(samples, opened.data_task)
+    out_dir = out_dir or os.path.join(opened.folder, f"eval-{split}")
     os.makedirs(out_dir, exist_ok=True)
     if splits.problems:
         log(f"skipped {len(splits.problems)} file(s) that do not decode (see `cxrkeras data check`)")
 
-    size = int(model.input_shape[1])
-    x = data_lib.load_images(paths, size)
-    probabilities, predictions = predict(model, x, batch_size)
+    predictions = Predictions(opened.model, batch_size)
+    x = data_lib.load_images(paths, predictions.size)
+    predictions.remember(paths, x, *predict(opened.model, x, batch_size))
+    scores, uncalibrated = _scores(opened, predictions, paths, labels, audit_band)
     metrics = {
-        "model": os.path.abspath(model_path),
+        "model": os.path.abspath(os.fspath(model_path)),
         "data": os.path.abspath(os.fspath(data_dir)),
         "split": split,
-        "task": task,
+        "task": opened.data_task,
         "fingerprint": data_lib.fingerprint(samples),
         "skipped_files": len(splits.problems),
-        **_metrics(model, kind, x, labels, probabilities, predictions, class_names, batch_size),
-        "audit": shortcut_audit(model, x, labels, audit_band or DEFAULT_BAND, batch_size),
+        **scores,
     }
-    calibrated, uncalibrated = calibration.evaluation_section(model, x, labels, metrics["ece"], batch_size)
-    if calibrated:
-        metrics["calibration"] = calibrated  # temperatures, ECE before and after
     if split == "validation":
         metrics["validation"] = {"val_fraction": carve["val_fraction"], "seed": carve["seed"]}
     if split in ("validation", "holdout"):
@@ -544,99 +217,114 @@ def evaluate_run(
     metrics_path = os.path.join(out_dir, runs.METRICS_FILE)
     write_json_atomic(metrics_path, {**metrics, "files": [runs.METRICS_FILE]})  # the numbers first
 
-    title = f"{os.path.basename(run_dir)} on {split} (n={len(labels)})"
-    files = _metric_figures(metrics, probabilities, labels, class_names, out_dir, title)
-    if uncalibrated is not None:  # the reliability diagram without the temperatures (calibration.png: with)
-        from cxrkeras import plots
-
-        files.append(plots.reliability_figure(
-            reliability_bins(uncalibrated, labels), metrics["calibration"]["ece_before"],
-            os.path.join(out_dir, "calibration_before.png"), f"{title}, before temperature scaling",
-        ))
-    grid = _task_samples(splits.val, task)[:GRID_SIZE]
-    metrics["grid"], grid_files = _grid_figure(model, grid, task, class_names, size, batch_size, out_dir)
-    if not grid:
-        log(f"no grid.png: {data_dir} has no val/ images for task {task!r}")
-    files += grid_files
-    feature_path = chosen[0] if chosen else paths[0]
-    gradcam_paths = chosen or [paths[i] for i in _default_gradcam_picks(labels)]
-    files.append(_feature_map_figure(model, kind, feature_path, size, out_dir))
-    truth = {p: class_names[k] for p, k in zip(paths, labels)}
-    metrics["gradcam"], gradcam_files = _gradcam_figures(
-        model, kind, gradcam_paths, truth, class_names, size, batch_size, out_dir
-    )
-    files += gradcam_files
-
+    title = f"{os.path.basename(opened.folder)} on {split} (n={len(labels)})"
+    files = _metric_figures(metrics, predictions(paths)[1], labels, opened.class_names, out_dir, title, uncalibrated)
+    files += _explained_figures(opened, predictions, splits.val, paths, labels, chosen, metrics, out_dir, log)
     metrics["files"] = [os.path.basename(f) for f in files] + [runs.METRICS_FILE]
     write_json_atomic(metrics_path, metrics)
     metrics["out_dir"] = out_dir
     return metrics
 
 
-def _metric_figures(metrics, probabilities, labels, class_names, out_dir, title):
-    """confusion_matrix.png, roc.png, pr.png and calibration.png."""
+def _scores(opened, predictions, paths, labels, audit_band):
+    """(the metrics of the model's predictions on `paths`, the shortcut audit and (a calibrated model) the
+    calibration section; the probabilities without temperatures, None when the model has none)."""
+    x, probabilities, decisions = predictions(paths)
+    model, batch_size = opened.model, predictions.batch_size
+    scores = {
+        **_metrics(model, opened.kind, x, labels, probabilities, decisions, list(opened.class_names), batch_size),
+        "audit": shortcut_audit(model, x, labels, audit_band or AUDIT_BAND, batch_size, whole=decisions),
+    }
+    calibrated, uncalibrated = calibration.evaluation_section(model, x, labels, scores["ece"], batch_size)
+    if calibrated:
+        scores["calibration"] = calibrated  # temperatures, ECE before and after
+    return scores, uncalibrated
+
+
+def _metric_figures(metrics, probabilities, labels, class_names, out_dir, title, uncalibrated=None):
+    """confusion_matrix.png, roc.png, pr.png and calibration.png (and calibration_before.png: `uncalibrated`)."""
     from cxrkeras import plots
 
     out = lambda name: os.path.join(out_dir, name)  # noqa: E731
     curves = one_vs_rest_curves(probabilities, labels, class_names)
     bins = reliability_bins(probabilities, labels)
-    return [
+    files = [
         plots.confusion_matrix_figure(np.asarray(metrics["confusion"]), class_names, out("confusion_matrix.png"), title),
         plots.roc_figure(curves["roc"], out("roc.png"), f"ROC, one-vs-rest: {title}"),
         plots.pr_figure(curves["pr"], out("pr.png"), f"Precision-recall, one-vs-rest: {title}"),
         plots.reliability_figure(bins, metrics["ece"], out("calibration.png"), title),
     ]
+    if uncalibrated is not None:  # the reliability diagram without the temperatures (calibration.png: with)
+        files.append(plots.reliability_figure(
+            reliability_bins(uncalibrated, labels), metrics["calibration"]["ece_before"],
+            out("calibration_before.png"), f"{title}, before temperature scaling",
+        ))
+    return files
 
 
-def _grid_figure(model, grid, task, class_names, size, batch_size, out_dir):
+def _explained_figures(opened, predictions, val, paths, labels, chosen, metrics, out_dir, log):
+    """grid.png (the release's `val` samples), feature_maps.png and the Grad-CAM figures; metrics gains
+    "grid" and "gradcam"."""
+    task, class_names = opened.data_task, opened.class_names
+    grid = _task_samples(val, task)[:GRID_SIZE]
+    metrics["grid"], files = _grid_figure(predictions, grid, task, class_names, out_dir)
+    if not grid:
+        log(f"no grid.png: {metrics['data']} has no val/ images for task {task!r}")
+    feature_path = chosen[0] if chosen else paths[0]
+    gradcam_paths = chosen or [paths[i] for i in _default_gradcam_picks(labels)]
+    files.append(_feature_map_figure(opened, predictions, feature_path, out_dir))
+    truth = {p: class_names[k] for p, k in zip(paths, labels)}
+    metrics["gradcam"], gradcam_files = _gradcam_figures(opened, predictions, gradcam_paths, truth, out_dir)
+    return files + gradcam_files
+
+
+def _grid_figure(predictions, grid, task, class_names, out_dir):
     """The study's Figure 2.8.2 (the release's val/ images, true and predicted labels): (summary, files)."""
     from cxrkeras import plots
 
     if not grid:
         return None, []
     paths, labels = data_lib.task_arrays(grid, task)
-    images = data_lib.load_images(paths, size)
-    probabilities, predictions = predict(model, images, batch_size)
-    k = int((predictions == labels).sum())
+    images, probabilities, decisions = predictions(paths)
+    k = int((decisions == labels).sum())
     path = plots.prediction_grid(
         images,
         [class_names[i] for i in labels],
-        [class_names[i] for i in predictions],
-        probabilities[np.arange(len(predictions)), predictions],
+        [class_names[i] for i in decisions],
+        probabilities[np.arange(len(decisions)), decisions],
         os.path.join(out_dir, "grid.png"),
         f"val/: {k}/{len(labels)} correct ({100 * k / len(labels):.1f}%)",
     )
     return {"correct": k, "n": len(labels)}, [path]
 
 
-def _feature_map_figure(model, kind, path, size, out_dir):
+def _feature_map_figure(opened, predictions, path, out_dir):
     """The study's Figures 3.4.x: every second conv layer of the covid classifier, for one image."""
     from cxrkeras import plots
 
-    sub = feature_model(model, kind)
-    image = data_lib.load_images([path], size)[0]
+    sub = explain.feature_model(opened.model, opened.kind)
+    image = predictions([path])[0][0]
     caption = f"{sub.name}: every second conv layer, {os.path.basename(path)}"
     out = os.path.join(out_dir, "feature_maps.png")
-    return plots.feature_map_figure(image, feature_maps(sub, image), out, caption, FEATURE_CHANNELS)
+    return plots.feature_map_figure(image, explain.feature_maps(sub, image), out, caption, FEATURE_CHANNELS)
 
 
-def _gradcam_figures(model, kind, paths, truth, class_names, size, batch_size, out_dir):
+def _gradcam_figures(opened, predictions, paths, truth, out_dir):
     """Grad-CAM of the predicted class (the deciding stage of a cascade) for each image: (records, files)."""
     from cxrkeras import plots
 
-    images = data_lib.load_images(paths, size)
-    probabilities, predictions = predict(model, images, batch_size)
+    images, probabilities, decisions = predictions(paths)
     records, files = [], []
-    for i, (path, image, prediction) in enumerate(zip(paths, images, predictions)):
-        explained, class_index = explained_model(model, kind, int(prediction))
-        layer = gradcam_layer(explained)
-        heat = grad_cam(explained, image, layer, class_index)
+    for i, (path, image, decision) in enumerate(zip(paths, images, decisions)):
+        explained, class_index = explain.explained_model(opened.model, opened.kind, int(decision))
+        layer = explain.gradcam_layer(explained)
+        heat = explain.grad_cam(explained, image, layer, class_index)
         true = truth.get(path, "?")
         stem = os.path.splitext(os.path.basename(path))[0]
         name = output_name(f"gradcam_{i:02d}_", stem if true == "?" or stem.startswith(true) else f"{true}-{stem}")
         caption = (
-            f"{os.path.basename(path)}: true {true}, predicted {class_names[prediction]} "
-            f"({probabilities[i, prediction]:.2f})\nGrad-CAM of {explained.name}/{layer}"
+            f"{os.path.basename(path)}: true {true}, predicted {opened.class_names[decision]} "
+            f"({probabilities[i, decision]:.2f})\nGrad-CAM of {explained.name}/{layer}"
         )
         files.append(plots.gradcam_figure(image, heat, os.path.join(out_dir, name), caption))
         records.append({"image": path, "file": name, "model": explained.name, "layer": layer})
@@ -680,7 +368,7 @@ def format_report(metrics):
         a = metrics["audit"]
         mass = "-" if a["gradcam_border_mass"] is None else f"{a['gradcam_border_mass']:.3f}"
         lines.append(
-            f"shortcut audit (band {a['band']} px of 150): whole {a['whole']:.4f}, centre only "
+            f"shortcut audit (band {a['band']} px of {IMAGE_SIZE}): whole {a['whole']:.4f}, centre only "
             f"{a['centre_only']:.4f}, border only {a['border_only']:.4f}, majority class {a['majority_rate']:.4f}; "
             f"Grad-CAM heat in the band {mass}"
         )

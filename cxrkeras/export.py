@@ -11,7 +11,7 @@ TensorFlow op, so TensorFlow Serving runs all of them):
 - `predict_images`: `images` float32 [N, size, size, 1] in [0, 1]; the same answer.
 - `explain`: `images` as `serving_default`; the same answer plus "heatmap"
   [N, size, size] float32 in [0, 1], the Grad-CAM of each image (for the
-  cascade: of the stage that decided, as `evaluation.explained_model`), and
+  cascade: of the stage that decided, `cxrkeras.explain`), and
   "explained_by" [N] string, that stage's name.
 - `classify`: TensorFlow Serving's classify API: `inputs` tf.string [N],
   serialized tf.Example protos whose bytes feature "image" holds the encoded
@@ -31,7 +31,8 @@ import json
 import os
 import shutil
 
-from cxrkeras import runs
+from cxrkeras import explain, runs
+from cxrkeras.config import DECISION_THRESHOLD
 from cxrkeras.models import cascade as cascade_lib
 from cxrkeras.savedmodel import EXAMPLE_IMAGE_FEATURE, METADATA_FILE, is_saved_model, versions
 from cxrkeras.savedmodel import read_metadata  # noqa: F401  (cli.py reads an export's metadata from here)
@@ -52,24 +53,27 @@ def next_version(base):
 
 def describe(model, path=None, task=None):
     """What the export needs to know about `model`: kind, task, class names, thresholds, image size."""
-    kind = cascade_lib.model_kind(model)
-    names = list(runs.class_names(model, path, task))
-    if kind == "cascade":
-        t_infected, t_covid = cascade_lib.cascade_thresholds(model)
-        thresholds = {"infected": t_infected, "covid": t_covid}
-    elif kind == "binary":
-        thresholds = {names[1]: 0.5}
-    else:
-        thresholds = {}
+    return _describe(runs.open_model(model, path, task))
+
+
+def _describe(opened):
+    """`describe` of a runs.OpenModel."""
     from cxrkeras.adapt import model_status
 
+    names = list(opened.class_names)
+    if opened.kind == "cascade":
+        thresholds = cascade_lib.cascade_thresholds(opened.model)
+    elif opened.kind == "binary":
+        thresholds = {names[1]: DECISION_THRESHOLD}
+    else:
+        thresholds = {}
     return {
-        "kind": kind,
-        "task": runs.model_task(model, path, task),
+        "kind": opened.kind,
+        "task": opened.known_task,
         "class_names": names,
         "thresholds": thresholds,
-        "image_size": int(model.input_shape[1]),
-        **model_status(model, path),  # "adapted" (to which images) and "calibrated" (the temperatures)
+        "image_size": int(opened.model.input_shape[1]),
+        **model_status(opened.model, opened.path),  # "adapted" (to which images) and "calibrated" (the temperatures)
     }
 
 
@@ -77,42 +81,12 @@ def serving_module(model, info):
     """A tf.Module with the four signature functions around `model` (see the module docstring)."""
     import tensorflow as tf
 
-    from cxrkeras.images import decode_image
-
-    size, kind = info["image_size"], info["kind"]
-    module = tf.Module()
-    # Track the weights the way keras' own ExportArchive does; the model itself stays untracked.
-    module.model_variables = list(model.variables)
-    module.class_names = tf.Variable(info["class_names"], dtype=tf.string, trainable=False, name="class_names")
-    module.thresholds = tf.Variable(
-        list(info["thresholds"].values()), dtype=tf.float32, shape=[None], trainable=False, name="thresholds"
-    )
-    module.kind = tf.Variable(kind, dtype=tf.string, trainable=False, name="kind")
-    module.image_size = tf.Variable(size, dtype=tf.int32, trainable=False, name="image_size")
-    explainers = stage_explainers(model, kind)
-
-    def outputs(images):
-        out = model(images, training=False)
-        if kind == "cascade":
-            probabilities, class_id = out["probabilities"], tf.cast(out["class_id"], tf.int64)
-        elif kind == "binary":
-            p = tf.cast(out[:, 0], tf.float32)
-            probabilities = tf.stack([1.0 - p, p], axis=-1)
-            class_id = tf.cast(p > 0.5, tf.int64)
-        else:
-            probabilities = tf.cast(out, tf.float32)
-            class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
-        class_name = tf.gather(module.class_names, class_id)
-        return {"probabilities": probabilities, "class_id": class_id, "class_name": class_name}
-
-    def decode(images):
-        return tf.map_fn(
-            lambda contents: decode_image(contents, size),
-            images,
-            fn_output_signature=tf.TensorSpec([size, size, 1], tf.float32),
-        )
-
+    module = _module_variables(tf.Module(), model, info)
+    outputs = _outputs_function(model, info["kind"], module.class_names)
+    decode = _decode_function(info["image_size"])
+    explainers = explain.stage_explainers(model, info["kind"])
     encoded = tf.TensorSpec([None], tf.string, name="images")
+    size = info["image_size"]
 
     @tf.function(input_signature=[encoded], autograph=False)
     def serve_bytes(images):
@@ -123,10 +97,10 @@ def serving_module(model, info):
         return outputs(images)
 
     @tf.function(input_signature=[encoded], autograph=False)
-    def explain(images):
+    def explain_images(images):
         images = decode(images)
         out = outputs(images)
-        heatmap, explained_by = explain_batch(explainers, images, out["class_id"])
+        heatmap, explained_by = explain.explain_batch(explainers, images, out["class_id"])
         return {**out, "heatmap": heatmap, "explained_by": explained_by}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")], autograph=False)
@@ -138,55 +112,60 @@ def serving_module(model, info):
 
     module.serve_bytes = serve_bytes
     module.predict_images = predict_images
-    module.explain = explain if explainers else None
+    module.explain = explain_images if explainers else None
     module.classify = classify
     return module
 
 
-# ---------------------------------------------------------------- Grad-CAM in the graph
-
-
-def stage_explainers(model, kind):
-    """[(classifier name, grad model: image -> (Grad-CAM layer output, logits' input), head)], one per stage.
-
-    A cascade has two (infected, then covid: the order `explain_batch` picks
-    from); other models explain themselves. The layer is
-    `evaluation.gradcam_layer`'s, the head the final sigmoid or softmax Dense.
-    None when a classifier has no conv layer or no such head (a model made
-    elsewhere): the export then has no `explain` signature.
-    """
-    import keras
-
-    from cxrkeras.evaluation import gradcam_layer, logit_head
-    from cxrkeras.models import conv_layer_names
-
-    stages = [model.get_layer(cascade_lib.SUBMODELS[s]) for s in ("infected", "covid")] if kind == "cascade" else [model]
-    stages = [cascade_lib.explained_classifier(stage) for stage in stages]  # an ensemble: its first member
-    explainers = []
-    for classifier in stages:
-        head = logit_head(classifier)
-        if head is None or not conv_layer_names(classifier):
-            return None
-        features = classifier.get_layer(gradcam_layer(classifier)).output
-        grad_model = keras.Model(classifier.inputs, [features, head.input], name=f"{classifier.name}_gradcam")
-        explainers.append((classifier.name, grad_model, head))
-    return explainers
-
-
-def explain_batch(explainers, images, class_id):
-    """(heatmaps [N, H, W], names [N] of the classifier explained) for decisions `class_id` [N].
-
-    The heatmaps are `evaluation.explain_heatmaps`'; the name is the explained
-    stage's (for the cascade: infected for a normal decision, else covid).
-    """
+def _module_variables(module, model, info):
+    """`module` holding the model's weights and the metadata variables (class names, thresholds, kind, size)."""
     import tensorflow as tf
 
-    from cxrkeras.evaluation import explain_heatmaps
+    # Track the weights the way keras' own ExportArchive does; the model itself stays untracked.
+    module.model_variables = list(model.variables)
+    module.class_names = tf.Variable(info["class_names"], dtype=tf.string, trainable=False, name="class_names")
+    module.thresholds = tf.Variable(
+        list(info["thresholds"].values()), dtype=tf.float32, shape=[None], trainable=False, name="thresholds"
+    )
+    module.kind = tf.Variable(info["kind"], dtype=tf.string, trainable=False, name="kind")
+    module.image_size = tf.Variable(info["image_size"], dtype=tf.int32, trainable=False, name="image_size")
+    return module
 
-    heatmap = explain_heatmaps(explainers, images, class_id)
-    if len(explainers) == 1:
-        return heatmap, tf.fill(tf.shape(class_id), explainers[0][0])
-    return heatmap, tf.where(tf.equal(class_id, 0), explainers[0][0], explainers[1][0])
+
+def _outputs_function(model, kind, class_names):
+    """images -> {"probabilities", "class_id", "class_name"}, the answer every signature shares."""
+    import tensorflow as tf
+
+    def outputs(images):
+        out = model(images, training=False)
+        if kind == "cascade":
+            probabilities, class_id = out["probabilities"], tf.cast(out["class_id"], tf.int64)
+        elif kind == "binary":
+            p = tf.cast(out[:, 0], tf.float32)
+            probabilities = tf.stack([1.0 - p, p], axis=-1)
+            class_id = tf.cast(p > DECISION_THRESHOLD, tf.int64)
+        else:
+            probabilities = tf.cast(out, tf.float32)
+            class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        return {"probabilities": probabilities, "class_id": class_id, "class_name": tf.gather(class_names, class_id)}
+
+    return outputs
+
+
+def _decode_function(size):
+    """encoded images [N] -> float32 [N, size, size, 1], decoded and resized in the graph."""
+    import tensorflow as tf
+
+    from cxrkeras.images import decode_image
+
+    def decode(images):
+        return tf.map_fn(
+            lambda contents: decode_image(contents, size),
+            images,
+            fn_output_signature=tf.TensorSpec([size, size, 1], tf.float32),
+        )
+
+    return decode
 
 
 def export_model(model, base_dir, path=None, task=None, source=None):
@@ -204,7 +183,8 @@ def export_model(model, base_dir, path=None, task=None, source=None):
         raise ExportError(f"{base_dir}: a file; expected a folder to hold numbered versions (1, 2, ...).")
     if is_saved_model(base_dir):
         raise ExportError(f"{base_dir}: a SavedModel version folder; pass its parent, the base folder.")
-    info = describe(model, path, task)
+    opened = runs.open_model(model, path, task)
+    info = _describe(opened)
     module = serving_module(model, info)
     # The functions themselves, not concrete functions: saving traces them again in its own context anyway.
     signatures = {
@@ -228,7 +208,7 @@ def export_model(model, base_dir, path=None, task=None, source=None):
             "version": version,
             "signatures": {k: v for k, v in signature_notes(size).items() if k in signatures},
             "source": os.fspath(source or path) if (source or path) else None,
-            "cascade": _cascade_record(path),
+            "cascade": _cascade_summary(opened.cascade),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
         }
@@ -263,17 +243,14 @@ def signature_notes(size):
     }
 
 
-def _cascade_record(path):
-    """cascade.json of a cascade folder, without its trade-off table, or None."""
-    if path is None:
+def _cascade_summary(record):
+    """A cascade.json record without its trade-off table, or None."""
+    if record is None:
         return None
-    candidate = os.path.join(runs.model_folder(path), runs.CASCADE_FILE)
-    if not os.path.isfile(candidate):
-        return None
-    with open(candidate) as f:
-        record = json.load(f)
+    record = {**record}
     record.pop("table", None)
-    (record.get("selection") or {}).pop("table", None)
+    if isinstance(record.get("selection"), dict):
+        record["selection"] = {k: v for k, v in record["selection"].items() if k != "table"}
     return record
 
 

@@ -96,7 +96,9 @@ def training_curves(history, path, best_epoch=None, title=None):
 
 def threshold_tradeoff(selection, path):
     """The cascade's operating point: false negatives vs false positives of one class over a grid of
-    (t_infected, t_covid), and recall / accuracy along the class's own threshold (from `choose_thresholds`)."""
+    (infected, covid) thresholds, and recall / accuracy along the class's own threshold (from `choose_thresholds`)."""
+    from cxrkeras.config import DECISION_THRESHOLD
+
     table, name, chosen = selection["table"], selection["class"], selection["chosen"]
     fn = np.array([r["fn"] for r in table])
     fp = np.array([r["fp"] for r in table])
@@ -106,9 +108,9 @@ def threshold_tradeoff(selection, path):
     best = [pt for i, pt in enumerate(frontier) if all(pt[1] < q[1] for q in frontier[:i])]
     left.step([p[0] for p in best], [p[1] for p in best], where="post", color="C0", label="best trade-off")
     default = selection["default"]
-    left.scatter([default["fp"]], [default["fn"]], s=60, color="C1", marker="o", label="0.5 / 0.5", zorder=3)
+    left.scatter([default["fp"]], [default["fn"]], s=60, color="C1", marker="o", label=f"{DECISION_THRESHOLD:g} / {DECISION_THRESHOLD:g}", zorder=3)
     left.scatter([chosen["fp"]], [chosen["fn"]], s=120, color="C3", marker="*", zorder=4,
-                 label=f"chosen {chosen['t_infected']:.2f} / {chosen['t_covid']:.2f}")
+                 label=f"chosen {chosen['infected']:.2f} / {chosen['covid']:.2f}")
     left.set_xlabel(f"{name} false positives")
     left.set_ylabel(f"{name} false negatives")
     left.set_title(f"{name}: false negatives vs false positives")
@@ -116,14 +118,14 @@ def threshold_tradeoff(selection, path):
     left.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    key, fixed = ("t_infected", "t_covid") if name == "normal" else ("t_covid", "t_infected")
+    key, fixed = ("infected", "covid") if name == "normal" else ("covid", "infected")
     line = sorted((r for r in table if r[fixed] == chosen[fixed]), key=lambda r: r[key])
     t = [r[key] for r in line]
     right.plot(t, [r["recall"] for r in line], marker=".", label=f"{name} recall")
     right.plot(t, [r["accuracy"] for r in line], marker=".", label="accuracy")
     right.axhline(selection["target_recall"], color="C3", linestyle="--", linewidth=1, label="target recall")
     right.axvline(chosen[key], color="0.5", linestyle=":", linewidth=1)
-    right.set_xlabel(f"{key} ({fixed} = {chosen[fixed]:.2f})")
+    right.set_xlabel(f"{key} threshold ({fixed} threshold {chosen[fixed]:.2f})")
     right.set_ylim(0, 1.02)
     right.set_title("recall and accuracy (validation)")
     right.grid(alpha=0.3)
@@ -195,7 +197,7 @@ def pr_figure(curves, path, title="Precision-recall, one-vs-rest"):
 def reliability_figure(bins, ece, path, title=None):
     """Reliability diagram: accuracy per max-probability bin against the diagonal, with bin counts and ECE.
 
-    `bins` is `cxrkeras.evaluation.reliability_bins` output (edges, confidence, accuracy, count).
+    `bins` is `cxrkeras.metrics.reliability_bins` output (edges, confidence, accuracy, count).
     """
     edges, count = np.asarray(bins["edges"]), np.asarray(bins["count"])
     accuracy = np.nan_to_num(np.asarray(bins["accuracy"], dtype="float64"))

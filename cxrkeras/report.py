@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from cxrkeras import data as data_lib
-from cxrkeras.config import CLASSES
+from cxrkeras.config import CLASSES, DECISION_THRESHOLD
 from cxrkeras.files import read_json, write_json_atomic, write_text_atomic
 from cxrkeras.runs import duration
 from cxrkeras.search_spaces import grid_size, load_study
@@ -462,19 +462,22 @@ def _tables(out_dir):
 
 
 def _operating_points(out_dir):
-    """The operating-point table: thresholds reaching each covid recall target, beside the study's 0.5 / 0.5."""
+    """The operating-point table: thresholds reaching each covid recall target, beside the study's pair."""
+    from cxrkeras.models.cascade import thresholds_in
+
     points = read_json(os.path.join(out_dir, "cascade", "operating_points.json"), None)
     if not points:
         return []
     intro = (f"Operating points of the cascade on the {points['split']} split ({points['images']} images): for "
              "each covid recall, the most accurate thresholds that reach it (the cascade above keeps the study's "
-             "0.5 / 0.5; `cxrkeras cascade --target-recall covid=R` builds one at another point). The same split "
-             "picked the epochs, so these figures are optimistic.")
-    head = "| covid recall wanted | t_infected | t_covid | covid recall | covid missed | called covid wrongly "
-    lines = [intro, "", head + "| accuracy |", "|---" * 7 + "|"]
-    for name, row in [("study's 0.5 / 0.5", points["default"])] + [
+             f"{DECISION_THRESHOLD:g} / {DECISION_THRESHOLD:g}; `cxrkeras cascade --target-recall covid=R` builds "
+             "one at another point). The same split picked the epochs, so these figures are optimistic.")
+    lines = [intro, "", "| covid recall wanted | infected threshold | covid threshold | covid recall | covid missed "
+             "| called covid wrongly | accuracy |", "|---" * 7 + "|"]
+    for name, row in [(f"study's {DECISION_THRESHOLD:g} / {DECISION_THRESHOLD:g}", points["default"])] + [
             (f"{r['target']:.2f}" + ("" if r["reached"] else " (not reached)"), r) for r in points["rows"]]:
-        lines.append(f"| {name} | {row['t_infected']:.2f} | {row['t_covid']:.2f} | {row['recall']:.4f} | "
+        t = thresholds_in(row)
+        lines.append(f"| {name} | {t['infected']:.2f} | {t['covid']:.2f} | {row['recall']:.4f} | "
                      f"{row['fn']} | {row['fp']} | {row['accuracy']:.4f} |")
     return lines + ["", "![tradeoff](cascade/tradeoff.png)"]
 

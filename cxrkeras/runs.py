@@ -3,35 +3,17 @@
 One place for the names of the files a run, a cascade or an evaluation leaves
 behind, and for reading them back: `load_model` (a .keras file or a folder
 holding model.keras), `run_config` (the config.json beside it), `model_task`
-and `class_names`; and for a training run's bookkeeping (`check_run_dir`,
-`start_run`, `epochs_done`, `read_history`). A run lives in `saved_models/TASK/NAME/`:
-
-    model.keras     the best epoch by the monitored validation metric (written atomically)
-    config.json     the RunConfig, data fingerprint included: all that rebuilds and retrains it
-    history.csv     one row per epoch (CSVLogger; appended on resume, never duplicated)
-    curves.png      train and validation loss and accuracy per epoch
-    state.json      best metric and epoch, whether the run completed (and a staged best, see
-                    `cxrkeras.callbacks.BestModelCheckpoint`)
-    backup/         the last finished epoch: weights, optimizer state, epoch count (kept, so a run can be extended)
-    model.pending.keras  a best epoch not yet committed (only between an epoch's end and its backup)
-    skipped_files.txt   files that did not decode (only when there are any)
-    logs/           TensorBoard (only with `tensorboard=True`)
-
-A run killed at any moment (Ctrl-C, kill -9, a full disk) continues after its
-last finished epoch, and its model.keras, state.json and history.csv always
-describe the same epochs.
+and `class_names`; `open` reads all of it once and hands the answers on.
 """
 
-import csv
+import dataclasses
+import io
 import json
 import os
-import shutil
-import time
 
 import keras
 
-from cxrkeras.config import CLASSES, TASKS, RunConfig, check_task
-from cxrkeras.files import read_json, remove_temp_files, write_json_atomic, write_text_atomic
+from cxrkeras.config import CLASSES, TASKS, DataConfig, check_task
 from cxrkeras.models import blocks, task_info
 from cxrkeras.models.cascade import SUBMODELS, ModelError, model_kind
 
@@ -56,10 +38,6 @@ BESIDE_FILES = (CONFIG_FILE, CASCADE_FILE, ADAPT_FILE, CALIBRATION_FILE)  # carr
 
 
 BACKUP_METADATA = "training_metadata.json"  # BackupAndRestore's epoch count, in BACKUP_DIR
-
-
-class RunDirError(Exception):
-    """A run directory that cannot be used as asked: already there, nothing to resume, other settings or data."""
 
 
 class TaskUnknownError(ModelError):
@@ -101,6 +79,102 @@ def model_folder(path):
     return path if os.path.isdir(path) else os.path.dirname(path)
 
 
+@dataclasses.dataclass
+class OpenModel:
+    """A model and what is known of it, each read once: see `open`."""
+
+    model: keras.Model
+    path: str = None  # where it was loaded from (None: a model made in memory)
+    kind: str = ""  # one of models.cascade.KINDS
+    task: str = None  # `model_task`: None for a binary model whose task nothing tells
+    config: dict = None  # the config.json beside it (None: none)
+    cascade: dict = None  # the cascade.json beside it (`cascade_record`)
+
+    @property
+    def folder(self):
+        """The absolute folder the model lives in (the current one for a model made in memory)."""
+        return os.path.abspath(model_folder(self.path)) if self.path is not None else os.getcwd()
+
+    @property
+    def known_task(self):
+        """`task`, or TaskUnknownError when a binary model's task can't be told."""
+        if self.task is None:
+            raise TaskUnknownError(_unknown_task_message(self.path))
+        return self.task
+
+    @property
+    def class_names(self):
+        """The class names in output order: the model's own (TaskInfo), else its task's."""
+        if self.known_task == "cascade":
+            return CLASSES
+        info = task_info(self.model)
+        return tuple(info.class_names) if info is not None else TASKS[self.known_task]
+
+    @property
+    def data_task(self):
+        """The task whose labels the model is scored on: "three-class" for a cascade, else its own."""
+        return "three-class" if self.known_task == "cascade" else self.known_task
+
+    def carve(self, **given):
+        """How train was carved for the model: `carve_from` its config.json, else its cascade.json."""
+        return carve_from(_data_section(self.config, self.cascade), **given)
+
+
+def open(path, task=None):  # noqa: A001  (runs.open: a model with what is known of it)
+    """The model at `path` (`load_model`) as an OpenModel: its kind, task, config.json and cascade.json,
+    each read once. `task` names a binary model that nothing else tells (and must agree with what does)."""
+    return open_model(load_model(path), path, task)
+
+
+def open_model(model, path=None, task=None):
+    """An OpenModel of a model already loaded (`path`: where it came from, for the files beside it)."""
+    path = os.fspath(path) if path is not None else None
+    config = run_config(path) if path is not None else None
+    found = _model_task(model, config, task, path)
+    return OpenModel(model, path, model_kind(model), found, config, cascade_record(path) if path else None)
+
+
+def cascade_record(path):
+    """The cascade.json beside the model at `path` as a dict, or None (no file, not JSON, not an object)."""
+    from cxrkeras.files import read_json
+
+    try:
+        record = read_json(os.path.join(model_folder(path), CASCADE_FILE))
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+CARVE_KEYS = ("val_fraction", "seed", "holdout_fraction", "holdout_seed")  # `data.load_splits`' settings
+
+
+def carve_from(section, **given):
+    """{CARVE_KEYS: value}: the `given` values that are not None, else the run's data `section` (a dict
+    like config.json's "data"), else DataConfig's defaults."""
+    defaults = DataConfig()
+    return {k: given[k] if given.get(k) is not None else section.get(k, getattr(defaults, k)) for k in CARVE_KEYS}
+
+
+def carve_settings(path, **given):
+    """`carve_from` for the model at `path`, without loading it: its config.json, else its cascade.json."""
+    return carve_from(data_section(path), **given)
+
+
+def data_section(path):
+    """The data settings of the model at `path`, without loading it: config.json's "data", else cascade.json's."""
+    return _data_section(run_config(path), cascade_record(path))
+
+
+def dataset_of(section):
+    """The dataset a run's data `section` names (its manifest, else its data folder), or None."""
+    return section.get("manifest") or section.get("data_dir") or None
+
+
+def _data_section(config, cascade):
+    """How a run's data was set: config.json's "data", else a cascade.json's (copied from its runs), else {}."""
+    return (config or {}).get("data") or (cascade or {}).get("data") or {}
+
+
 def run_config(path):
     """The run's config.json as a dict (beside a .keras file or in a run folder), or None.
 
@@ -110,7 +184,7 @@ def run_config(path):
     if not os.path.isfile(candidate):
         return None
     try:
-        with open(candidate, encoding="utf-8") as f:
+        with io.open(candidate, encoding="utf-8") as f:  # io.open: this module's `open` opens a model
             config = json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ModelError(f"{candidate}: not a run's config.json (not valid JSON: {e}).") from None
@@ -129,6 +203,11 @@ def model_task(model, path=None, task=None):
     by the user, must agree with what was found, and names a binary model
     that nothing else tells. None when a binary model's task can't be told.
     """
+    return _model_task(model, lambda: run_config(path) if path is not None else None, task, path)
+
+
+def _model_task(model, config, task, path):
+    """`model_task`, `config` being the run's config.json (a dict or None), or a function reading it if needed."""
     kind = model_kind(model)
     if task is not None:
         check_task(task)
@@ -140,42 +219,37 @@ def model_task(model, path=None, task=None):
     elif kind == "three-class":
         found = "three-class"
     else:
-        found = _config_task(path) or {v: k for k, v in SUBMODELS.items()}.get(model.name)
+        model_section = ((config() if callable(config) else config) or {}).get("model")
+        found = (model_section.get("task") if isinstance(model_section, dict) else None) or (
+            {v: k for k, v in SUBMODELS.items()}.get(model.name))
     if task is not None and found not in (None, task):
         raise ModelError(f"`task` {task!r} does not match the model{_at(path)}, a {found!r} model.")
     return task or found
-
-
-def _config_task(path):
-    config = run_config(path) if path is not None else None
-    model_section = (config or {}).get("model")
-    return model_section.get("task") if isinstance(model_section, dict) else None
 
 
 def known_task(model, path=None, task=None):
     """`model_task`, or TaskUnknownError when a binary model's task can't be told."""
     found = model_task(model, path, task)
     if found is None:
-        raise TaskUnknownError(
-            f"Can't tell whether the binary model{_at(path)} is the infected or the covid classifier "
-            f"(it does not say, and no config.json lies beside it): pass its task ('infected' or 'covid')."
-        )
+        raise TaskUnknownError(_unknown_task_message(path))
     return found
+
+
+def _unknown_task_message(path):
+    return (
+        f"Can't tell whether the binary model{_at(path)} is the infected or the covid classifier "
+        f"(it does not say, and no config.json lies beside it): pass its task ('infected' or 'covid')."
+    )
 
 
 def class_names(model, path=None, task=None):
     """The model's class names in output order: its own (TaskInfo), else its task's."""
-    found = known_task(model, path, task)
-    if found == "cascade":
-        return CLASSES
-    info = task_info(model)
-    return tuple(info.class_names) if info is not None else TASKS[found]
+    return OpenModel(model, path, model_kind(model), known_task(model, path, task)).class_names
 
 
 def data_task(model, path=None, task=None):
     """The task whose labels a model is scored on: "three-class" for a cascade, else its own task."""
-    found = known_task(model, path, task)
-    return "three-class" if found == "cascade" else found
+    return OpenModel(model, path, model_kind(model), known_task(model, path, task)).data_task
 
 
 def _at(path):
@@ -202,7 +276,6 @@ def save_derived(model, source, out_dir, record_file, record, overwrite=False):
     """
     from cxrkeras.files import read_json, save_model_atomic, write_json_atomic
     from cxrkeras.models.cascade import cascade_thresholds
-    from cxrkeras.thresholds import check_out_dir
 
     folder = model_folder(source)
     if os.path.realpath(out_dir) == os.path.realpath(folder):
@@ -212,8 +285,7 @@ def save_derived(model, source, out_dir, record_file, record, overwrite=False):
     for name in BESIDE_FILES:
         carried = read_json(os.path.join(folder, name)) if name != record_file else None
         if name == CASCADE_FILE and isinstance(carried, dict):
-            t_infected, t_covid = cascade_thresholds(model)
-            carried = {**carried, "thresholds": {"infected": t_infected, "covid": t_covid}, "derived_from": os.fspath(source)}
+            carried = {**carried, "thresholds": cascade_thresholds(model), "derived_from": os.fspath(source)}
         if carried is not None:
             write_json_atomic(os.path.join(out_dir, name), carried)
     path = save_model_atomic(model, os.path.join(out_dir, MODEL_FILE))
@@ -221,211 +293,14 @@ def save_derived(model, source, out_dir, record_file, record, overwrite=False):
     return path
 
 
-# ---------------------------------------------------------------- a training run's directory
-
-
-def run_dir_for(out, task, name=None):
-    """`out/TASK/NAME`; NAME defaults to a timestamp."""
-    return os.path.join(out, check_task(task), name or time.strftime("%Y%m%d-%H%M%S"))
-
-
-def latest_unfinished_run(out, task):
-    """The most recently touched run dir under `out/TASK` that has not completed, or None."""
-    root = os.path.join(out, task)
-    if not os.path.isdir(root):
-        return None
-    runs = []
-    for name in os.listdir(root):
-        run = os.path.join(root, name)
-        if os.path.exists(os.path.join(run, CONFIG_FILE)) and not read_json(os.path.join(run, STATE_FILE), {}).get(
-            "completed"
-        ):
-            runs.append((os.path.getmtime(run), run))
-    return max(runs)[1] if runs else None
-
-
-def config_differences(a, b, ignore=("train.epochs", "train.distribute")):
-    """Dotted keys whose values differ between two RunConfigs (minus `ignore`)."""
-    da, db = a.to_dict(), b.to_dict()
-    keys = []
-    for section in ("data", "model", "train"):
-        for k in sorted(set(da[section]) | set(db[section])):
-            key = f"{section}.{k}"
-            if key not in ignore and da[section].get(k) != db[section].get(k):
-                keys.append(key)
-    return keys
-
-
-def check_run_dir(cfg, run_dir, resume, processes=1):
-    """Raise RunDirError unless `cfg` may train into `run_dir` (resumed or not) on `processes` processes.
-
-    A run dir whose run never finished an epoch holds nothing to keep: a new fit
-    or a resume starts it over with the settings and data given now. A resume
-    must otherwise match the run's settings (except epochs) and data; a finished
-    run extends to more epochs from its last epoch's backup.
-    """
-    config_path = os.path.join(run_dir, CONFIG_FILE)
-    state = read_json(os.path.join(run_dir, STATE_FILE), {})
-    started = state.get("completed") or epochs_done(run_dir) > 0
-    if not resume:
-        if os.path.exists(config_path) and started:
-            raise RunDirError(f"{run_dir}: a run is already there; resume it or pick another name.")
-        return
-    if not os.path.exists(config_path):
-        raise RunDirError(f"{run_dir}: no run to resume (no {CONFIG_FILE}).")
-    if not started:
-        return
-    saved = RunConfig.load(config_path)
-    different = config_differences(saved, cfg)
-    if different:
-        raise RunDirError(f"{config_path}: the run was started with other settings: {', '.join(different)}.")
-    check_process_count(state, processes, run_dir)
-    if saved.fingerprint and saved.fingerprint != cfg.fingerprint:
-        raise RunDirError(
-            f"{run_dir}: the training data changed since the run started "
-            f"(fingerprint {saved.fingerprint} -> {cfg.fingerprint})."
+def check_out_dir(out_dir, overwrite=False):
+    """Refuse (ModelError) a folder for a model that is a file, or that holds a model, unless `overwrite`."""
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ModelError(f"{out_dir}: a file; expected a folder for the cascade.")
+    existing = os.path.join(out_dir, MODEL_FILE)
+    if os.path.exists(existing) and not overwrite:
+        raise ModelError(
+            f"{existing}: a model is already there (a classifier's run or an older cascade?); "
+            f"pick another --out, or pass --overwrite to replace it."
         )
-    if state.get("completed") and cfg.train.epochs > state.get("epochs", 0) and epochs_done(run_dir) == 0:
-        raise RunDirError(
-            f"{run_dir}: the run completed {state.get('epochs')} epochs without keeping its last epoch "
-            f"({BACKUP_DIR}/, written by newer versions), so it cannot be extended; start a new run."
-        )
-
-
-def check_process_count(state, processes, run_dir):
-    """Raise RunDirError when the run in `run_dir` (its `state`) trained on another number of processes."""
-    before = state.get("processes", 1)
-    if before != processes:
-        raise RunDirError(f"{run_dir}: the run trained on {before} process(es); resume it on {before}, "
-                          f"not {processes} (the data each process reads would change).")
-
-
-def start_run(cfg, run_dir, problems, log, processes=1):
-    """Write the run's config and state (with the number of `processes`), tidy what a kill left; return the epochs
-    already done.
-
-    A run with finished epochs continues after the last one: its history is cut
-    to them and a best model staged by an epoch that is trained again is dropped.
-    Anything else (a first start, a start that failed before its first epoch)
-    starts from a clean run dir.
-    """
-    os.makedirs(run_dir, exist_ok=True)
-    skipped_file = _write_skipped(run_dir, problems)
-    if problems:
-        log(f"skipped {len(problems)} file(s) that do not decode; list in {skipped_file}")
-    _remove_temp_files(run_dir)
-    done = epochs_done(run_dir)
-    if done:
-        settle_pending(os.path.join(run_dir, MODEL_FILE), os.path.join(run_dir, STATE_FILE), done)
-        truncate_history(os.path.join(run_dir, HISTORY_FILE), done)
-        log(f"resuming {run_dir} after epoch {done} of {cfg.train.epochs}")
-    else:
-        _clear_run_files(run_dir)
-    write_json_atomic(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
-    state = read_json(os.path.join(run_dir, STATE_FILE), {})
-    state.update(completed=False, epochs=cfg.train.epochs, precision=cfg.train.precision, processes=processes)
-    write_json_atomic(os.path.join(run_dir, STATE_FILE), state)
-    return done
-
-
-def run_completed(run_dir, epochs):
-    """Whether the run in `run_dir` completed at least `epochs` epochs."""
-    state = read_json(os.path.join(run_dir, STATE_FILE), {})
-    return bool(state.get("completed")) and state.get("epochs", 0) >= epochs
-
-
-def _clear_run_files(run_dir):
-    model = os.path.join(run_dir, MODEL_FILE)
-    for path in (model, pending_model_path(model), os.path.join(run_dir, HISTORY_FILE),
-                 os.path.join(run_dir, STATE_FILE), os.path.join(run_dir, CURVES_FILE)):
-        if os.path.exists(path):
-            os.remove(path)
-    shutil.rmtree(os.path.join(run_dir, BACKUP_DIR), ignore_errors=True)
-
-
-def _write_skipped(run_dir, problems):
-    path = os.path.join(run_dir, SKIPPED_FILE)
-    if not problems:
-        if os.path.exists(path):
-            os.remove(path)
-        return ""
-    write_text_atomic(path, "".join(f"{p}\n" for p in problems))
-    return path
-
-
-def _remove_temp_files(run_dir):
-    for folder in (run_dir, os.path.join(run_dir, BACKUP_DIR)):
-        remove_temp_files(folder)
-
-
-def epochs_done(run_dir):
-    """Epochs a run in `run_dir` has committed (its backup's epoch count); 0 when none."""
-    return read_json(os.path.join(run_dir, BACKUP_DIR, BACKUP_METADATA), {}).get("epoch", 0)
-
-
-def pending_model_path(filepath):
-    root, ext = os.path.splitext(filepath)
-    return f"{root}.pending{ext}"
-
-
-def settle_pending(model_path, state_path, epochs_done):
-    """Commit the staged best model if its epoch is among the `epochs_done` first, else drop it."""
-    state = read_json(state_path, {})
-    pending, pending_path = state.pop("pending", None), pending_model_path(model_path)
-    if pending is not None and pending["best_epoch"] < epochs_done and os.path.exists(pending_path):
-        os.replace(pending_path, model_path)
-        state.update(pending)
-    elif os.path.exists(pending_path):
-        os.remove(pending_path)
-    if pending is not None:
-        write_json_atomic(state_path, state)
-
-
-# ---------------------------------------------------------------- history
-
-
-def read_history(path):
-    """{column: [values]} from history.csv, one entry per epoch (the last row of an epoch wins)."""
-    if not os.path.exists(path):
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    by_epoch = {}
-    for row in rows:
-        try:
-            by_epoch[int(row["epoch"])] = row
-        except (KeyError, TypeError, ValueError):
-            continue  # a row cut short by a kill
-    epochs = sorted(by_epoch)
-    columns = [c for c in (rows[0].keys() if rows else []) if c is not None]
-    history = {c: [] for c in columns}
-    for e in epochs:
-        for c in columns:
-            value = by_epoch[e].get(c)
-            history[c].append(int(value) if c == "epoch" else _float(value))
-    return history
-
-
-def _float(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def truncate_history(path, epochs):
-    """Keep the header and the rows of epochs 0..epochs-1 (once each) in history.csv; returns rows kept."""
-    if not os.path.exists(path):
-        return 0
-    with open(path, newline="") as f:
-        lines = f.read().splitlines(keepends=True)
-    if not lines:
-        return 0
-    header, kept, seen = lines[0], [], set()
-    for line in lines[1:]:
-        first = line.split(",", 1)[0].strip()
-        if first.isdigit() and int(first) < epochs and int(first) not in seen and line.endswith("\n"):
-            seen.add(int(first))
-            kept.append(line)
-    write_text_atomic(path, "".join([header] + kept))
-    return len(kept)

@@ -15,7 +15,7 @@ import numpy as np
 
 from cxrkeras import data as data_lib
 from cxrkeras import runs
-from cxrkeras.config import CLASSES
+from cxrkeras.config import CLASSES, DECISION_THRESHOLD
 from cxrkeras.files import save_model_atomic, write_json_atomic
 from cxrkeras.models import cascade as cascade_lib
 
@@ -44,8 +44,13 @@ def validation_settings(paths, data=None, val_fraction=None, seed=None):
     holdout_seed. Warns on stderr when the runs were split differently (one
     run's validation images were then another's training images).
     """
-    configs = [c.get("data", {}) for c in (runs.run_config(p) for p in paths) if c]
-    keys = ("val_fraction", "seed", "holdout_fraction", "holdout_seed")
+    return _carve([runs.run_config(p) for p in paths], data, val_fraction, seed)
+
+
+def _carve(configs, data, val_fraction, seed):
+    """`validation_settings` from the runs' config.json dicts (None: a run without one)."""
+    configs = [c.get("data", {}) for c in configs if c]
+    keys = runs.CARVE_KEYS
     splits = {tuple(c.get(k) for k in keys) for c in configs}
     if len(splits) > 1:
         settings = sorted(splits, key=str)
@@ -53,14 +58,8 @@ def validation_settings(paths, data=None, val_fraction=None, seed=None):
               file=sys.stderr)
     first = configs[0] if configs else {}
     if data is None:
-        data = first.get("manifest") or first.get("data_dir") or None
-    carve = {
-        "val_fraction": first.get("val_fraction", 0.15) if val_fraction is None else val_fraction,
-        "seed": first.get("seed", 0) if seed is None else seed,
-        "holdout_fraction": first.get("holdout_fraction", 0.0),
-        "holdout_seed": first.get("holdout_seed", 0),
-    }
-    return data, carve
+        data = runs.dataset_of(first)
+    return data, runs.carve_from(first, val_fraction=val_fraction, seed=seed)
 
 
 def selection_split(carve):
@@ -94,15 +93,7 @@ def load_stage(paths, task):
 
 
 def make_cascade(
-    infected_path,
-    covid_path,
-    out_dir,
-    target=None,
-    data=None,
-    val_fraction=None,
-    seed=None,
-    t_infected=0.5,
-    t_covid=0.5,
+    infected_path, covid_path, out_dir, target=None, data=None, val_fraction=None, seed=None, thresholds=None,
     overwrite=False,
 ):
     """Build and save a cascade folder; returns the record written to cascade.json.
@@ -112,39 +103,24 @@ def make_cascade(
     With `target` (e.g. {"covid": 0.95}) the thresholds are chosen on the
     runs' holdout when they carved one, else on their validation split (of
     `data`, default the runs' dataset, split with the runs' settings);
-    otherwise `t_infected` / `t_covid` are used. A folder that already holds a
+    otherwise `thresholds` ({"infected": t, "covid": t}, a name left out at
+    DECISION_THRESHOLD) are used. A folder that already holds a
     model is refused (ModelError) unless `overwrite`; every file is written
     through a temporary name and a rename.
     """
-    check_out_dir(out_dir, overwrite)
+    runs.check_out_dir(out_dir, overwrite)
+    thresholds = cascade_lib.check_thresholds(thresholds)
     infected = load_stage(infected_path, "infected")
     covid = load_stage(covid_path, "covid")
-    paths = _as_list(infected_path) + _as_list(covid_path)
-    record = {
-        "thresholds": {"infected": float(t_infected), "covid": float(t_covid)},
-        "sources": {"infected": _source(infected_path), "covid": _source(covid_path)},
-    }
-    first_config = next((c for c in (runs.run_config(p) for p in paths) if c), None)
+    configs = [runs.run_config(p) for p in _as_list(infected_path) + _as_list(covid_path)]
+    record = {"thresholds": thresholds, "sources": {"infected": _source(infected_path), "covid": _source(covid_path)}}
+    first_config = next((c for c in configs if c), None)
     if first_config and isinstance(first_config.get("data"), dict):
         record["data"] = first_config["data"]  # how train was carved: `evaluate --split holdout` reads it
     selection = None
     if target is not None:
-        parse_target(target)
-        source, carve = validation_settings(paths, data, val_fraction, seed)
-        if source is None:
-            raise ValueError(
-                "Choosing thresholds needs the runs' dataset (`data`; --data on the command line): "
-                "their config.json names none."
-            )
-        p_i, p_c, labels = selection_probabilities(infected, covid, source, carve)
-        selection = choose_thresholds(p_i, p_c, labels, target)
-        record["thresholds"] = {"infected": selection["t_infected"], "covid": selection["t_covid"]}
-        split = selection_split(carve)
-        settings = ("val_fraction", "seed") if split == "validation" else ("holdout_fraction", "holdout_seed")
-        record[split] = {"data": os.fspath(source), **{k: carve[k] for k in settings}, "images": len(labels)}
-        record["selection"] = {k: v for k, v in selection.items() if k != "table"}
-        record["selection"]["split"] = split
-    model = cascade_lib.build_cascade(infected, covid, record["thresholds"]["infected"], record["thresholds"]["covid"])
+        selection = _select(infected, covid, configs, target, data, val_fraction, seed, record)
+    model = cascade_lib.build_cascade(infected, covid, record["thresholds"])
     os.makedirs(out_dir, exist_ok=True)
     save_model_atomic(model, os.path.join(out_dir, runs.MODEL_FILE))
     if selection is not None:
@@ -154,6 +130,26 @@ def make_cascade(
         record["table"] = selection["table"]
     write_json_atomic(os.path.join(out_dir, runs.CASCADE_FILE), record)
     return record
+
+
+def _select(infected, covid, configs, target, data, val_fraction, seed, record):
+    """`choose_thresholds` on the runs' selection split; `record` gains the thresholds, the split and the choice."""
+    parse_target(target)
+    source, carve = _carve(configs, data, val_fraction, seed)
+    if source is None:
+        raise ValueError(
+            "Choosing thresholds needs the runs' dataset (`data`; --data on the command line): "
+            "their config.json names none."
+        )
+    p_i, p_c, labels = selection_probabilities(infected, covid, source, carve)
+    selection = choose_thresholds(p_i, p_c, labels, target)
+    record["thresholds"] = selection["thresholds"]
+    split = selection_split(carve)
+    settings = ("val_fraction", "seed") if split == "validation" else ("holdout_fraction", "holdout_seed")
+    record[split] = {"data": os.fspath(source), **{k: carve[k] for k in settings}, "images": len(labels)}
+    record["selection"] = {k: v for k, v in selection.items() if k != "table"}
+    record["selection"]["split"] = split
+    return selection
 
 
 def _as_list(paths):
@@ -166,35 +162,48 @@ def _source(paths):
     return listed[0] if len(listed) == 1 else listed
 
 
-def check_out_dir(out_dir, overwrite=False):
-    """Refuse (ModelError) a cascade folder that is a file, or that holds a model, unless `overwrite`."""
-    out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise runs.ModelError(f"{out_dir}: a file; expected a folder for the cascade.")
-    existing = os.path.join(out_dir, runs.MODEL_FILE)
-    if os.path.exists(existing) and not overwrite:
-        raise runs.ModelError(
-            f"{existing}: a model is already there (a classifier's run or an older cascade?); "
-            f"pick another --out, or pass --overwrite to replace it."
-        )
-
-
 # ---------------------------------------------------------------- operating point
 
 
 def choose_thresholds(infected_probs, covid_probs, labels3, target, grid=None):
-    """Thresholds (t_infected, t_covid) that reach a target recall for one class, on validation data.
+    """Thresholds {"infected", "covid"} that reach a target recall for one class, on validation data.
 
     `infected_probs`, `covid_probs`: each classifier's p on the same images
     (the covid classifier on all of them, as the cascade runs it); `labels3`:
     class ids in CLASSES order; `target`: {class: recall}, e.g. {"covid": 0.95}.
     Every pair of `grid` thresholds (default 0.05, 0.10, ..., 0.95) is scored;
     among those whose recall reaches the target the most accurate wins (ties:
-    closest to the study's 0.5 / 0.5). If none reaches it, the highest recall
-    wins. Returns the choice, the study's 0.5 / 0.5 row, and the whole table
+    closest to the study's DECISION_THRESHOLD pair). If none reaches it, the highest recall
+    wins. Returns the choice, the study's pair's row ("default"), and the whole table
     (recall of the class, its false negatives and false positives, accuracy).
     """
     name, recall_target = parse_target(target)
+    p_i, p_c, labels = _checked_probabilities(infected_probs, covid_probs, labels3, name)
+    table = _score_grid(p_i, p_c, labels, CLASSES.index(name), grid)
+    recall, accuracy = (np.array([row[k] for row in table]) for k in ("recall", "accuracy"))
+    distance = np.array([abs(row["infected"] - DECISION_THRESHOLD) + abs(row["covid"] - DECISION_THRESHOLD)
+                         for row in table])
+    reached = recall >= recall_target - 1e-12
+    if reached.any():
+        order = np.lexsort((distance, -accuracy, ~reached))
+    else:
+        order = np.lexsort((distance, -accuracy, -recall))
+    best = table[int(order[0])]
+    return {
+        "class": name,
+        "target_recall": recall_target,
+        "reached": bool(reached.any()),
+        "thresholds": {"infected": best["infected"], "covid": best["covid"]},
+        "chosen": best,
+        "default": table[int(np.argmin(distance))],
+        "images": int(len(labels)),
+        "positives": int(np.sum(labels == CLASSES.index(name))),
+        "table": table,
+    }
+
+
+def _checked_probabilities(infected_probs, covid_probs, labels3, name):
+    """(p_infected, p_covid, labels) as flat arrays; ValueError on lengths, labels or a class without images."""
     p_i = np.asarray(infected_probs, dtype="float64").reshape(-1)
     p_c = np.asarray(covid_probs, dtype="float64").reshape(-1)
     labels = np.asarray(labels3).reshape(-1).astype("int64")
@@ -205,52 +214,29 @@ def choose_thresholds(infected_probs, covid_probs, labels3, target, grid=None):
         )
     if labels.min() < 0 or labels.max() > 2:
         raise ValueError(f"`labels3` must be class ids 0, 1 or 2. Received values: {sorted(set(labels.tolist()))}")
-    k = CLASSES.index(name)
-    if not np.any(labels == k):
+    if not np.any(labels == CLASSES.index(name)):
         raise ValueError(f"No {name!r} images among the labels: its recall is undefined.")
+    return p_i, p_c, labels
+
+
+def _score_grid(p_i, p_c, labels, k, grid=None):
+    """[{"infected", "covid", "recall", "fn", "fp", "accuracy"}] of class `k` for every pair of `grid` thresholds
+    (default 0.05, ..., 0.95; DECISION_THRESHOLD always among them)."""
     grid = np.round(np.arange(0.05, 0.951, 0.05), 4) if grid is None else np.asarray(grid, dtype="float64")
-    grid = np.unique(np.append(grid, 0.5))
-    ti, tc = np.meshgrid(grid, grid, indexing="ij")
-    ti, tc = ti.reshape(-1), tc.reshape(-1)
+    grid = np.unique(np.append(grid, DECISION_THRESHOLD))
+    ti, tc = (t.reshape(-1) for t in np.meshgrid(grid, grid, indexing="ij"))
     # decisions [pairs, N] by the study's rule
-    pred = cascade_lib.cascade_decisions(p_i[None], p_c[None], ti[:, None], tc[:, None])
+    pred = cascade_lib.cascade_decisions(p_i[None], p_c[None], {"infected": ti[:, None], "covid": tc[:, None]})
     is_k, said_k = labels[None] == k, pred == k
     fn = np.sum(is_k & ~said_k, axis=1)
     fp = np.sum(~is_k & said_k, axis=1)
     positives = int(np.sum(labels == k))
     recall = (positives - fn) / positives
     accuracy = np.mean(pred == labels[None], axis=1)
-    table = [
-        {
-            "t_infected": float(a),
-            "t_covid": float(b),
-            "recall": float(r),
-            "fn": int(n),
-            "fp": int(p),
-            "accuracy": float(c),
-        }
+    return [
+        {"infected": float(a), "covid": float(b), "recall": float(r), "fn": int(n), "fp": int(p), "accuracy": float(c)}
         for a, b, r, n, p, c in zip(ti, tc, recall, fn, fp, accuracy)
     ]
-    reached = recall >= recall_target - 1e-12
-    distance = np.abs(ti - 0.5) + np.abs(tc - 0.5)
-    if reached.any():
-        order = np.lexsort((distance, -accuracy, ~reached))
-    else:
-        order = np.lexsort((distance, -accuracy, -recall))
-    best = table[int(order[0])]
-    default = table[int(np.argmin(distance))]
-    return {
-        "class": name,
-        "target_recall": recall_target,
-        "reached": bool(reached.any()),
-        "t_infected": best["t_infected"],
-        "t_covid": best["t_covid"],
-        "chosen": best,
-        "default": default,
-        "images": int(len(labels)),
-        "positives": positives,
-        "table": table,
-    }
 
 
 def parse_target(target):

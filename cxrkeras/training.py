@@ -3,8 +3,8 @@
 `fit` is made of small functions that `cxrkeras.tuning` (and anything else that
 trains) calls too: `load_task_data` and `make_datasets` (data for a config),
 `build_and_compile` (model, augmentation placement, precision),
-`callbacks.run_callbacks` (the callbacks of a run dir), and `runs.check_run_dir` /
-`runs.start_run` / `finish_run` (the run-dir bookkeeping; `cxrkeras.runs` describes a run dir).
+`callbacks.run_callbacks` (the callbacks of a run dir), and `rundir.check_run_dir` /
+`rundir.start_run` / `finish_run` (the run-dir bookkeeping; `cxrkeras.runs` describes a run dir).
 Devices, precision and strategy are `cxrkeras.devices`'; the settings' checks
 are the config's own (`RunConfig.validate`).
 
@@ -31,19 +31,8 @@ from cxrkeras.config import AUGMENT_ON, OPTIMIZERS, TASKS, check_task
 from cxrkeras.devices import default_augment_on, make_strategy, replica_batch_sizes, resolve_precision
 from cxrkeras.files import read_json, write_json_atomic
 from cxrkeras.models import build_model  # also registers the classifiers' custom objects for loading
-from cxrkeras.runs import (
-    CURVES_FILE,
-    HISTORY_FILE,
-    SKIPPED_FILE,
-    STATE_FILE,
-    RunDirError,
-    check_run_dir,
-    duration,
-    epochs_done,
-    read_history,
-    run_completed,
-    start_run,
-)
+from cxrkeras.rundir import RunDirError, check_run_dir, epochs_done, read_history, run_completed, start_run
+from cxrkeras.runs import CURVES_FILE, HISTORY_FILE, SKIPPED_FILE, STATE_FILE, duration
 
 
 # Measured with benchmarks/train_speed.py on a 2-core CPU (see compile_model).

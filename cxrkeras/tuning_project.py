@@ -162,7 +162,7 @@ def hold_project(project_dir):
 
 def read_trials(project_dir):
     """Every trial of a project as a dict (id, status, values, score, best epoch, histories, seconds)."""
-    from cxrkeras.runs import read_history
+    from cxrkeras.rundir import read_history
 
     trials = []
     for path in sorted(glob.glob(os.path.join(project_dir, "trial_*", TRIAL_FILE))):

@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 from cxrkeras import adapt, calibration, runs  # noqa: E402
 from cxrkeras import data as data_lib  # noqa: E402
 from cxrkeras.config import CLASSES  # noqa: E402
-from cxrkeras.evaluation import carve_settings, expected_calibration_error  # noqa: E402
+from cxrkeras.metrics import expected_calibration_error  # noqa: E402
+from cxrkeras.runs import carve_settings  # noqa: E402
 from cxrkeras.models import cascade as cascade_lib  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from cxrkeras import calibration, data as data_lib, runs, serving
 from cxrkeras import export as export_lib
 from cxrkeras.cli import main
 from cxrkeras.config import ModelConfig
-from cxrkeras.evaluation import expected_calibration_error
+from cxrkeras.metrics import expected_calibration_error
 from cxrkeras.models import build_model
 from cxrkeras.models import cascade as cascade_lib
 from cxrkeras.synth import synth_image
@@ -34,7 +34,7 @@ def bn_classifier(task, arch="plain"):
 def bn_cascade():
     """A cascade whose infected stage is an ensemble of two classifiers and whose covid stage is one."""
     infected = cascade_lib.build_ensemble([bn_classifier("infected"), bn_classifier("infected")], "infected")
-    return cascade_lib.build_cascade(infected, bn_classifier("covid", "residual"), 0.45, 0.55)
+    return cascade_lib.build_cascade(infected, bn_classifier("covid", "residual"), {"infected": 0.45, "covid": 0.55})
 
 
 def write_flat_folder(folder, n, seed=0):
@@ -155,7 +155,7 @@ def test_cli_refuses_too_few_images_and_its_own_input(tmp_path, site):
 def test_an_adapted_cascade_exports_as_the_next_version_and_serves(tmp_path, site):
     source = tmp_path / "cascade"
     source.mkdir()
-    cascade_lib.build_cascade(bn_classifier("infected"), bn_classifier("covid"), 0.5, 0.5).save(source / "model.keras")
+    cascade_lib.build_cascade(bn_classifier("infected"), bn_classifier("covid")).save(source / "model.keras")
     base = tmp_path / "serving"
     export_lib.export(source, base)
     app = serving.create_app(base, "cxr", serving.Settings(poll_seconds=0.2))
@@ -198,13 +198,13 @@ def test_temperature_lowers_ece_on_over_confident_logits():
 
 
 def test_a_calibrated_cascade_keeps_every_decision_and_exports(tmp_path):
-    model = cascade_lib.build_cascade(tiny("infected"), tiny("covid"), 0.3, 0.7)
+    model = cascade_lib.build_cascade(tiny("infected"), tiny("covid"), {"infected": 0.3, "covid": 0.7})
     images = np.random.default_rng(0).random((64, 150, 150, 1), dtype="float32")
     p, decided = cascade_lib.predict(model, images)
     new = calibration.with_temperatures(model, {"infected": 2.5, "covid": 0.6})
-    t_infected, t_covid = cascade_lib.cascade_thresholds(new)
-    assert t_infected == pytest.approx(1 / (1 + np.exp(-np.log(0.3 / 0.7) / 2.5)))
-    assert t_covid == pytest.approx(1 / (1 + np.exp(-np.log(0.7 / 0.3) / 0.6)))
+    thresholds = cascade_lib.cascade_thresholds(new)
+    assert thresholds["infected"] == pytest.approx(1 / (1 + np.exp(-np.log(0.3 / 0.7) / 2.5)))
+    assert thresholds["covid"] == pytest.approx(1 / (1 + np.exp(-np.log(0.7 / 0.3) / 0.6)))
     folder = tmp_path / "calibrated"
     folder.mkdir()
     new.save(folder / "model.keras")
@@ -238,7 +238,7 @@ def test_calibrate_on_the_holdout_then_predict_and_evaluate(synthetic_dataset, t
     assert set(record["temperatures"]) == {"infected", "covid"}
     cascade_json = json.loads((tmp_path / "cal" / "cascade.json").read_text())
     model = runs.load_model(tmp_path / "cal")
-    assert cascade_json["thresholds"]["infected"] == cascade_lib.cascade_thresholds(model)[0]
+    assert cascade_json["thresholds"]["infected"] == cascade_lib.cascade_thresholds(model)["infected"]
     assert calibration.temperatures(model) == record["temperatures"]
 
     result = CliRunner().invoke(main, ["predict", str(tmp_path / "cal"), os.path.join(

@@ -26,13 +26,7 @@ from cxrkeras.models.cascade import (
     predict_classes,
     predict_probabilities,
 )
-from cxrkeras.runs import (
-    TaskUnknownError,
-    class_names,
-    load_model,
-    model_task,
-    run_config,
-)
+from cxrkeras.runs import TaskUnknownError, class_names, load_model, model_task, run_config
 from cxrkeras.thresholds import choose_thresholds
 
 TINY = {
@@ -101,26 +95,26 @@ def test_decision_rule_honours_thresholds_and_boundaries():
 
 
 @pytest.mark.parametrize(
-    "t_infected, t_covid, expected",
+    "infected, covid, expected",
     [(0.5, 0.5, 2), (0.5, 0.7, 2), (0.65, 0.5, 0), (0.5, 0.9, 1)],
 )
-def test_cascade_decides_with_its_thresholds(t_infected, t_covid, expected):
-    model = build_cascade(force(tiny("infected"), 0.6), force(tiny("covid"), 0.8), t_infected, t_covid)
+def test_cascade_decides_with_its_thresholds(infected, covid, expected):
+    model = build_cascade(force(tiny("infected"), 0.6), force(tiny("covid"), 0.8), {"infected": infected, "covid": covid})
     probabilities, class_id = predict(model, images(2))
     np.testing.assert_allclose(probabilities[0], [0.4, 0.6 * 0.2, 0.6 * 0.8], atol=1e-6)
     np.testing.assert_array_equal(class_id, [expected, expected])
     np.testing.assert_array_equal(predict_classes(model, probabilities), [expected, expected])
-    assert cascade_thresholds(model) == (t_infected, t_covid)
+    assert cascade_thresholds(model) == {"infected": infected, "covid": covid}
 
 
 def test_thresholds_survive_keras_save_and_load(tmp_path):
-    model = build_cascade(force(tiny("infected"), 0.6), force(tiny("covid"), 0.8), 0.3, 0.9)
+    model = build_cascade(force(tiny("infected"), 0.6), force(tiny("covid"), 0.8), {"infected": 0.3, "covid": 0.9})
     (tmp_path / "run").mkdir()
     model.save(tmp_path / "run" / "model.keras")
     for path in (tmp_path / "run" / "model.keras", tmp_path / "run"):
         loaded = load_model(path)
         assert model_kind(loaded) == "cascade"
-        assert cascade_thresholds(loaded) == (0.3, 0.9)
+        assert cascade_thresholds(loaded) == {"infected": 0.3, "covid": 0.9}
         assert loaded.get_layer("covid_classifier").name == "covid_classifier"
         np.testing.assert_array_equal(predict(loaded, images(2))[1], [1, 1])  # 0.8 <= 0.9: non-covid
 
@@ -128,8 +122,18 @@ def test_thresholds_survive_keras_save_and_load(tmp_path):
 def test_build_cascade_rejects_wrong_models():
     with pytest.raises(ModelError, match="binary classifier"):
         build_cascade(tiny("three-class"), tiny("covid"))
-    with pytest.raises(ValueError, match="t_covid"):
-        build_cascade(tiny("infected"), tiny("covid"), 0.5, 1.5)
+    with pytest.raises(ValueError, match=r"The `covid` threshold must be a number in \[0, 1\]. Received: covid=1.5"):
+        build_cascade(tiny("infected"), tiny("covid"), {"infected": 0.5, "covid": 1.5})
+    with pytest.raises(ValueError, match=r"Unknown threshold names \['normal'\]"):
+        build_cascade(tiny("infected"), tiny("covid"), {"normal": 0.5})
+
+
+def test_a_cascade_saved_with_the_old_threshold_names_loads():
+    config = {**CascadeDecision(0.3, 0.9).get_config(), "t_infected": 0.2, "t_covid": 0.8}
+    del config["infected"], config["covid"]
+    layer = CascadeDecision.from_config(config)
+    assert (layer.infected, layer.covid) == (0.2, 0.8)
+    assert set(CascadeDecision(0.3, 0.9).get_config()) >= {"infected", "covid"}
 
 
 def test_load_model_names_the_path_and_what_was_expected(tmp_path):
@@ -212,13 +216,13 @@ def test_choose_thresholds_reaches_the_target_with_best_accuracy():
     result = choose_thresholds(p_i, p_c, labels, {"covid": 0.95})
     chosen = result["chosen"]
     assert result["reached"] and chosen["recall"] >= 0.95
-    assert (result["t_infected"], result["t_covid"]) == (chosen["t_infected"], chosen["t_covid"])
+    assert result["thresholds"] == {"infected": chosen["infected"], "covid": chosen["covid"]}
     reaching = [r for r in result["table"] if r["recall"] >= 0.95]
     assert chosen["accuracy"] == max(r["accuracy"] for r in reaching)
     # the study's 0.5 / 0.5 misses this target on this data: the choice moved
-    assert result["default"]["recall"] < 0.95 and result["t_covid"] < 0.5
+    assert result["default"]["recall"] < 0.95 and result["thresholds"]["covid"] < 0.5
     # the row's numbers are what the rule gives at those thresholds
-    pred = np.where(p_i <= chosen["t_infected"], 0, np.where(p_c > chosen["t_covid"], 2, 1))
+    pred = np.where(p_i <= chosen["infected"], 0, np.where(p_c > chosen["covid"], 2, 1))
     assert chosen["fn"] == np.sum((labels == 2) & (pred != 2))
     assert chosen["fp"] == np.sum((labels != 2) & (pred == 2))
     assert chosen["accuracy"] == pytest.approx(np.mean(pred == labels))
@@ -227,7 +231,7 @@ def test_choose_thresholds_reaches_the_target_with_best_accuracy():
 def test_tradeoff_is_monotone_in_the_covid_threshold():
     p_i, p_c, labels = constructed_validation()
     table = choose_thresholds(p_i, p_c, labels, {"covid": 0.9})["table"]
-    line = sorted((r for r in table if r["t_infected"] == 0.5), key=lambda r: r["t_covid"])
+    line = sorted((r for r in table if r["infected"] == 0.5), key=lambda r: r["covid"])
     assert len(line) >= 19
     recalls, fns, fps = ([r[k] for r in line] for k in ("recall", "fn", "fp"))
     assert all(a >= b for a, b in zip(recalls, recalls[1:]))
@@ -285,14 +289,14 @@ def test_cascade_command_picks_thresholds_on_validation(runs, tmp_path, syntheti
     assert record["selection"]["class"] == "covid" and len(record["table"]) == 19 * 19
     assert os.path.getsize(out / "threshold_tradeoff.png") > 1000
     model = load_model(out)
-    assert cascade_thresholds(model) == (record["thresholds"]["infected"], record["thresholds"]["covid"])
+    assert cascade_thresholds(model) == record["thresholds"]
 
 
 def test_cascade_command_with_fixed_thresholds(runs, tmp_path):
     result = run("cascade", runs["infected"], runs["covid"], "--out", tmp_path, "--threshold", "covid=0.8")
     assert result.exit_code == 0, result.output
     assert "infected=0.50, covid=0.80" in result.output
-    assert cascade_thresholds(load_model(tmp_path)) == (0.5, 0.8)
+    assert cascade_thresholds(load_model(tmp_path)) == {"infected": 0.5, "covid": 0.8}
     assert "table" not in json.loads((tmp_path / "cascade.json").read_text())
 
 
@@ -330,7 +334,7 @@ def test_cascade_command_refuses_a_folder_holding_a_model(runs, tmp_path):
     assert result.exit_code == 1 and "--overwrite" in result.output
     result = run("cascade", runs["infected"], runs["covid"], "--out", out, "--threshold", "covid=0.7", "--overwrite")
     assert result.exit_code == 0, result.output
-    assert cascade_thresholds(load_model(out)) == (0.5, 0.7)
+    assert cascade_thresholds(load_model(out)) == {"infected": 0.5, "covid": 0.7}
     assert sorted(os.listdir(out)) == ["cascade.json", "model.keras"]  # no temporary file left behind
 
 

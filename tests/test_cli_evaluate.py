@@ -41,7 +41,7 @@ def models(tmp_path_factory):
     tiny("three-class").save(three)
     cascade_dir = root / "cascade"
     cascade_dir.mkdir()
-    build_cascade(tiny("infected"), tiny("covid"), t_infected=0.4).save(cascade_dir / "model.keras")
+    build_cascade(tiny("infected"), tiny("covid"), {"infected": 0.4}).save(cascade_dir / "model.keras")
     return {"covid": covid_run, "three-class": three, "cascade": cascade_dir}
 
 
@@ -76,7 +76,7 @@ def test_evaluate_writes_the_table_metrics_and_figures(models, synthetic_dataset
     assert len(gradcams) == 4 and all((out / p).stat().st_size > 5000 for p in gradcams)
     assert metrics["grid"]["n"] == (6 if kind == "covid" else 9)  # val/: 3 per class, infected only for covid
     if kind == "cascade":
-        assert metrics["thresholds"] == {"t_infected": 0.4, "t_covid": 0.5}
+        assert metrics["thresholds"] == {"infected": 0.4, "covid": 0.5}
         assert set(metrics["stage_accuracy"]) >= {"normal_vs_infected", "covid_vs_non_covid"}
         assert "stages: normal vs infected" in result.output
         assert {g["model"] for g in metrics["gradcam"]} <= {"infected_classifier", "covid_classifier"}
@@ -204,3 +204,24 @@ def test_an_image_the_decoder_refuses_is_named(models, synthetic_dataset, tmp_pa
                  "--out", tmp_path / "e")
     assert result.exit_code == 1
     assert f"Error: {bomb}: PNG declares 20000x20000 = 400,000,000 pixels, over the limit" in result.output
+
+
+@pytest.mark.parametrize("kind", ["three-class", "cascade"])
+def test_each_image_is_predicted_once(models, synthetic_dataset, tmp_path, monkeypatch, kind):
+    """On val/ the scores, the audit, the grid and Grad-CAM all show the same images: one prediction each
+    (the audit adds its centre-only and border-only copies)."""
+    from cxrkeras import evaluation
+
+    calls = []  # (model, images) of every prediction
+    real_predict = evaluation.cascade_lib.predict
+
+    def counting(model, images, batch_size=64):
+        calls.append((model, len(images)))
+        return real_predict(model, images, batch_size)
+
+    monkeypatch.setattr(evaluation.cascade_lib, "predict", counting)
+    metrics = evaluation.evaluate_run(models[kind], synthetic_dataset, split="val", out_dir=tmp_path / "eval",
+                                      log=lambda message: None)
+    evaluated = calls[0][0]
+    assert [n for model, n in calls if model is evaluated] == [metrics["n"]] * 3  # whole, centre only, border only
+    assert metrics["grid"]["n"] == metrics["n"] and len(metrics["gradcam"]) == evaluation.GRADCAM_DEFAULT_IMAGES

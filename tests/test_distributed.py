@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from cxrkeras import callbacks, distributed, runs
+from cxrkeras import callbacks, distributed, rundir
 from cxrkeras.cli import main
 from test_training import assert_history_agrees_with_the_model
 
@@ -89,9 +89,9 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused():
 
 
 def test_a_run_resumed_on_another_number_of_processes_is_refused():
-    with pytest.raises(runs.RunDirError, match="trained on 2 process\\(es\\); resume it on 2, not 1"):
-        runs.check_process_count({"processes": 2}, 1, "runs/x")
-    runs.check_process_count({}, 1, "runs/x")  # runs from before the count was kept: one process
+    with pytest.raises(rundir.RunDirError, match="trained on 2 process\\(es\\); resume it on 2, not 1"):
+        rundir.check_process_count({"processes": 2}, 1, "runs/x")
+    rundir.check_process_count({}, 1, "runs/x")  # runs from before the count was kept: one process
 
 
 def test_cluster_flags_without_multiworker_are_misuse(synthetic_dataset):
@@ -162,7 +162,7 @@ def killed_and_resumed(synthetic_dataset, tmp_path_factory):
         # Within 60 s of process 1's end, process 0 has ended too (a hang would time out here).
         results[f"chief-{phase}"] = _finish(chief, timeout=60 if phase == "killed" else 300)
         results[f"one-{phase}"] = _finish(alone)
-        results[f"epochs-{phase}"] = runs.epochs_done(root / "runs" / "infected" / "two")
+        results[f"epochs-{phase}"] = rundir.epochs_done(root / "runs" / "infected" / "two")
     return root, results
 
 
@@ -183,7 +183,7 @@ def test_resume_finishes_the_run_with_the_weights_of_one_process(killed_and_resu
         assert results[name][0] == 0, results[name][1][-3000:]
     assert "after epoch 1 of 2" in results["chief-resumed"][1]
     two, one = root / "runs" / "infected" / "two", root / "runs" / "infected" / "one"
-    assert runs.read_history(two / "history.csv")["epoch"] == [0, 1]
+    assert rundir.read_history(two / "history.csv")["epoch"] == [0, 1]
     assert json.loads((two / "state.json").read_text())["processes"] == 2
     weights = [_h5_arrays(run / "backup" / "latest.weights.h5") for run in (two, one)]  # model and optimizer
     assert len(weights[0]) == len(weights[1]) > 0

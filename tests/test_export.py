@@ -18,7 +18,7 @@ from cxrkeras import savedmodel
 from cxrkeras.cli import main
 from cxrkeras.config import RunConfig
 from cxrkeras.data import load_images
-from cxrkeras.evaluation import explained_model, grad_cam
+from cxrkeras.explain import explained_model, grad_cam
 from cxrkeras.models.cascade import build_cascade, model_kind, predict
 from cxrkeras.runs import TaskUnknownError, load_model
 from cxrkeras.synth import synth_image
@@ -100,10 +100,10 @@ def exported(tmp_path_factory):
     infected = tiny("infected")
     p_infected = np.sort(infected.predict(arrays, verbose=0)[:, 0])
     # a threshold between the 2nd and 3rd image: some decisions are normal, others infected
-    sources["cascade"] = build_cascade(infected, tiny("covid"), float(p_infected[1:3].mean()), 0.5)
+    sources["cascade"] = build_cascade(infected, tiny("covid"), {"infected": float(p_infected[1:3].mean())})
     sources["binary"] = tiny("infected")
     sources["three-class"] = tiny("three-class")
-    sources["strict"] = build_cascade(force(tiny("infected"), 0.8), force(tiny("covid"), 0.8), 0.5, 0.9)
+    sources["strict"] = build_cascade(force(tiny("infected"), 0.8), force(tiny("covid"), 0.8), {"covid": 0.9})
     models, exports = {}, {}
     for name, model in sources.items():
         folder = root / "models" / name
@@ -157,7 +157,7 @@ def test_signatures_and_keys(exported):
 def test_thresholds_survive_export(exported):
     entry = exported["result"]["strict"]
     assert entry["thresholds"] == pytest.approx([0.5, 0.9])
-    # p_infected = p_covid = 0.8: covid at 0.5, but not at t_covid = 0.9
+    # p_infected = p_covid = 0.8: covid at 0.5, but not at a covid threshold of 0.9
     for signature in ("serving_default", "predict_images"):
         assert set(entry[signature]["class_name"]) == {"non-covid"}
         np.testing.assert_allclose(entry[signature]["probabilities"][0], [0.2, 0.16, 0.64], atol=1e-6)
@@ -204,7 +204,7 @@ def test_binary_model_without_config_needs_a_task(tmp_path):
 def test_export_command_records_the_cascade(tmp_path):
     folder = tmp_path / "cascade"
     folder.mkdir()
-    build_cascade(tiny("infected"), tiny("covid"), 0.4, 0.6).save(folder / "model.keras")
+    build_cascade(tiny("infected"), tiny("covid"), {"infected": 0.4, "covid": 0.6}).save(folder / "model.keras")
     (folder / "cascade.json").write_text(json.dumps({"thresholds": {"infected": 0.4, "covid": 0.6}, "table": [1, 2]}))
     result = CliRunner().invoke(main, ["export", str(folder), "--out", str(tmp_path / "serving"), "--json"])
     assert result.exit_code == 0, result.output

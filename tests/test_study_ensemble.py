@@ -7,9 +7,10 @@ import pytest
 from click.testing import CliRunner
 from tiny_models import tiny
 
+from cxrkeras import explain
 from cxrkeras import export as export_lib
 from cxrkeras.cli import main
-from cxrkeras.evaluation import explained_model
+from cxrkeras.explain import explained_model
 from cxrkeras.models import build_cascade, build_ensemble, ensemble_members, explained_classifier, model_kind
 from cxrkeras.models.cascade import ModelError
 from cxrkeras.runs import load_model, model_task
@@ -80,5 +81,5 @@ def test_an_ensemble_cascade_is_explained_by_each_stage_s_first_member(ensemble_
     cascade = build_cascade(infected, covid)
     assert explained_model(cascade, "cascade", 0) == (ensemble_members(infected)[0], 0)
     assert explained_model(cascade, "cascade", 2) == (ensemble_members(covid)[0], 1)
-    explainers = export_lib.stage_explainers(cascade, "cascade")
+    explainers = explain.stage_explainers(cascade, "cascade")
     assert [name for name, _, _ in explainers] == ["infected_member1", "covid_member1"]

@@ -8,7 +8,7 @@ from tiny_models import TINY, write_runs
 
 from cxrkeras import data
 from cxrkeras.cli import main
-from cxrkeras.evaluation import carve_settings
+from cxrkeras.runs import carve_settings
 from cxrkeras.models import build_model
 
 

@@ -11,7 +11,7 @@ from cxrkeras import savedmodel, training
 from cxrkeras.augment import AUGMENTATION_SETTINGS, BorderErase, augmentation
 from cxrkeras.cli import main
 from cxrkeras.config import AUGMENTATIONS, ModelConfig, RunConfig, TrainConfig, resnet_model_config
-from cxrkeras.evaluation import grad_cam, gradcam_layer
+from cxrkeras.explain import grad_cam, gradcam_layer
 from cxrkeras.export import export_model
 from cxrkeras.models import build_model, task_info
 from cxrkeras.models.classifiers import Equalize

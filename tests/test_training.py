@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from cxrkeras import callbacks, devices, files, runs, training
+from cxrkeras import callbacks, devices, files, rundir, training
 from cxrkeras.config import RunConfig, TrainConfig, study_model_config, study_train_config
 from cxrkeras.synth import write_synthetic_dataset
 
@@ -143,7 +143,7 @@ def test_a_staged_best_of_an_epoch_that_did_not_commit_is_dropped(tmp_path):
     callback.commit(1)
     committed = open(path, "rb").read()
     callback.on_epoch_end(1, {"val_loss": 0.2})  # then killed before epoch 1's backup
-    runs.settle_pending(path, state, epochs_done=1)  # what a resume does first
+    rundir.settle_pending(path, state, epochs_done=1)  # what a resume does first
     assert open(path, "rb").read() == committed and not os.path.exists(callback.pending_path)
     saved = json.load(open(state))
     assert (saved["best"], saved["best_epoch"]) == (pytest.approx(0.5), 0) and "pending" not in saved
@@ -162,9 +162,9 @@ def test_best_checkpoint_on_accuracy_keeps_the_highest(tmp_path):
 def test_history_is_trimmed_to_the_restored_epoch_and_deduplicated(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss\n0,0.9\n1,0.8\n1,0.7\n2,0.6\n3,0.")  # last row cut by a kill
-    assert runs.read_history(str(path))["epoch"] == [0, 1, 2, 3]
-    assert runs.read_history(str(path))["loss"][1] == pytest.approx(0.7)  # the re-run epoch wins
-    assert runs.truncate_history(str(path), 2) == 2
+    assert rundir.read_history(str(path))["epoch"] == [0, 1, 2, 3]
+    assert rundir.read_history(str(path))["loss"][1] == pytest.approx(0.7)  # the re-run epoch wins
+    assert rundir.truncate_history(str(path), 2) == 2
     assert path.read_text() == "epoch,loss\n0,0.9\n1,0.8\n"
 
 
@@ -179,7 +179,7 @@ def test_resume_after_kill_continues_and_keeps_one_row_per_epoch(synthetic_datas
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_dir = os.path.join(out, "infected", "r")
-    assert runs.read_history(os.path.join(run_dir, "history.csv"))["epoch"] == [0, 1]
+    assert rundir.read_history(os.path.join(run_dir, "history.csv"))["epoch"] == [0, 1]
     backup = json.load(open(os.path.join(run_dir, "backup", "training_metadata.json")))
     assert backup["epoch"] == 1  # killed after epoch 1's row and checkpoint, before its backup
     killed_state = json.load(open(os.path.join(run_dir, "state.json")))
@@ -194,14 +194,14 @@ def test_resume_after_kill_continues_and_keeps_one_row_per_epoch(synthetic_datas
     assert epochs == ["0", "1", "2"]
     state = json.load(open(os.path.join(run_dir, "state.json")))
     assert state["completed"] is True and 0 <= state["best_epoch"] <= 2
-    assert runs.epochs_done(run_dir) == 3  # the last epoch's backup stays, so the run can be extended
+    assert rundir.epochs_done(run_dir) == 3  # the last epoch's backup stays, so the run can be extended
     assert_history_agrees_with_the_model(run_dir, synthetic_dataset)
 
 
 def assert_history_agrees_with_the_model(run_dir, data_dir):
     """state.json's best is history.csv's value at the best epoch, and model.keras scores it on validation."""
     state = json.load(open(os.path.join(run_dir, "state.json")))
-    history = runs.read_history(os.path.join(run_dir, "history.csv"))
+    history = rundir.read_history(os.path.join(run_dir, "history.csv"))
     assert state["best"] == pytest.approx(history["val_loss"][state["best_epoch"]], abs=1e-6)
     assert state["best"] == pytest.approx(min(history["val_loss"]), abs=1e-6)
     config = RunConfig.load(os.path.join(run_dir, "config.json"))
@@ -228,7 +228,7 @@ def test_covid_negatives_all_adds_the_normal_images_to_the_covid_stage(synthetic
 def test_a_finished_run_extends_with_more_epochs(synthetic_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
     first = training.fit(small_run_config(synthetic_dataset), run_dir, verbose=0)
-    assert first.completed and runs.epochs_done(run_dir) == 1
+    assert first.completed and rundir.epochs_done(run_dir) == 1
     state_path = os.path.join(run_dir, "state.json")
     files.write_json_atomic(state_path, {**json.load(open(state_path)), "completed": False})  # killed before
     again = training.fit(small_run_config(synthetic_dataset), run_dir, resume=True, verbose=0)  # the final state
@@ -298,10 +298,10 @@ def test_fit_refuses_a_run_dir_that_is_there_and_a_resume_with_other_settings(sy
     config = tiny_run_config(synthetic_dataset)
     config.save(os.path.join(run_dir, "config.json"))
     files.write_json_atomic(os.path.join(run_dir, "backup", "training_metadata.json"), {"epoch": 1, "batch": 0})
-    with pytest.raises(runs.RunDirError, match="already there"):
+    with pytest.raises(rundir.RunDirError, match="already there"):
         training.fit(config, run_dir, verbose=0)
     other = tiny_run_config(synthetic_dataset, learning_rate=0.01)
-    with pytest.raises(runs.RunDirError, match="train.learning_rate"):
+    with pytest.raises(rundir.RunDirError, match="train.learning_rate"):
         training.fit(other, run_dir, resume=True, verbose=0)
 
 
@@ -332,8 +332,8 @@ def test_latest_unfinished_run_is_found_for_resume(tmp_path):
         (run / "config.json").write_text("{}")
         files.write_json_atomic(str(run / "state.json"), {"completed": completed})
         os.utime(run, (0, {"old": 1, "done": 3, "new": 2}[name]))
-    assert runs.latest_unfinished_run(str(tmp_path), "covid") == str(tmp_path / "covid" / "new")
-    assert runs.latest_unfinished_run(str(tmp_path), "infected") is None
+    assert rundir.latest_unfinished_run(str(tmp_path), "covid") == str(tmp_path / "covid" / "new")
+    assert rundir.latest_unfinished_run(str(tmp_path), "infected") is None
 
 
 def test_precision_is_per_model_not_process_wide(synthetic_dataset):

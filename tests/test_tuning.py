@@ -12,7 +12,7 @@ import keras_tuner
 import pytest
 from click.testing import CliRunner
 
-from cxrkeras import cli, runs, search_spaces, training, tuning, tuning_project
+from cxrkeras import cli, rundir, search_spaces, training, tuning, tuning_project
 from cxrkeras.cli.options import build_run_config
 from cxrkeras.config import (
     SETTING_FIELDS,
@@ -203,7 +203,7 @@ def test_the_best_config_trains_with_fit_and_reproduces_the_trial_score(killed_a
     # Same data, seed and code path: the same training; the tolerance leaves room for thread-order noise only.
     assert fitted["best_metric"] == pytest.approx(best["score"], abs=1e-4)
     assert fitted["history"]["val_loss"] == pytest.approx(
-        runs.read_history(os.path.join(project, f"trial_{best['trial_id']}", "execution0.csv"))["val_loss"],
+        rundir.read_history(os.path.join(project, f"trial_{best['trial_id']}", "execution0.csv"))["val_loss"],
         abs=1e-4)
 
 

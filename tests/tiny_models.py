@@ -39,7 +39,7 @@ def export_tiny_cascade(root):
     keras.utils.set_random_seed(0)  # session fixtures start before the tests' seeding
     cascade_dir = root / "cascade"
     cascade_dir.mkdir(parents=True)
-    build_cascade(tiny("infected"), tiny("covid"), 0.5, 0.5).save(cascade_dir / "model.keras")
+    build_cascade(tiny("infected"), tiny("covid")).save(cascade_dir / "model.keras")
     version_dir = export_lib.export(cascade_dir, root / "serving")
     return {"cascade": cascade_dir, "base": root / "serving", "version": version_dir}
 

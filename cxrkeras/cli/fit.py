@@ -43,7 +43,7 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
     import contextlib
     import sys
 
-    from cxrkeras import distributed, runs, training
+    from cxrkeras import distributed, rundir, training
     from cxrkeras.data import DatasetError
 
     cluster_flags = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
@@ -67,7 +67,7 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
         raise SystemExit(130)
     except distributed.ClusterError as e:
         _cluster_stopped(e)
-    except (DatasetError, runs.RunDirError) as e:
+    except (DatasetError, rundir.RunDirError) as e:
         raise click.ClickException(str(e))
     except ValueError as e:  # settings that only fail with the data or devices at hand (batch size vs replicas)
         raise click.UsageError(str(e))
@@ -80,19 +80,19 @@ def fit(task, data_path, config_file, name, out, resume, augment_on, tensorboard
 
 def _run_config_and_dir(task, data_path, config_file, name, out, resume, options):
     """The RunConfig and run dir: a new run's, or with --resume the run to continue and its own config.json."""
-    from cxrkeras import runs
+    from cxrkeras import rundir, runs
     from cxrkeras.config import RunConfig
 
     if not resume:
         if options["precision"] is None and not config_file:
             options["precision"] = "auto"  # the study's float32 where bfloat16 would be emulated (slower)
         run_config = build_run_config(task, data_path, config_file, **options)
-        return run_config, _on_chief(lambda: runs.run_dir_for(out, task, name))  # one timestamp for all processes
+        return run_config, _on_chief(lambda: rundir.run_dir_for(out, task, name))  # one timestamp for all processes
     if config_file:
         raise click.UsageError("--config with --resume: a resumed run uses its own config.json.")
 
     def find_run():
-        run_dir = os.path.join(out, task, name) if name else runs.latest_unfinished_run(out, task)
+        run_dir = os.path.join(out, task, name) if name else rundir.latest_unfinished_run(out, task)
         if not run_dir or not os.path.exists(os.path.join(run_dir, runs.CONFIG_FILE)):
             where = run_dir or os.path.join(out, task)
             raise click.UsageError(f"--resume: no run to resume in {where} (no {runs.CONFIG_FILE}).")

@@ -125,7 +125,7 @@ def report(data_path, out_dir, quick, epochs, fraction):
     the same command. The study's full plan is many CPU-hours (its timing
     section shows each epoch's cost): `--epochs 2` or `--quick` for a look.
     """
-    from cxrkeras import evaluation, runs
+    from cxrkeras import evaluation, rundir
     from cxrkeras import report as report_lib
     from cxrkeras.tuning_project import TuneError
 
@@ -135,6 +135,6 @@ def report(data_path, out_dir, quick, epochs, fraction):
     except KeyboardInterrupt:
         click.echo("\nInterrupted. Finished stages are kept; the same command resumes the report.", err=True)
         raise SystemExit(130)
-    except (*model_errors(), runs.RunDirError, TuneError, evaluation.EvaluationError) as e:
+    except (*model_errors(), rundir.RunDirError, TuneError, evaluation.EvaluationError) as e:
         raise click.ClickException(str(e))
     click.echo(f"wrote {os.path.join(out_dir, 'README.md')}")

@@ -2,8 +2,8 @@
 
 cascade(image) = {"probabilities": [1 - p_i, p_i (1 - p_c), p_i p_c], "class_id": rule}
 with p_i = infected_classifier(image), p_c = covid_classifier(image), classes in
-the order normal, non-covid, covid, and the study's rule: normal if p_i <= t_i,
-else covid if p_c > t_c, else non-covid. The thresholds live in the
+the order normal, non-covid, covid, and the study's rule: normal if p_i <= the
+infected threshold, else covid if p_c > the covid threshold, else non-covid. The thresholds live in the
 `CascadeDecision` layer's config, so they survive `.keras` save/load and export.
 A stage may be an ensemble (`build_ensemble`): one model that averages the
 probabilities of several classifiers ("members") of the same task.
@@ -15,9 +15,15 @@ import keras
 import numpy as np
 from keras import ops
 
+from cxrkeras.config import DECISION_THRESHOLD
 
 KINDS = ("binary", "three-class", "cascade")
 SUBMODELS = {"infected": "infected_classifier", "covid": "covid_classifier"}
+THRESHOLD_NAMES = ("infected", "covid")  # a cascade's thresholds, by the stage they belong to
+# Files written before the thresholds took their stages' names (a .keras layer config, cascade.json,
+# metrics.json, operating_points.json) prefix them with "t_": `check_thresholds` reads those names too
+# (the one place that does); nothing writes them.
+LEGACY_THRESHOLD_NAMES = {f"t_{name}": name for name in THRESHOLD_NAMES}
 
 
 class ModelError(ValueError):
@@ -31,31 +37,52 @@ class ModelError(ValueError):
 class CascadeDecision(keras.layers.Layer):
     """(p_infected [N, 1], p_covid [N, 1]) -> (probabilities [N, 3] float32, class_id [N] int32)."""
 
-    def __init__(self, t_infected=0.5, t_covid=0.5, **kwargs):
+    def __init__(self, infected=DECISION_THRESHOLD, covid=DECISION_THRESHOLD, **kwargs):
+        legacy = {name: kwargs.pop(name) for name in LEGACY_THRESHOLD_NAMES if name in kwargs}
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        self.t_infected = check_threshold("t_infected", t_infected)
-        self.t_covid = check_threshold("t_covid", t_covid)
+        thresholds = check_thresholds({"infected": infected, "covid": covid, **legacy})
+        self.infected, self.covid = thresholds["infected"], thresholds["covid"]
 
     def call(self, inputs):
         p_i, p_c = (ops.cast(p, "float32")[:, 0] for p in inputs)
         probabilities = ops.stack([1.0 - p_i, p_i * (1.0 - p_c), p_i * p_c], axis=-1)
-        infected_id = ops.where(ops.greater(p_c, self.t_covid), 2, 1)
-        class_id = ops.where(ops.less_equal(p_i, self.t_infected), 0, infected_id)
+        infected_id = ops.where(ops.greater(p_c, self.covid), 2, 1)
+        class_id = ops.where(ops.less_equal(p_i, self.infected), 0, infected_id)
         return probabilities, ops.cast(class_id, "int32")
 
     def get_config(self):
-        return {**super().get_config(), "t_infected": self.t_infected, "t_covid": self.t_covid}
+        return {**super().get_config(), "infected": self.infected, "covid": self.covid}
 
 
 def check_threshold(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 <= value <= 1:
-        raise ValueError(f"`{name}` must be a number in [0, 1]. Received: {name}={value!r}")
+        raise ValueError(f"The `{name}` threshold must be a number in [0, 1]. Received: {name}={value!r}")
     return float(value)
 
 
-def build_cascade(infected_model, covid_model, t_infected=0.5, t_covid=0.5):
+def check_thresholds(thresholds=None):
+    """{"infected": t, "covid": t} from a dict naming some of them; a name left out is DECISION_THRESHOLD.
+
+    ValueError naming an unknown name or a value outside [0, 1]. The old names
+    (LEGACY_THRESHOLD_NAMES) are read as the new ones.
+    """
+    given = {LEGACY_THRESHOLD_NAMES.get(name, name): value for name, value in (thresholds or {}).items()}
+    unknown = sorted(set(given) - set(THRESHOLD_NAMES))
+    if unknown:
+        raise ValueError(f"Unknown threshold names {unknown}; expected some of {list(THRESHOLD_NAMES)}.")
+    return {name: check_threshold(name, given.get(name, DECISION_THRESHOLD)) for name in THRESHOLD_NAMES}
+
+
+def thresholds_in(record):
+    """`check_thresholds` of the threshold names among a dict's keys (a row of a trade-off table, say)."""
+    return check_thresholds({k: v for k, v in record.items() if k in THRESHOLD_NAMES or k in LEGACY_THRESHOLD_NAMES})
+
+
+def build_cascade(infected_model, covid_model, thresholds=None):
     """The cascade of two binary classifiers as one model named "cascade".
+
+    `thresholds`: {"infected": t, "covid": t}, a name left out at the study's DECISION_THRESHOLD.
 
     Input "image" [N, size, size, 1] in [0, 1]; outputs {"probabilities" [N, 3],
     "class_id" [N]}. The classifiers are nested as "infected_classifier" and
@@ -74,10 +101,11 @@ def build_cascade(infected_model, covid_model, t_infected=0.5, t_covid=0.5):
         raise ModelError(
             f"The classifiers take different inputs: infected {shape}, covid {tuple(covid_model.input_shape[1:])}."
         )
+    thresholds = check_thresholds(thresholds)
     infected_model.name = SUBMODELS["infected"]
     covid_model.name = SUBMODELS["covid"]
     image = keras.Input(shape, name="image")
-    decision = CascadeDecision(t_infected, t_covid, name="decision")
+    decision = CascadeDecision(**thresholds, name="decision")
     probabilities, class_id = decision([infected_model(image), covid_model(image)])
     return keras.Model(image, {"probabilities": probabilities, "class_id": class_id}, name="cascade")
 
@@ -133,11 +161,11 @@ def _decision_layer(model):
 
 
 def cascade_thresholds(model):
-    """(t_infected, t_covid) of a cascade model."""
+    """{"infected": t, "covid": t} of a cascade model."""
     layer = _decision_layer(model)
     if layer is None:
         raise ModelError(f"Model {model.name!r} is not a cascade (no CascadeDecision layer).")
-    return layer.t_infected, layer.t_covid
+    return {"infected": layer.infected, "covid": layer.covid}
 
 
 def _output_shape(model):
@@ -167,7 +195,7 @@ def predict(model, images, batch_size=64):
     """(probabilities [N, K], class ids [N]) for images [N, size, size, 1] in [0, 1].
 
     A cascade's class ids are its own decisions (its thresholds); a binary
-    model's are p > 0.5; a three-class model's the argmax.
+    model's are p > DECISION_THRESHOLD; a three-class model's the argmax.
     """
     kind = model_kind(model)
     outputs = model.predict(np.asarray(images, dtype="float32"), batch_size=batch_size, verbose=0)
@@ -190,27 +218,27 @@ def predict_probabilities(model, images, batch_size=64):
     return predict(model, images, batch_size)[0]
 
 
-def cascade_decisions(p_infected, p_covid, t_infected, t_covid):
-    """Class ids by the study's rule: normal unless p_infected > t_infected, then covid if p_covid > t_covid.
+def cascade_decisions(p_infected, p_covid, thresholds):
+    """Class ids by the study's rule: normal unless p_infected > the infected threshold, then covid if
+    p_covid > the covid threshold (`thresholds`: {"infected", "covid"}).
 
     Plain numpy, broadcasting: thresholds may be arrays (a grid of pairs, see thresholds.choose_thresholds).
     """
-    return np.where(p_infected <= t_infected, 0, np.where(p_covid > t_covid, 2, 1))
+    return np.where(p_infected <= thresholds["infected"], 0, np.where(p_covid > thresholds["covid"], 2, 1))
 
 
 def predict_classes(model, probabilities):
     """Class ids [N] from `predict_probabilities` output, honouring a cascade's thresholds.
 
     For a cascade p_i = 1 - P(normal), p_c = P(covid) / p_i and the study's
-    rule applies; a binary model's class is 1 when p > 0.5; otherwise argmax.
+    rule applies; a binary model's class is 1 when p > DECISION_THRESHOLD; otherwise argmax.
     """
     probabilities = np.asarray(probabilities, dtype="float64")
     kind = model_kind(model)
     if kind == "cascade":
-        t_infected, t_covid = cascade_thresholds(model)
         p_i = probabilities[:, 1] + probabilities[:, 2]
         p_c = np.divide(probabilities[:, 2], p_i, out=np.zeros_like(p_i), where=p_i > 0)
-        return cascade_decisions(p_i, p_c, t_infected, t_covid).astype("int64")
+        return cascade_decisions(p_i, p_c, cascade_thresholds(model)).astype("int64")
     if kind == "binary":
-        return (probabilities[:, 1] > 0.5).astype("int64")
+        return (probabilities[:, 1] > DECISION_THRESHOLD).astype("int64")
     return np.argmax(probabilities, axis=-1).astype("int64")
