@@ -35,7 +35,6 @@ from cxrkeras import explain, runs
 from cxrkeras.config import DECISION_THRESHOLD
 from cxrkeras.models import cascade as cascade_lib
 from cxrkeras.savedmodel import EXAMPLE_IMAGE_FEATURE, METADATA_FILE, is_saved_model, versions
-from cxrkeras.savedmodel import read_metadata  # noqa: F401  (cli.py reads an export's metadata from here)
 
 
 class ExportError(ValueError):

@@ -15,6 +15,7 @@ from tiny_models import tiny, write_runs
 from cxrkeras import adapt as adapt_lib
 from cxrkeras import calibration, data as data_lib, runs, serving
 from cxrkeras import export as export_lib
+from cxrkeras import savedmodel
 from cxrkeras.cli import main
 from cxrkeras.config import ModelConfig
 from cxrkeras.metrics import expected_calibration_error
@@ -218,7 +219,7 @@ def test_a_calibrated_cascade_keeps_every_decision_and_exports(tmp_path):
     import tensorflow as tf
 
     version = export_lib.export(folder, tmp_path / "serving")
-    assert export_lib.read_metadata(version)["calibrated"] == {"infected": 2.5, "covid": 0.6}
+    assert savedmodel.read_metadata(version)["calibrated"] == {"infected": 2.5, "covid": 0.6}
     saved = tf.saved_model.load(version)
     assert "explain" in saved.signatures  # Grad-CAM looks through the temperature to the logits
     out = saved.signatures["predict_images"](images=tf.constant(images[:8]))

@@ -312,7 +312,7 @@ def test_cascade_command_takes_both_thresholds_by_name(runs, tmp_path):
                  "--threshold", "covid=0.6", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["thresholds"] == {"infected": 0.3, "covid": 0.6}
-    assert cascade_thresholds(load_model(tmp_path)) == pytest.approx((0.3, 0.6))
+    assert cascade_thresholds(load_model(tmp_path)) == pytest.approx({"infected": 0.3, "covid": 0.6})
 
 
 @pytest.mark.parametrize("value", ["covid:0.7", "normal=0.5", "covid=high", "covid=1.2"])

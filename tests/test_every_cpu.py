@@ -1,7 +1,6 @@
 """Every CPU, the same pixels: no strided 1x1 convolution kernel, one "auto" precision, one JPEG decoder."""
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from PIL import Image
 
 from cxrkeras import data as data_lib
 from cxrkeras import images as images_lib
-from cxrkeras import runs, training
+from cxrkeras import runs
 from cxrkeras.config import ModelConfig, resnet_model_config, study_model_config
 from cxrkeras.models import blocks, build_model
 

@@ -161,7 +161,7 @@ def test_thresholds_survive_export(exported):
     for signature in ("serving_default", "predict_images"):
         assert set(entry[signature]["class_name"]) == {"non-covid"}
         np.testing.assert_allclose(entry[signature]["probabilities"][0], [0.2, 0.16, 0.64], atol=1e-6)
-    metadata = export_lib.read_metadata(exported["exports"]["strict"])
+    metadata = savedmodel.read_metadata(exported["exports"]["strict"])
     assert metadata["thresholds"] == {"infected": 0.5, "covid": 0.9}
     assert metadata["kind"] == "cascade" and metadata["version"] == 1
     assert metadata["source"].endswith(os.path.join("models", "strict"))
@@ -198,7 +198,7 @@ def test_binary_model_without_config_needs_a_task(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"exported binary model to {tmp_path / 'out' / '1'} (classes non-covid, covid" in result.output
     assert "signatures: classify, predict_images, serving_default)" in result.output  # no conv layer: no explain
-    assert export_lib.read_metadata(tmp_path / "out" / "1")["class_names"] == ["non-covid", "covid"]
+    assert savedmodel.read_metadata(tmp_path / "out" / "1")["class_names"] == ["non-covid", "covid"]
 
 
 def test_export_command_records_the_cascade(tmp_path):
@@ -287,7 +287,7 @@ def test_a_model_grad_cam_cannot_explain_exports_without_explain(tmp_path):
     inputs = keras.Input((150, 150, 1))  # no conv layer: nothing for Grad-CAM to read
     outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inputs))
     version = export_lib.export_model(keras.Model(inputs, outputs), tmp_path / "out", task="covid")
-    assert sorted(export_lib.read_metadata(version)["signatures"]) == ["classify", "predict_images", "serving_default"]
+    assert sorted(savedmodel.read_metadata(version)["signatures"]) == ["classify", "predict_images", "serving_default"]
     import tensorflow as tf
 
     assert "explain" not in tf.saved_model.load(version).signatures

@@ -131,7 +131,7 @@ def export(model_path, base_dir, task, as_json):
         raise click.ClickException(str(e))
     from cxrkeras import savedmodel
 
-    metadata = export_lib.read_metadata(version_dir)
+    metadata = savedmodel.read_metadata(version_dir)
     signatures = sorted(set(savedmodel.signature_defs(savedmodel.read_proto(version_dir))) - {"__saved_model_init_op"})
     if as_json:
         echo_json({"path": version_dir, **metadata})
