@@ -206,8 +206,7 @@ def test_an_image_the_decoder_refuses_is_named(models, synthetic_dataset, tmp_pa
     assert f"Error: {bomb}: PNG declares 20000x20000 = 400,000,000 pixels, over the limit" in result.output
 
 
-@pytest.mark.parametrize("kind", ["three-class", "cascade"])
-def test_each_image_is_predicted_once(models, synthetic_dataset, tmp_path, monkeypatch, kind):
+def test_each_image_is_predicted_once(models, synthetic_dataset, tmp_path, monkeypatch):
     """On val/ the scores, the audit, the grid and Grad-CAM all show the same images: one prediction each
     (the audit adds its centre-only and border-only copies)."""
     from cxrkeras import evaluation
@@ -220,7 +219,7 @@ def test_each_image_is_predicted_once(models, synthetic_dataset, tmp_path, monke
         return real_predict(model, images, batch_size)
 
     monkeypatch.setattr(evaluation.cascade_lib, "predict", counting)
-    metrics = evaluation.evaluate_run(models[kind], synthetic_dataset, split="val", out_dir=tmp_path / "eval",
+    metrics = evaluation.evaluate_run(models["cascade"], synthetic_dataset, split="val", out_dir=tmp_path / "eval",
                                       log=lambda message: None)
     evaluated = calls[0][0]
     assert [n for model, n in calls if model is evaluated] == [metrics["n"]] * 3  # whole, centre only, border only

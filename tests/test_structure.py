@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import functools
 import pathlib
 import re
 
@@ -16,8 +17,9 @@ MAX_FUNCTION_LINES = 60
 FACTS = {"IMAGE_SIZE": 150, "VAL_FRACTION": 0.15, "AUDIT_BAND": 22}
 
 
+@functools.cache
 def modules():
-    """{dotted name: parsed tree} of every module under cxrkeras/."""
+    """{dotted name: (path, parsed tree)} of every module under cxrkeras/ (parsed once per session)."""
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
