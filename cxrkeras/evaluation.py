@@ -18,7 +18,7 @@ import numpy as np
 
 from cxrkeras import calibration
 from cxrkeras import data as data_lib
-from cxrkeras import explain, runs
+from cxrkeras import explain, images, runs
 from cxrkeras.audit import shortcut_audit
 from cxrkeras.config import AUDIT_BAND, IMAGE_SIZE
 from cxrkeras.files import write_json_atomic
@@ -146,7 +146,7 @@ def _default_gradcam_picks(labels, n=GRADCAM_DEFAULT_IMAGES):
 def _checked_images(paths):
     """`paths` (the user's --image files), or DatasetError naming the first that training could not read."""
     for path in paths:
-        reason = data_lib.check_image(os.fspath(path))
+        reason = images.check_image(os.fspath(path))
         if reason:
             raise data_lib.DatasetError(f"{data_lib.printable(os.fspath(path))}: {reason}.")
     return [os.fspath(p) for p in paths]

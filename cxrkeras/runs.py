@@ -229,10 +229,7 @@ def _model_task(model, config, task, path):
 
 def known_task(model, path=None, task=None):
     """`model_task`, or TaskUnknownError when a binary model's task can't be told."""
-    found = model_task(model, path, task)
-    if found is None:
-        raise TaskUnknownError(_unknown_task_message(path))
-    return found
+    return _opened(model, path, task).known_task
 
 
 def _unknown_task_message(path):
@@ -244,12 +241,17 @@ def _unknown_task_message(path):
 
 def class_names(model, path=None, task=None):
     """The model's class names in output order: its own (TaskInfo), else its task's."""
-    return OpenModel(model, path, model_kind(model), known_task(model, path, task)).class_names
+    return _opened(model, path, task).class_names
 
 
 def data_task(model, path=None, task=None):
     """The task whose labels a model is scored on: "three-class" for a cascade, else its own task."""
-    return OpenModel(model, path, model_kind(model), known_task(model, path, task)).data_task
+    return _opened(model, path, task).data_task
+
+
+def _opened(model, path, task):
+    """An OpenModel with its task only (config.json read if needed): the one-answer functions above."""
+    return OpenModel(model, path, model_kind(model), model_task(model, path, task))
 
 
 def _at(path):
