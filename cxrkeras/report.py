@@ -327,6 +327,7 @@ STUDY_TABLES = {
     "cascade": {"accuracy": 0.9008, "f1": {"normal": 0.9241, "non-covid": 0.9274, "covid": 0.8182}},
     "three-class": {"accuracy": 0.8943, "f1": {"normal": 0.923, "non-covid": 0.917, "covid": 0.804}},
 }
+STUDY_GRID_CORRECT = 18  # of the release's 25 val/ images, the study's Figure 2.8.2 (its cascade)
 NOT_COMPARABLE = (
     "The study's figures are on its test split, which it also used to pick its models (it passed its test set "
     "as the validation set while training). Ours are on a validation split carved from train; the test split is "
@@ -382,11 +383,20 @@ def _section_body(heading, plan, out_dir, timings):
     if heading.startswith("6."):
         return _tables(out_dir) + _operating_points(out_dir)
     if heading.startswith("8."):
-        return [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"
+        return _grid_beside_study(out_dir) + [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"
                 for p in sorted(glob.glob(os.path.join(out_dir, "cascade", "eval-cascade", "gradcam*.png")))]
     if heading.startswith("9."):
         return _timing(plan, out_dir, timings)
     return []
+
+
+def _grid_beside_study(out_dir):
+    grid = (read_json(os.path.join(out_dir, "cascade", "eval-cascade", "metrics.json"), None) or {}).get("grid")
+    if not grid:
+        return []
+    return ["", f"The grid's images are the release's val/ folder. Our cascade gets {grid['correct']} of "
+                f"{grid['n']} right; the study's got {STUDY_GRID_CORRECT} of the 25 of its validation set "
+                "(its Figure 2.8.2).", ""]
 
 
 def _timing(plan, out_dir, timings):
@@ -427,7 +437,28 @@ def _study_table(out_dir, stage_name):
     if not os.path.exists(table):
         return []
     with open(table, encoding="utf-8") as f:
-        return ["", f.read().rstrip(), ""]
+        return ["", f.read().rstrip(), ""] + _beside_published(out_dir, stage_name)
+
+
+def _beside_published(out_dir, stage_name):
+    """The published study's choice and its words for this factor, beside the best value here and the rank the
+    study's choice got here (nothing for a study without [published] or with no finished trial)."""
+    from cxrkeras.tuning_project import RESULTS_FILE, format_value
+
+    study = load_study(stage_name[len("study-"):])
+    summary = read_json(os.path.join(out_dir, stage_name, "project", RESULTS_FILE), None)
+    trials = [t for t in (summary or {}).get("trials", []) if t["status"] == "COMPLETED" and t["score"] is not None]
+    if not study.published or not trials:
+        return []
+    factor, choice = study.factors[0], study.published["choice"]
+    ranks = [i for i, t in enumerate(trials, 1) if t["values"].get(factor) == choice]
+    objective, best = summary["objective"], trials[0]
+    here = (f"the study's choice ranks {ranks[0]} of {len(trials)} ({objective} {trials[ranks[0] - 1]['score']:.4f}"
+            f" against {best['score']:.4f})" if ranks else "the study's choice is not in this plan")
+    return [f"**Beside the study.** The study (judged on its test split) chose "
+            f"**{factor} = {format_value(choice)}**: \"{study.published['finding']}\". Here (the infected "
+            f"classifier, one seed, judged on validation carved from train) the best is "
+            f"**{format_value(best['values'].get(factor))}** by {objective}; {here}.", ""]
 
 
 def machine_name():

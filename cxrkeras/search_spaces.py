@@ -35,6 +35,7 @@ class Study:
     tuner: str = "grid"
     max_trials: int = None
     source: str = ""
+    published: dict = None  # the published study's own outcome: {"choice": value, "finding": its words}
 
     @property
     def factors(self):
@@ -67,9 +68,10 @@ def load_study(name_or_path):
             doc = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise StudyError(f"{path}: not a readable TOML file ({e}).") from e
-    unknown = sorted(set(doc) - {"description", "tuner", "max_trials", "hyperparameters"})
+    unknown = sorted(set(doc) - {"description", "tuner", "max_trials", "hyperparameters", "published"})
     if unknown:
-        raise StudyError(f"{path}: unknown keys {unknown}; expected description, tuner, max_trials, hyperparameters.")
+        raise StudyError(f"{path}: unknown keys {unknown}; expected description, tuner, max_trials, hyperparameters, "
+                         "published.")
     study = Study(
         name=os.path.splitext(os.path.basename(path))[0],
         space=doc.get("hyperparameters", {}),
@@ -77,6 +79,7 @@ def load_study(name_or_path):
         tuner=doc.get("tuner", "grid"),
         max_trials=doc.get("max_trials"),
         source=path,
+        published=doc.get("published"),
     )
     check_study(study)
     return study
@@ -95,6 +98,19 @@ def check_study(study):
         if name not in TUNABLE:
             raise StudyError(f"{where}: unknown hyperparameter {name!r}; expected one of {sorted(TUNABLE)}.")
         _check_spec(where, name, spec)
+    _check_published(where, study)
+
+
+def _check_published(where, study):
+    """[published]: the published study's choice among the one factor's listed values, and its words."""
+    published = study.published
+    if published is None:
+        return
+    values = study.space.get(study.factors[0]) if len(study.factors) == 1 else None
+    if not (isinstance(published, dict) and set(published) == {"choice", "finding"} and isinstance(values, list)
+            and published["choice"] in values and isinstance(published["finding"], str)):
+        raise StudyError(f"{where}: [published] needs `choice`, one of the listed values of the study's one factor, "
+                         f"and `finding`, the study's words. Received: {published!r} for {study.space!r}")
 
 
 def _check_spec(where, name, spec):

@@ -47,6 +47,12 @@ def test_quick_report_writes_every_section_and_figure(quick_report):
     assert [r["target"] for r in points["rows"]] == list(report.COVID_TARGETS)
     assert points["split"] == "validation" and all(r["recall"] >= r["target"] for r in points["rows"] if r["reached"])
     assert "| study's 0.5 / 0.5 | 0.50 | 0.50 |" in text and "(cascade/tradeoff.png)" in text
+    # the published study's outcome beside ours: its choice and words, our best, and where its choice ranks here
+    beside = re.search(r"chose \*\*augment = True\*\*: \"with the help of data augmentation.*the best is "
+                       r"\*\*(True|False)\*\* by val_loss; the study's choice ranks ([12]) of 2", text)
+    assert beside and (beside.group(1) == "True") == (beside.group(2) == "1"), text
+    grid = json.loads(open(os.path.join(out, "cascade", "eval-cascade", "metrics.json")).read())["grid"]
+    assert f"Our cascade gets {grid['correct']} of {grid['n']} right; the study's got 18 of the 25" in text
 
 
 def test_the_report_says_each_epoch_and_the_time_left(quick_report_run):

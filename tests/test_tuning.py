@@ -111,6 +111,8 @@ def test_ranges_and_fixed_values_in_a_study_file(tmp_path):
         ("max_trials = 0\n[hyperparameters]\ndepth = [3]\n", "Received: max_trials=0"),
         ("[space]\ndepth = [3]\n", "unknown keys ['space']"),
         ("[hyperparameters\n", "not a readable TOML file"),
+        ('[hyperparameters]\ndepth = [3, 4]\n[published]\nchoice = 5\nfinding = "x"\n', "[published] needs"),
+        ("[hyperparameters]\ndepth = [3, 4]\n[published]\nchoice = 3\n", "[published] needs"),
     ],
 )
 def test_bad_study_files_name_the_file_and_the_value(tmp_path, text, message):
