@@ -182,7 +182,9 @@ def export_model(model, base_dir, path=None, task=None, source=None):
         raise ExportError(f"{base_dir}: a file; expected a folder to hold numbered versions (1, 2, ...).")
     if is_saved_model(base_dir):
         raise ExportError(f"{base_dir}: a SavedModel version folder; pass its parent, the base folder.")
-    opened = runs.open_model(model, path, task)
+    from cxrkeras.models.blocks import compute_in_float32
+
+    opened = runs.open_model(compute_in_float32(model), path, task)  # served in float32 whatever it trained in
     info = _describe(opened)
     module = serving_module(model, info)
     # The functions themselves, not concrete functions: saving traces them again in its own context anyway.

@@ -64,13 +64,15 @@ def model_file(path):
 
 
 def load_model(path):
-    """A saved classifier or cascade (uncompiled) from a `.keras` file or a folder holding model.keras."""
+    """A saved classifier or cascade (uncompiled, computing in float32) from a `.keras` file or a folder holding
+    model.keras."""
     filename = model_file(path)
     try:
         model = keras.saving.load_model(filename, compile=False)
     except Exception as e:  # a corrupt zip, an unknown layer: keras raises many types
         raise ModelError(f"{filename}: does not load as a Keras model ({type(e).__name__}: {e}).") from e
-    return blocks.avoid_strided_pointwise(model)  # files saved before PointwiseConv2D
+    # files saved before PointwiseConv2D; a model loaded for use answers in float32 whatever it trained in
+    return blocks.compute_in_float32(blocks.avoid_strided_pointwise(model))
 
 
 def model_folder(path):

@@ -379,3 +379,19 @@ def test_cascade_command_usage_errors(runs, tmp_path):
     result = run("cascade", tmp_path / "infected.keras", tmp_path / "covid.keras", "--out", tmp_path / "c",
                  "--target-recall", "covid=0.9")
     assert result.exit_code == 2 and "--data on the command line" in result.output
+
+
+def test_a_cascade_of_bf16_trained_runs_computes_in_float32(tmp_path):
+    """Runs trained in mixed bfloat16 make a cascade (and so an export) that answers as float32 anywhere."""
+    from cxrkeras.thresholds import make_cascade
+
+    paths = {}
+    for task in ("infected", "covid"):
+        model = build_model(TINY[task], dtype="mixed_bfloat16")
+        assert model.get_layer("block1_conv" if task == "infected" else "stem_conv1").compute_dtype == "bfloat16"
+        paths[task] = tmp_path / f"{task}.keras"
+        model.save(paths[task])
+    make_cascade(paths["infected"], paths["covid"], tmp_path / "cascade")
+    cascade = load_model(tmp_path / "cascade")
+    layers = [layer for member in cascade.layers if isinstance(member, keras.Model) for layer in member.layers]
+    assert len(layers) > 10 and {layer.compute_dtype for layer in layers} == {"float32"}

@@ -291,3 +291,20 @@ def test_a_model_grad_cam_cannot_explain_exports_without_explain(tmp_path):
     import tensorflow as tf
 
     assert "explain" not in tf.saved_model.load(version).signatures
+
+
+def test_a_bf16_trained_classifier_is_exported_computing_in_float32(tmp_path):
+    """The SavedModel answers what the float32 function of its weights answers, not bfloat16's rounding."""
+    import tensorflow as tf
+
+    from cxrkeras.models import build_model
+
+    mixed, plain = build_model(TINY["infected"], dtype="mixed_bfloat16"), build_model(TINY["infected"])
+    kernel, bias = mixed.get_layer("predictions").get_weights()
+    mixed.get_layer("predictions").set_weights([kernel * 40, bias])  # outputs spread over (0, 1), not near 0.5
+    plain.set_weights(mixed.get_weights())
+    x = np.random.default_rng(2).random((4, 150, 150, 1), dtype=np.float32)
+    version = export_lib.export_model(mixed, tmp_path / "out", task="infected")
+    out = tf.saved_model.load(version).signatures["predict_images"](images=tf.constant(x))["probabilities"].numpy()
+    expected = plain.predict(x, verbose=0)[:, 0]
+    np.testing.assert_allclose(out[:, 1], expected, atol=1e-5)

@@ -124,6 +124,25 @@ def test_mixed_precision_keeps_predictions_in_float32():
     assert predict(model, images(1)).dtype == np.float32
 
 
+@pytest.mark.parametrize("task", ["infected", "covid", "three-class"])
+def test_a_bf16_trained_classifier_computes_in_float32_once_made_so(task, tmp_path):
+    """The same weights as a float32 build: the same answers, and saved and loaded it stays float32."""
+    from cxrkeras.models.blocks import compute_in_float32
+
+    config = dataclasses.replace(study_model_config(task), image_size=96, batchnorm=True)
+    mixed, plain = build_model(config, dtype="mixed_bfloat16"), build_model(config)
+    plain.set_weights(mixed.get_weights())  # mixed precision keeps float32 variables
+    x = images(3, 96)
+    assert np.abs(predict(mixed, x) - predict(plain, x)).max() > 1e-6  # bf16 rounds
+    compute_in_float32(mixed)
+    assert {layer.compute_dtype for layer in mixed.layers} == {"float32"}
+    np.testing.assert_allclose(predict(mixed, x), predict(plain, x), atol=1e-6)
+    mixed.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert {layer.compute_dtype for layer in loaded.layers} == {"float32"}
+    np.testing.assert_allclose(predict(loaded, x), predict(plain, x), atol=1e-6)
+
+
 def test_torch_init_draws_within_the_pytorch_bounds():
     model = build_study_model("infected")
     for name, fan_in in [("block1_conv", 9 * 1), ("block2_conv", 9 * 24), ("fc", 512)]:

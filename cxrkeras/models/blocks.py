@@ -95,6 +95,22 @@ def avoid_strided_pointwise(model):
     return model
 
 
+def compute_in_float32(model):
+    """`model` with every layer computing in float32; nested models too. Returns `model`.
+
+    A classifier trained in mixed precision keeps float32 weights: computing in
+    float32 gives the answers of the float32 function those weights define on
+    any machine (bfloat16 rounds probabilities to 2-3 digits and is slow where
+    the CPU lacks it). Cascades and exports are made from such models.
+    """
+    for layer in [model] + list(model.layers):
+        if layer is not model and isinstance(layer, keras.Model):
+            compute_in_float32(layer)
+        elif layer.dtype_policy.name != "float32":
+            layer.dtype_policy = "float32"
+    return model
+
+
 def batch_norm(name, dtype=None):
     # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here), as the study used.
     return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
