@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 from cxrkeras import data as data_lib
-from cxrkeras.config import CLASSES, DECISION_THRESHOLD
+from cxrkeras import study_figures
+from cxrkeras.config import CLASSES
 from cxrkeras.files import read_json, write_json_atomic, write_text_atomic
 from cxrkeras.runs import duration
 from cxrkeras.search_spaces import grid_size, load_study
@@ -322,17 +323,6 @@ def study_stage(study, base, folder, callbacks=(), log=None):
 
 # ---------------------------------------------------------------- README.md
 
-# The study's own figures (test split, 615 images; ../shared/reference.md), shown beside ours.
-STUDY_TABLES = {
-    "cascade": {"accuracy": 0.9008, "f1": {"normal": 0.9241, "non-covid": 0.9274, "covid": 0.8182}},
-    "three-class": {"accuracy": 0.8943, "f1": {"normal": 0.923, "non-covid": 0.917, "covid": 0.804}},
-}
-STUDY_GRID_CORRECT = 18  # of the release's 25 val/ images, the study's Figure 2.8.2 (its cascade)
-NOT_COMPARABLE = (
-    "The study's figures are on its test split, which it also used to pick its models (it passed its test set "
-    "as the validation set while training). Ours are on a validation split carved from train; the test split is "
-    "held back. The two are not comparable number for number."
-)
 SECTIONS = (  # (heading, stage, figure files in the stage folder) in the study's order
     ("1. Data: class distributions", "data",
      ["distribution_three_class.png", "distribution_infected.png", "distribution_covid.png"]),
@@ -352,7 +342,7 @@ SECTIONS = (  # (heading, stage, figure files in the stage folder) in the study'
 
 def write_readme(plan, out_dir, timings):
     """reports/NAME/README.md: every section in the study's order, our figures and tables beside the study's."""
-    lines = ["# The study, reproduced by `cxrkeras report`", "", f"Data: `{plan.source}`. {NOT_COMPARABLE}", ""]
+    lines = ["# The study, reproduced by `cxrkeras report`", "", f"Data: `{plan.source}`. {study_figures.NOT_COMPARABLE}", ""]
     if plan.quick:
         lines += [QUICK_NOTE, ""]
     elif plan.epochs:
@@ -375,28 +365,19 @@ def _section_body(heading, plan, out_dir, timings):
         return ["", "| split | " + " | ".join(CLASSES) + " |", "|---" * (len(CLASSES) + 1) + "|"] + [
             f"| {split} | " + " | ".join(str(c[k]) for k in CLASSES) + " |" for split, c in counts.items()]
     if heading.startswith("3."):
-        return _study_table(out_dir, "study-augmentation")
+        return study_figures.study_table(out_dir, "study-augmentation")
     if heading.startswith("4."):
         return _studies(plan, out_dir)
     if heading.startswith("5."):
         return [f"![{s.name}]({s.name}/curves.png)" for s in plan.stages if s.name.startswith("fit-")]
     if heading.startswith("6."):
-        return _tables(out_dir) + _operating_points(out_dir)
+        return study_figures.cascade_tables(out_dir) + study_figures.operating_points_table(out_dir)
     if heading.startswith("8."):
-        return _grid_beside_study(out_dir) + [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"
+        return study_figures.grid_line(out_dir) + [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"
                 for p in sorted(glob.glob(os.path.join(out_dir, "cascade", "eval-cascade", "gradcam*.png")))]
     if heading.startswith("9."):
         return _timing(plan, out_dir, timings)
     return []
-
-
-def _grid_beside_study(out_dir):
-    grid = (read_json(os.path.join(out_dir, "cascade", "eval-cascade", "metrics.json"), None) or {}).get("grid")
-    if not grid:
-        return []
-    return ["", f"The grid's images are the release's val/ folder. Our cascade gets {grid['correct']} of "
-                f"{grid['n']} right; the study's got {STUDY_GRID_CORRECT} of the 25 of its validation set "
-                "(its Figure 2.8.2).", ""]
 
 
 def _timing(plan, out_dir, timings):
@@ -427,38 +408,8 @@ def _studies(plan, out_dir):
             lines += [f"### {stage.title}", ""]
             if os.path.exists(os.path.join(out_dir, stage.name, "project", "study.png")):
                 lines.append(f"![{stage.name}]({stage.name}/project/study.png)")
-            lines += _study_table(out_dir, stage.name)
+            lines += study_figures.study_table(out_dir, stage.name)
     return lines
-
-
-def _study_table(out_dir, stage_name):
-    """The study's results.md (trials best first), or nothing when the stage has none."""
-    table = os.path.join(out_dir, stage_name, "project", "results.md")
-    if not os.path.exists(table):
-        return []
-    with open(table, encoding="utf-8") as f:
-        return ["", f.read().rstrip(), ""] + _beside_published(out_dir, stage_name)
-
-
-def _beside_published(out_dir, stage_name):
-    """The published study's choice and its words for this factor, beside the best value here and the rank the
-    study's choice got here (nothing for a study without [published] or with no finished trial)."""
-    from cxrkeras.tuning_project import RESULTS_FILE, format_value
-
-    study = load_study(stage_name[len("study-"):])
-    summary = read_json(os.path.join(out_dir, stage_name, "project", RESULTS_FILE), None)
-    trials = [t for t in (summary or {}).get("trials", []) if t["status"] == "COMPLETED" and t["score"] is not None]
-    if not study.published or not trials:
-        return []
-    factor, choice = study.factors[0], study.published["choice"]
-    ranks = [i for i, t in enumerate(trials, 1) if t["values"].get(factor) == choice]
-    objective, best = summary["objective"], trials[0]
-    here = (f"the study's choice ranks {ranks[0]} of {len(trials)} ({objective} {trials[ranks[0] - 1]['score']:.4f}"
-            f" against {best['score']:.4f})" if ranks else "the study's choice is not in this plan")
-    return [f"**Beside the study.** The study (judged on its test split) chose "
-            f"**{factor} = {format_value(choice)}**: \"{study.published['finding']}\". Here (the infected "
-            f"classifier, one seed, judged on validation carved from train) the best is "
-            f"**{format_value(best['values'].get(factor))}** by {objective}; {here}.", ""]
 
 
 def machine_name():
@@ -477,40 +428,6 @@ def _cpuinfo_lines():
             return f.readlines()
     except OSError:
         return []
-
-
-def _tables(out_dir):
-    lines = ["| | ours: accuracy | study: accuracy | " + " | ".join(f"ours / study: F1 {c}" for c in CLASSES) + " |",
-             "|---" * (3 + len(CLASSES)) + "|"]
-    for name, study in STUDY_TABLES.items():
-        metrics = read_json(os.path.join(out_dir, "cascade", f"eval-{name}", "metrics.json"), None)
-        if not metrics:
-            continue
-        f1 = [f"{metrics['per_class'][c]['f1']:.4f} / {study['f1'][c]:.4f}" for c in CLASSES]
-        lines.append(f"| {name} (n={metrics['n']}) | {metrics['accuracy']:.4f} | {study['accuracy']:.4f} | "
-                     + " | ".join(f1) + " |")
-    return lines + ["", NOT_COMPARABLE, ""]
-
-
-def _operating_points(out_dir):
-    """The operating-point table: thresholds reaching each covid recall target, beside the study's pair."""
-    from cxrkeras.models.cascade import thresholds_in
-
-    points = read_json(os.path.join(out_dir, "cascade", "operating_points.json"), None)
-    if not points:
-        return []
-    intro = (f"Operating points of the cascade on the {points['split']} split ({points['images']} images): for "
-             "each covid recall, the most accurate thresholds that reach it (the cascade above keeps the study's "
-             f"{DECISION_THRESHOLD:g} / {DECISION_THRESHOLD:g}; `cxrkeras cascade --target-recall covid=R` builds "
-             "one at another point). The same split picked the epochs, so these figures are optimistic.")
-    lines = [intro, "", "| covid recall wanted | infected threshold | covid threshold | covid recall | covid missed "
-             "| called covid wrongly | accuracy |", "|---" * 7 + "|"]
-    for name, row in [(f"study's {DECISION_THRESHOLD:g} / {DECISION_THRESHOLD:g}", points["default"])] + [
-            (f"{r['target']:.2f}" + ("" if r["reached"] else " (not reached)"), r) for r in points["rows"]]:
-        t = thresholds_in(row)
-        lines.append(f"| {name} | {t['infected']:.2f} | {t['covid']:.2f} | {row['recall']:.4f} | "
-                     f"{row['fn']} | {row['fp']} | {row['accuracy']:.4f} |")
-    return lines + ["", "![tradeoff](cascade/tradeoff.png)"]
 
 
 def report(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_STUDIES, configure=None, log=print,

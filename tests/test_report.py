@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cxrkeras import report
+from cxrkeras import report, study_figures
 
 
 def shrink(cfg):
@@ -41,7 +41,7 @@ def test_quick_report_writes_every_section_and_figure(quick_report):
     assert len(figures) >= 15, figures
     for figure in figures:
         assert os.path.getsize(os.path.join(out, figure)) > 0, figure
-    assert "| cascade (n=" in text and "| three-class (n=" in text and report.NOT_COMPARABLE in text
+    assert "| cascade (n=" in text and "| three-class (n=" in text and study_figures.NOT_COMPARABLE in text
     assert report.QUICK_NOTE in text  # a quick report says it shows the plan, not results
     points = json.loads(open(os.path.join(out, "cascade", "operating_points.json")).read())
     assert [r["target"] for r in points["rows"]] == list(report.COVID_TARGETS)
