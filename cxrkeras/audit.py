@@ -2,8 +2,8 @@
 
 X-ray collections from different sources carry source marks (side letters,
 text, frames, exposure) near the edges. `shortcut_audit` scores a model on the
-whole image, on the centre alone (the border band set to 0) and on the border
-alone (the centre set to 0), beside the majority-class rate a blind model
+whole image, on the centre alone (the border band filled) and on the border
+alone (the centre filled), with 0 and with each image's mean grey, beside the majority-class rate a blind model
 reaches, and measures the share of Grad-CAM heat that falls in the band. A
 border-only score well above the majority rate means the border carries
 signal the model uses.
@@ -31,16 +31,25 @@ def border_mask(height, width, band):
     return near_row[:, None] | near_col[None, :]
 
 
-def centre_only(images, band):
-    """`images` [N, H, W, C] with the border band set to 0."""
-    mask = border_mask(images.shape[1], images.shape[2], band)
-    return np.where(mask[None, :, :, None], 0, images).astype(images.dtype)
+FILLS = ("zeros", "mean")  # what fills the masked part: black, or each image's own mean grey
 
 
-def border_only(images, band):
-    """`images` [N, H, W, C] with everything but the border band set to 0."""
+def _fill(images, fill):
+    if fill not in FILLS:
+        raise ValueError(f"Unknown `fill`; expected one of {list(FILLS)}. Received: fill={fill!r}")
+    return 0.0 if fill == "zeros" else images.mean(axis=(1, 2, 3), keepdims=True)
+
+
+def centre_only(images, band, fill="zeros"):
+    """`images` [N, H, W, C] with the border band filled (`fill`: 0, or each image's mean)."""
     mask = border_mask(images.shape[1], images.shape[2], band)
-    return np.where(mask[None, :, :, None], images, 0).astype(images.dtype)
+    return np.where(mask[None, :, :, None], _fill(images, fill), images).astype(images.dtype)
+
+
+def border_only(images, band, fill="zeros"):
+    """`images` [N, H, W, C] with everything but the border band filled (`fill`: 0, or each image's mean)."""
+    mask = border_mask(images.shape[1], images.shape[2], band)
+    return np.where(mask[None, :, :, None], images, _fill(images, fill)).astype(images.dtype)
 
 
 def border_mass(heatmaps, band):
@@ -55,12 +64,17 @@ def border_mass(heatmaps, band):
 
 
 def shortcut_audit(model, images, labels, band=AUDIT_BAND, batch_size=64, whole=None):
-    """{"band_px", "whole", "centre_only", "border_only", "majority_rate", "gradcam_border_mass"} for `model`.
+    """{"band_px", "whole", "centre_only", "border_only", "fill", "mean_fill", "majority_rate",
+    "gradcam_border_mass"} for `model`.
 
     `images` [N, H, W, 1] in [0, 1], `labels` the class indices the model's
     decisions are scored against; `band` in pixels of an IMAGE_SIZE image;
     `whole`: the model's decisions on `images` when they are known already.
     The accuracies use the model's own decisions (a cascade's thresholds).
+    "centre_only" and "border_only" fill the masked part with 0 ("fill":
+    "zeros"); "mean_fill" holds both scores with each image's mean grey there
+    instead. What fills it changes the verdict (black is far from any X-ray's
+    grey), so a border score is read under both fills.
     Grad-CAM explains each image's decision as the export's `explain` signature does
     (`cxrkeras.explain`); "gradcam_border_mass" is None for a model Grad-CAM can't read.
     """
@@ -78,6 +92,9 @@ def shortcut_audit(model, images, labels, band=AUDIT_BAND, batch_size=64, whole=
         "whole": float(np.mean(whole == labels)),
         "centre_only": float(np.mean(decisions(centre_only(images, px)) == labels)),
         "border_only": float(np.mean(decisions(border_only(images, px)) == labels)),
+        "fill": "zeros",
+        "mean_fill": {name: float(np.mean(decisions(mask(images, px, "mean")) == labels))
+                      for name, mask in (("centre_only", centre_only), ("border_only", border_only))},
         "majority_rate": float(np.bincount(labels).max() / len(labels)),
         "gradcam_border_mass": _gradcam_border_mass(model, images, whole, px, batch_size),
     }

@@ -369,12 +369,17 @@ def format_report(metrics):
         mass = "-" if a["gradcam_border_mass"] is None else f"{a['gradcam_border_mass']:.3f}"
         lines.append(
             f"shortcut audit (band {a['band']} px of {IMAGE_SIZE}): whole {a['whole']:.4f}, centre only "
-            f"{a['centre_only']:.4f}, border only {a['border_only']:.4f}, majority class {a['majority_rate']:.4f}; "
-            f"Grad-CAM heat in the band {mass}"
+            f"{a['centre_only']:.4f}, border only {a['border_only']:.4f} (filled with zeros{_mean_fill(a)}), "
+            f"majority class {a['majority_rate']:.4f}; Grad-CAM heat in the band {mass}"
         )
     if metrics.get("grid"):
         lines.append(f"val/ grid: {metrics['grid']['correct']}/{metrics['grid']['n']} correct")
     return "\n".join(lines)
+
+
+def _mean_fill(audit):
+    m = audit.get("mean_fill")  # absent from metrics.json written before the second fill
+    return f"; with the image's mean: {m['centre_only']:.4f} / {m['border_only']:.4f}" if m else ""
 
 
 def load_metrics(path):

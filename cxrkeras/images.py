@@ -229,6 +229,11 @@ def read_image(path):
     return tf.cond(maybe_dicom, in_python, lambda: contents)
 
 
+# How every path decodes a JPEG, for model cards: tf.data and the SavedModel here, Pillow in arrays.py.
+JPEG_DECODING = ("libjpeg's accurate integer IDCT: TensorFlow's decode_jpeg with dct_method INTEGER_ACCURATE "
+                 "(tf.data, the SavedModel, serve) and Pillow (the in-memory arrays under JAX) give the same pixels")
+
+
 def decode_pixels(contents):
     """Encoded image bytes -> [height, width, channels] float32 in [0, 1]: how training reads a file.
 

@@ -49,7 +49,10 @@ def summary(metrics):
         "confusion": metrics["confusion"],
         "stage_accuracy": {k: round(v, 4) for k, v in metrics["stage_accuracy"].items() if k != "infected_images"},
         "thresholds": metrics["thresholds"],
-        "audit": {k: round(audit[k], 4) for k in ("centre_only", "border_only", "majority_rate", "gradcam_border_mass")},
+        "audit": {**{k: round(audit[k], 4) for k in ("centre_only", "border_only", "majority_rate",
+                                                      "gradcam_border_mass")},
+                  **({"mean_fill": {k: round(v, 4) for k, v in audit["mean_fill"].items()}}
+                     if "mean_fill" in audit else {})},
     }
 
 
@@ -133,7 +136,11 @@ def collect(args, evaluations, members):
     with open(os.path.join(ROOT, "recipes", f"{args.recipe}-covid.json")) as f:
         data = json.load(f)["data"]
     carve = {k: data[k] for k in ("val_fraction", "seed", "holdout_fraction", "holdout_seed")}
+    from cxrkeras.images import JPEG_DECODING
+
     return {
+        "decision": decision(args.runs),
+        "decoder": JPEG_DECODING,
         "recipe": args.recipe,
         "seeds": args.seeds,
         "target_recall": target_recall(os.path.join(args.runs, "cascades", args.cascade)),
@@ -153,10 +160,17 @@ def collect(args, evaluations, members):
     }
 
 
+def decision(runs):
+    """experiments/seeds.py's table of RUNS and the rule's verdict on it ({"rows", "decision"})."""
+    command = [sys.executable, os.path.join(ROOT, "experiments", "seeds.py"), "--out", runs, "--table-only", "--json"]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
 def rebuild_commands(args):
     """The commands that rebuild this cascade from the dataset (recipes/README.md explains them)."""
     seeds = " ".join(str(s) for s in args.seeds)
-    return (f"python experiments/seeds.py --data DATA --out RUNS --recipes study {args.recipe} --seeds {seeds} && "
+    recipes = " ".join(dict.fromkeys(["study", args.recipe] + args.against))
+    return (f"python experiments/seeds.py --data DATA --out RUNS --recipes {recipes} --seeds {seeds} && "
             f"python experiments/ship.py --runs RUNS --data DATA --recipe {args.recipe} --seeds {seeds} "
             f"--cascade {args.cascade}")
 
@@ -188,8 +202,30 @@ def write_card(folder, metrics):
 def _row(name, s):
     f1 = " | ".join(f"{s['per_class'][c]['f1']:.4f}" for c in CLASSES)
     audit = s["audit"]
+    mean = f" / {audit['mean_fill']['border_only']:.4f}" if audit.get("mean_fill") else ""
     return f"| {name} | {s['accuracy']:.4f} | {f1} | {s['per_class']['covid']['recall']:.4f} | " \
-           f"{audit['centre_only']:.4f} | {audit['border_only']:.4f} |"
+           f"{audit['centre_only']:.4f} | {audit['border_only']:.4f}{mean} |"
+
+
+def _decoder_line(m):
+    return f"\nJPEGs are decoded by {m['decoder']}." if m.get("decoder") else ""
+
+
+def decision_note(m):
+    """The rule and its verdict over the recipes seeds.py ran (metrics.json's "decision"), or ""."""
+    if not m.get("decision") or not m["decision"].get("decision"):
+        return ""
+    rows = [r for r in m["decision"]["rows"] if not r["recipe"].endswith("-ensemble")]
+    cell = lambda r, k: f"{r[k]:.4f} ({r[k + '_range'][0]:.4f}-{r[k + '_range'][1]:.4f})" if k in r else "-"  # noqa: E731
+    table = "\n".join(f"| {r['recipe']} | {r['n']} | {cell(r, 'accuracy')} | {cell(r, 'covid_f1')} | "
+                      f"{cell(r, 'border_only')} | {cell(r, 'border_only_mean')} |" for r in rows)
+    verdict = m["decision"]["decision"]
+    return ("\nWhich recipe ships is decided by one rule, on validation over seeds (the same carve for all): the study's\n"
+            "recipe stands unless another beats its accuracy beyond the seeds' spread (its worst seed above the\n"
+            "study's best). The border audit (border-only score, with the centre filled with zeros and with each\n"
+            "image's mean grey) decides between tied recipes only when it separates them under both fills.\n\n"
+            "| recipe | seeds | accuracy mean (range) | covid F1 | border only, zeros | border only, mean |\n"
+            "|---|---|---|---|---|---|\n" + table + f"\n\nVerdict: **{verdict['recipe']}**: {verdict['reason']}.\n")
 
 
 def shortcut_note(audit):
@@ -198,9 +234,14 @@ def shortcut_note(audit):
     reads = "so the border alone carries signal it uses" if border > majority + 0.05 else \
         "so the border alone tells it little"
     return (f"- Source shortcuts: X-rays from different sources carry marks (side letters, text, borders). On\n"
-            f"  validation the cascade scores {border:.4f} from the border band alone (the centre masked out) against\n"
+            f"  validation the cascade scores {border:.4f} from the border band alone (the centre filled with zeros"
+            f"{_mean_fill(audit)}) against\n"
             f"  a majority-class rate of {majority:.4f}, {reads}; {heat:.0%} of its Grad-CAM heat falls in the band,\n"
             f"  which is half the image's area. A new source's marks may still mislead it.")
+
+
+def _mean_fill(audit):
+    return f"; {audit['mean_fill']['border_only']:.4f} with each image's mean grey" if audit.get("mean_fill") else ""
 
 
 def study_name(cascade):
@@ -276,14 +317,14 @@ The course release of the study (`../shared/cxr-dataset`, train split only: 1341
 pneumonia release (CC BY 4.0), so "covid" is likely viral pneumonia in children. Train was deduplicated,
 then split, stratified and seeded: a holdout of {carve['holdout_fraction']:.0%} (seed {carve['holdout_seed']}), then a
 validation split of {carve['val_fraction']:.0%} of the rest (seed {carve['seed']}); the classifiers trained on the remainder.
-The release's test split was never read.
+The release's test split was never read.{_decoder_line(m)}
 
 ## Protocol
 Each classifier's kept epoch is its best validation loss. The thresholds are picked on the holdout (no
 epoch was picked on it): the most accurate pair whose covid recall reaches {m['target_recall'].split('=')[1]}
 (infected threshold {t['infected']:.4f}, covid threshold {t['covid']:.4f}). The table compares it with the study's
 recipe on the same validation split, at the same kind of operating point.
-{selection_note(m)}
+{decision_note(m) or selection_note(m)}
 ## Validation ({ens['validation']['n']} images; epochs were picked on it, so the figures lean optimistic)
 {header}
 {chr(10).join(rows)}
@@ -374,9 +415,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="exp-seeds", help="experiments/seeds.py's --out folder.")
     parser.add_argument("--data", help="Dataset folder or CSV manifest the runs were trained on.")
-    parser.add_argument("--recipe", default="resnet")
+    parser.add_argument("--recipe", default="study", help="The recipe to ship (the rule's verdict).")
+    parser.add_argument("--against", nargs="*", default=["long"],
+                        help="The other recipes seeds.py ran for the decision (for the rebuild commands).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="The recipe's seeds (the table).")
-    parser.add_argument("--cascade", default="resnet-ensemble",
+    parser.add_argument("--cascade", default="study-ensemble",
                         help="The cascade to ship, a folder under RUNS/cascades (its members are its sources).")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--overwrite", action="store_true", help="Replace --out when it is there.")

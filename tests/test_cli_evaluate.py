@@ -208,7 +208,7 @@ def test_an_image_the_decoder_refuses_is_named(models, synthetic_dataset, tmp_pa
 
 def test_each_image_is_predicted_once(models, synthetic_dataset, tmp_path, monkeypatch):
     """On val/ the scores, the audit, the grid and Grad-CAM all show the same images: one prediction each
-    (the audit adds its centre-only and border-only copies)."""
+    (the audit adds its centre-only and border-only copies, filled with zeros and with the image's mean)."""
     from cxrkeras import evaluation
 
     calls = []  # (model, images) of every prediction
@@ -222,5 +222,6 @@ def test_each_image_is_predicted_once(models, synthetic_dataset, tmp_path, monke
     metrics = evaluation.evaluate_run(models["cascade"], synthetic_dataset, split="val", out_dir=tmp_path / "eval",
                                       log=lambda message: None)
     evaluated = calls[0][0]
-    assert [n for model, n in calls if model is evaluated] == [metrics["n"]] * 3  # whole, centre only, border only
+    # whole, then centre only and border only under each fill
+    assert [n for model, n in calls if model is evaluated] == [metrics["n"]] * 5
     assert metrics["grid"]["n"] == metrics["n"] and len(metrics["gradcam"]) == evaluation.GRADCAM_DEFAULT_IMAGES

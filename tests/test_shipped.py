@@ -50,6 +50,26 @@ def test_the_model_card_is_the_committed_metrics_rendered(ship, metrics):
     assert [r["seed"] for r in metrics["per_seed"]] == metrics["seeds"] and len(metrics["seeds"]) >= 3
 
 
+def test_a_card_states_the_rule_its_verdict_the_decoder_and_both_fills(ship, metrics, tmp_path):
+    """What a cascade shipped by the rule adds to the card: seeds.py's table and verdict, the decoder, both fills."""
+    import copy
+
+    m = copy.deepcopy(metrics)
+    m["ensemble"]["validation"]["audit"]["mean_fill"] = {"centre_only": 0.8, "border_only": 0.5432}
+    rows = [{"recipe": "study", "n": 3, "accuracy": 0.81, "accuracy_range": [0.80, 0.82], "border_only": 0.4,
+             "border_only_range": [0.39, 0.41]},
+            {"recipe": "study-ensemble", "n": 1, "accuracy": 0.9, "accuracy_range": [0.9, 0.9]}]
+    m["decision"] = {"rows": rows, "decision": {"recipe": "study", "reason": "no recipe beats it beyond the spread"}}
+    m["decoder"] = "libjpeg's accurate integer IDCT"
+    card = ship.render_card(m)
+    assert "| study | 3 | 0.8100 (0.8000-0.8200) | - | 0.4000 (0.3900-0.4100) | - |" in card
+    assert "study-ensemble |" not in card.split("Verdict:")[0].split("| recipe | seeds |")[1]
+    assert "Verdict: **study**: no recipe beats it beyond the spread." in card
+    assert "JPEGs are decoded by libjpeg's accurate integer IDCT." in card
+    assert "(the centre filled with zeros; 0.5432 with each image's mean grey)" in card
+    assert "The shortcut audit decides where accuracy is within noise" not in card  # the old rule is gone
+
+
 def test_the_committed_savedmodel_answers_in_a_fresh_process_as_the_keras_cascade(tmp_path):
     paths = []
     for seed in range(3):

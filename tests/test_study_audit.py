@@ -32,6 +32,14 @@ def test_masks_keep_what_they_say():
     assert np.array_equal(centre + border, x)
     assert centre[:, :22].max() == 0 and np.array_equal(centre[:, 22:-22, 22:-22], x[:, 22:-22, 22:-22])
     assert border[:, 22:-22, 22:-22].max() == 0 and np.array_equal(border[:, :22], x[:, :22])
+    mean = x.mean(axis=(1, 2, 3))
+    centre, border = audit.centre_only(x, 22, fill="mean"), audit.border_only(x, 22, fill="mean")
+    for i in range(len(x)):  # the filled part is the image's own mean grey; the kept part untouched
+        np.testing.assert_allclose(centre[i, :22], mean[i], rtol=1e-6)
+        np.testing.assert_allclose(border[i, 22:-22, 22:-22], mean[i], rtol=1e-6)
+    assert np.array_equal(centre[:, 22:-22, 22:-22], x[:, 22:-22, 22:-22]) and np.array_equal(border[:, :22], x[:, :22])
+    with pytest.raises(ValueError, match="fill='grey'"):
+        audit.centre_only(x, 22, fill="grey")
 
 
 def test_border_only_score_equals_masking_by_hand():
@@ -48,6 +56,15 @@ def test_border_only_score_equals_masking_by_hand():
     assert result["centre_only"] == pytest.approx(np.mean(predict(cascade, by_hand)[1] == labels3))
     assert result["whole"] == pytest.approx(np.mean(predict(cascade, x)[1] == labels3))
     assert result["majority_rate"] == 0.5 and result["band_px"] == 22
+    # the second fill: each image's own mean grey where the part is masked
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    by_hand = np.broadcast_to(mean, x.shape).copy()
+    by_hand[:, :22], by_hand[:, -22:], by_hand[:, :, :22], by_hand[:, :, -22:] = (
+        x[:, :22], x[:, -22:], x[:, :, :22], x[:, :, -22:])  # the border kept, the centre the image's mean
+    assert result["fill"] == "zeros"
+    assert result["mean_fill"]["border_only"] == pytest.approx(np.mean(predict(cascade, by_hand)[1] == labels3))
+    by_hand = np.where(audit.border_mask(*x.shape[1:3], 22)[None, :, :, None], mean, x)
+    assert result["mean_fill"]["centre_only"] == pytest.approx(np.mean(predict(cascade, by_hand)[1] == labels3))
     assert 0 <= result["gradcam_border_mass"] <= 1
 
 

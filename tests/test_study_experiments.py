@@ -106,3 +106,28 @@ def test_the_table_gives_mean_and_spread_over_seeds(seeds, tmp_path):
     assert rows["study"]["n"] == 2 and rows["study"]["accuracy"] == pytest.approx(0.85)
     assert rows["study"]["accuracy_spread"] == pytest.approx(0.1) and rows["study"]["covid_f1"] == pytest.approx(0.75)
     assert rows["study-ensemble"]["n"] == 1 and rows["study-ensemble"]["border_only_spread"] == 0
+
+
+def seed_rows(seeds, tmp_path, runs):
+    """`seeds.table` over cascades NAME -> (accuracy, border only with zeros, border only with the mean)."""
+    for name, (accuracy, zeros, mean) in runs.items():
+        folder = tmp_path / "cascades" / name / "eval-validation"
+        folder.mkdir(parents=True)
+        metrics = {"accuracy": accuracy, "per_class": {"covid": {"f1": 0.5}},
+                   "audit": {"border_only": zeros, "centre_only": 0.5, "mean_fill": {"border_only": mean}}}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    return seeds.table(str(tmp_path))
+
+
+@pytest.mark.parametrize("long, expected", [
+    # long's seeds overlap the study's: a tie; the border reads the same under the mean fill: the study stands
+    ({"long-s0": (0.80, 0.30, 0.50), "long-s1": (0.86, 0.31, 0.52)}, ("study", "no recipe beats it")),
+    # long's worst seed above the study's best: long
+    ({"long-s0": (0.86, 0.50, 0.50), "long-s1": (0.88, 0.50, 0.50)}, ("long", "beats study beyond the spread")),
+    # a tie, and long reads the border less under both fills: long
+    ({"long-s0": (0.81, 0.30, 0.35), "long-s1": (0.83, 0.31, 0.36)}, ("long", "reads the border less")),
+])
+def test_the_rule_keeps_the_study_unless_beaten_beyond_the_spread(seeds, tmp_path, long, expected):
+    study = {"study-s0": (0.82, 0.45, 0.50), "study-s1": (0.84, 0.46, 0.53), "study-ensemble": (0.99, 0.1, 0.1)}
+    recipe, reason = seeds.decide(seed_rows(seeds, tmp_path, {**study, **long}))
+    assert (recipe, expected[1] in reason) == (expected[0], True), reason
