@@ -57,6 +57,7 @@ QUICK_NOTE = ("**--quick**: one epoch per training and the first two values of e
               "and its figures, not the study's results.")
 ONE_FACTOR_STUDIES = ("augmentation", "learning-rate", "optimizer", "batch-size", "weight-decay", "depth")
 STAGE_FILE = "stage.json"  # a finished stage's settings: the same settings reuse the stage
+LEGS_FILE = "legs.json"  # a stage's time over the runs it took: {seconds, epoch_seconds, epochs} so far
 TIMINGS_FILE = "timings.json"  # {stage: seconds} of the run that made each stage
 COVID_TARGETS = (0.8, 0.9, 0.95)  # covid recalls of the operating-point table
 
@@ -182,19 +183,32 @@ class Progress:
         self.done = {s.name: 0 for s in plan.stages}  # epochs finished, per stage
         self.by_stage = {}  # stage name -> [seconds, epochs] measured in this run
         self.stage, self._began = None, 0.0
+        self.legs_path, self.earlier, self._stage_began = None, {}, 0.0
+
+    def start(self, stage, folder, earlier):
+        """Time `stage` in `folder` from now, after `earlier` legs (LEGS_FILE of the runs it was cut short in)."""
+        self.stage, self._stage_began = stage, time.perf_counter()
+        self.legs_path, self.earlier = os.path.join(folder, LEGS_FILE), earlier
 
     def callbacks(self, stage):
         import keras
 
-        self.stage = stage
         return [keras.callbacks.LambdaCallback(on_epoch_begin=self._begin, on_epoch_end=self._end)]
 
     def finish(self, stage):
         self.done[stage.name] = stage.epochs
 
-    def epoch_seconds(self, stage):
+    def legs(self, stage):
+        """{seconds, epoch_seconds, epochs} of `stage` over every run it took (earlier legs and this one)."""
         seconds, epochs = self.by_stage.get(stage.name, (0.0, 0))
-        return round(seconds / epochs, 1) if epochs else None
+        earlier = self.earlier if stage is self.stage else {}
+        return {"seconds": earlier.get("seconds", 0.0) + time.perf_counter() - self._stage_began,
+                "epoch_seconds": earlier.get("epoch_seconds", 0.0) + seconds,
+                "epochs": earlier.get("epochs", 0) + epochs}
+
+    def epoch_seconds(self, stage):
+        legs = self.legs(stage)
+        return round(legs["epoch_seconds"] / legs["epochs"], 1) if legs["epochs"] else None
 
     def seconds_left(self):
         """Seconds the unfinished epochs should take, or None before any epoch was timed."""
@@ -216,6 +230,7 @@ class Progress:
         stage, seconds = self.stage, time.perf_counter() - self._began
         spent = self.by_stage.setdefault(stage.name, [0.0, 0])
         spent[0], spent[1] = spent[0] + seconds, spent[1] + 1
+        write_json_atomic(self.legs_path, self.legs(stage))  # what a cut-short run has spent on the stage
         # a fit resumed at epoch k counts from k; a study's trials count on from the last trial
         self.done[stage.name] = min(stage.epochs, max(self.done[stage.name], epoch) + 1)
         done, total = sum(self.done.values()), sum(s.epochs for s in self.plan.stages)
@@ -240,14 +255,14 @@ def run_plan(plan, out_dir, log=print):
         left = progress.seconds_left()
         eta = f", about {duration(left)} left" if left is not None else ""
         log(f"[{i}/{len(plan.stages)}] {stage.title} (elapsed {duration(time.perf_counter() - start)}{eta})")
-        began = time.perf_counter()
         if record is None and os.path.isdir(folder):
             shutil.rmtree(folder)  # made with other settings (or by hand): start it over
         os.makedirs(folder, exist_ok=True)
+        progress.start(stage, folder, read_json(os.path.join(folder, LEGS_FILE), {}) if record else {})
         write_json_atomic(os.path.join(folder, STAGE_FILE), {"settings": stage.settings, "finished": False})
         # a started stage continues after its last epoch or trial
         stage.run(folder, progress.callbacks(stage), lambda line, name=stage.name: log(f"    {name}: {line}"))
-        seconds = time.perf_counter() - began
+        seconds = progress.legs(stage)["seconds"]  # a stage cut short counts its earlier runs' finished epochs
         progress.finish(stage)
         timings_path = os.path.join(out_dir, TIMINGS_FILE)
         write_json_atomic(timings_path, {**read_json(timings_path, {}), stage.name: round(seconds, 1)})

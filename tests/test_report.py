@@ -105,6 +105,10 @@ def test_a_started_stage_continues_and_the_finished_are_kept(quick_report, synth
     record = json.loads(open(record_path).read())
     with open(record_path, "w") as f:  # as after a kill at the end of the stage's fit
         json.dump({**record, "finished": False}, f)
+    legs = os.path.join(out, "fit-infected", report.LEGS_FILE)
+    assert json.loads(open(legs).read())["epochs"] == 1  # the first run's epoch, written as it ended
+    with open(legs, "w") as f:  # as if the earlier runs had spent longer on it
+        json.dump({"seconds": 1000.0, "epoch_seconds": 900.0, "epochs": 1}, f)
     model = os.path.join(out, "fit-infected", "model.keras")
     before = os.stat(model).st_mtime_ns
     done = report.report(synthetic_dataset, out, quick=True, studies=("augmentation",), configure=shrink,
@@ -112,6 +116,9 @@ def test_a_started_stage_continues_and_the_finished_are_kept(quick_report, synth
     assert [k for k, v in done.items() if v == "ran"] == ["fit-infected"]
     assert os.stat(model).st_mtime_ns == before  # its finished epoch was resumed, not trained again
     assert json.loads(open(record_path).read())["finished"] is True
+    # its time counts the earlier runs: the timing table is the stage's whole cost, not its last leg's
+    assert json.loads(open(record_path).read())["epoch_seconds"] == 900.0
+    assert 1000 <= json.loads(open(os.path.join(out, report.TIMINGS_FILE)).read())["fit-infected"] < 1100
 
 
 def test_subset_manifest_keeps_a_fraction_of_each_train_class(synthetic_dataset, tmp_path):
