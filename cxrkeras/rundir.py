@@ -24,7 +24,7 @@ import shutil
 import time
 
 from cxrkeras.config import RunConfig, check_task
-from cxrkeras.files import read_json, remove_temp_files, write_json_atomic, write_text_atomic
+from cxrkeras.files import HeldError, hold, read_json, remove_temp_files, write_json_atomic, write_text_atomic
 from cxrkeras.runs import (
     BACKUP_DIR,
     BACKUP_METADATA,
@@ -149,6 +149,24 @@ def run_completed(run_dir, epochs):
     """Whether the run in `run_dir` completed at least `epochs` epochs."""
     state = read_json(os.path.join(run_dir, STATE_FILE), {})
     return bool(state.get("completed")) and state.get("epochs", 0) >= epochs
+
+
+LOCK_FILE = ".fit.lock"  # held by the process training into the run dir
+
+
+def hold_run_dir(run_dir):
+    """This process's hold on `run_dir` (an open lock file); RunDirError naming the fit already training there.
+
+    Two fits writing one run dir (a resume started while the run still trains)
+    would interleave checkpoints and history. The kernel lets go of the lock
+    when its holder exits, killed or not.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    try:
+        return hold(os.path.join(run_dir, LOCK_FILE))
+    except HeldError as e:
+        raise RunDirError(f"{run_dir}: another `cxrkeras fit` trains into this run dir ({e}); wait for it to "
+                          "finish or stop it, then resume.") from None
 
 
 def _clear_run_files(run_dir):

@@ -31,7 +31,8 @@ from cxrkeras.config import AUGMENT_ON, OPTIMIZERS, TASKS, check_task
 from cxrkeras.devices import default_augment_on, make_strategy, replica_batch_sizes, resolve_precision
 from cxrkeras.files import read_json, write_json_atomic
 from cxrkeras.models import build_model  # also registers the classifiers' custom objects for loading
-from cxrkeras.rundir import RunDirError, check_run_dir, epochs_done, read_history, run_completed, start_run
+from cxrkeras.rundir import (RunDirError, check_run_dir, epochs_done, hold_run_dir, read_history, run_completed,
+                             start_run)
 from cxrkeras.runs import CURVES_FILE, HISTORY_FILE, SKIPPED_FILE, STATE_FILE, duration
 
 
@@ -357,10 +358,18 @@ def fit(run_config, run_dir, resume=False, verbose=1, augment_on="auto", tensorb
     cfg.fingerprint = data.fingerprint
     run_dir = distributed.process_run_dir(run_dir)  # only process 0 writes the run dir
     check_run_dir(cfg, run_dir, resume, processes)
-    if resume and run_completed(run_dir, cfg.train.epochs):
-        log(f"{run_dir}: the run already completed {cfg.train.epochs} epochs; nothing to resume.")
-        return _result(cfg, run_dir, data.problems, epochs_run=0, seconds=0.0, ips=0.0, replicas=1)
+    try:
+        held = hold_run_dir(run_dir)
+    except OSError as e:  # a folder that can't be made: a name too long, a read-only parent
+        raise RunWriteError(_write_failure(e, run_dir)) from e
+    with held:
+        if resume and run_completed(run_dir, cfg.train.epochs):
+            log(f"{run_dir}: the run already completed {cfg.train.epochs} epochs; nothing to resume.")
+            return _result(cfg, run_dir, data.problems, epochs_run=0, seconds=0.0, ips=0.0, replicas=1)
+        return _train(cfg, run_dir, data, processes, augment_on, callbacks, tensorboard, log, verbose, jit_compile)
 
+
+def _train(cfg, run_dir, data, processes, augment_on, callbacks, tensorboard, log, verbose, jit_compile):
     strategy = make_strategy(cfg.train.distribute)
     replicas = strategy.num_replicas_in_sync if strategy is not None else processes
     val_batch = validation_batch(cfg, data, replicas, processes)

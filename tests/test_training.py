@@ -350,3 +350,19 @@ def test_precision_is_per_model_not_process_wide(synthetic_dataset):
         assert {w.dtype for w in model.weights} == {"float32"}  # variables stay float32 under mixed precision
     assert keras.mixed_precision.global_policy().name == "float32"
     assert first.count_params() == second.count_params() == 202_261
+
+
+def test_a_second_fit_into_a_run_dir_in_use_is_refused_naming_the_first(synthetic_dataset, tmp_path):
+    """A resume started while the run still trains would interleave checkpoints: the run dir is held."""
+    from cxrkeras.rundir import LOCK_FILE
+
+    config = tiny_run_config(synthetic_dataset)
+    run_dir = training.fit(config, str(tmp_path / "run"), verbose=0).run_dir
+    holder = files.hold(os.path.join(run_dir, LOCK_FILE))  # as the fit still training there holds it
+    try:
+        in_use = rf"another `cxrkeras fit` trains into this run dir \(pid {os.getpid()}"
+        with pytest.raises(rundir.RunDirError, match=in_use):
+            training.fit(config, run_dir, resume=True, verbose=0)
+    finally:
+        holder.close()
+    assert training.fit(config, run_dir, resume=True, verbose=0).epochs_run == 0  # let go: the resume runs
