@@ -357,7 +357,8 @@ SECTIONS = (  # (heading, stage, figure files in the stage folder) in the study'
 
 def write_readme(plan, out_dir, timings):
     """reports/NAME/README.md: every section in the study's order, our figures and tables beside the study's."""
-    lines = ["# The study, reproduced by `cxrkeras report`", "", f"Data: `{plan.source}`. {study_figures.NOT_COMPARABLE}", ""]
+    lines = ["# The study, reproduced by `cxrkeras report`", "",
+             f"Data: `{plan.source}`. {study_figures.NOT_COMPARABLE}", ""]
     if plan.quick:
         lines += [QUICK_NOTE, ""]
     elif plan.epochs:
@@ -388,8 +389,9 @@ def _section_body(heading, plan, out_dir, timings):
     if heading.startswith("6."):
         return study_figures.cascade_tables(out_dir) + study_figures.operating_points_table(out_dir)
     if heading.startswith("8."):
-        return study_figures.grid_line(out_dir) + [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})"
-                for p in sorted(glob.glob(os.path.join(out_dir, "cascade", "eval-cascade", "gradcam*.png")))]
+        gradcams = sorted(glob.glob(os.path.join(out_dir, "cascade", "eval-cascade", "gradcam*.png")))
+        return study_figures.grid_line(out_dir) + [
+            f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in gradcams]
     if heading.startswith("9."):
         return _timing(plan, out_dir, timings)
     return []
