@@ -124,7 +124,7 @@ def test_mixed_precision_keeps_predictions_in_float32():
     assert predict(model, images(1)).dtype == np.float32
 
 
-@pytest.mark.parametrize("task", ["infected", "covid", "three-class"])
+@pytest.mark.parametrize("task", ["infected", "covid"])  # both trunks (three-class is covid's)
 def test_a_bf16_trained_classifier_computes_in_float32_once_made_so(task, tmp_path):
     """The same weights as a float32 build: the same answers, and saved and loaded it stays float32."""
     from cxrkeras.models.blocks import compute_in_float32
