@@ -133,8 +133,12 @@ def table(out):
     return rows
 
 
+MIN_SEEDS = 3  # the rule reads a spread: fewer seeds than this decide nothing
+
+
 def decide(rows, base="study"):
-    """(recipe, reason) by the rule the model card states, from `table` rows of single seeds (ensembles left out).
+    """(recipe, reason) by the rule the model card states, from `table` rows of single seeds (ensembles left out);
+    (None, what is missing) while a recipe has fewer than MIN_SEEDS seeds.
 
     The `base` recipe stands unless another beats its validation accuracy beyond
     the seeds' spread: the other's worst seed above the base's best. Among the
@@ -147,6 +151,9 @@ def decide(rows, base="study"):
     seeds = {r["recipe"]: r for r in rows if not r["recipe"].endswith("-ensemble")}
     if base not in seeds:
         raise ValueError(f"No {base!r} rows to decide against; recipes: {sorted(seeds)}")
+    few = [f"{name} has {r['n']}" for name, r in sorted(seeds.items()) if r["n"] < MIN_SEEDS]
+    if few:
+        return None, f"no verdict yet: the rule needs {MIN_SEEDS} seeds per recipe ({', '.join(few)})"
     lo, hi = lambda r, k: r[f"{k}_range"][0], lambda r, k: r[f"{k}_range"][1]  # noqa: E731
     beats = lambda a, b: lo(a, "accuracy") > hi(b, "accuracy")  # noqa: E731
     winners = [r for r in seeds.values() if r["recipe"] != base and beats(r, seeds[base])]
@@ -206,7 +213,8 @@ def main(argv=None):
         return
     print_table(rows)
     if verdict:
-        print(f"\nBy the rule: ship {verdict['recipe']}: {verdict['reason']}.")
+        print(f"\nBy the rule: ship {verdict['recipe']}: {verdict['reason']}." if verdict["recipe"]
+              else f"\nBy the rule: {verdict['reason']}.")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def ship(args):
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         sys.exit(f"{out}: already there; pass --overwrite to replace it.")
+    decided = decision(args.runs)  # {"rows", "decision"}
+    check_verdict(decided["decision"], args.recipe)
     build = out + ".build"
     shutil.rmtree(build, ignore_errors=True)
     ensemble = os.path.join(args.runs, "cascades", args.cascade)  # seeds.py (or `cxrkeras cascade`) built it
@@ -98,7 +100,7 @@ def ship(args):
         for run_dir in paths:
             strip_member(run_dir, os.path.join(build, "members", f"{task}-{os.path.basename(os.path.normpath(run_dir))}.keras"))
     cxrkeras("export", build, "--out", build)
-    metrics = collect(args, evaluations, members)
+    metrics = collect(args, evaluations, members, decided)
     with open(os.path.join(build, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     write_card(build, metrics)
@@ -121,8 +123,16 @@ def target_recall(cascade_dir):
     return f"{selection['class']}={selection['target_recall']}"
 
 
-def collect(args, evaluations, members):
-    """metrics.json: the recipe, per-seed validation, the ensemble, the study's recipe, times, the machine."""
+def check_verdict(verdict, recipe):
+    """Exit unless the rule (seeds.py's `decide`) chose `recipe`: the shipped model is the rule's, not a pick."""
+    if not verdict or verdict["recipe"] != recipe:
+        reason = verdict["reason"] if verdict else "seeds.py's table has no study recipe to decide against"
+        chosen = f"it chooses {verdict['recipe']}: " if verdict and verdict["recipe"] else ""
+        sys.exit(f"Not shipping {recipe}: by the rule {chosen}{reason}.")
+
+
+def collect(args, evaluations, members, decided):
+    """metrics.json: the rule's verdict and table, the recipe, per-seed validation, the ensemble, times, the machine."""
     cascades = os.path.join(args.runs, "cascades")
     per_seed = [dict(seed=s, **read_summary(os.path.join(cascades, f"{args.recipe}-s{s}", "eval-validation")))
                 for s in args.seeds]
@@ -139,7 +149,7 @@ def collect(args, evaluations, members):
     from cxrkeras.images import JPEG_DECODING
 
     return {
-        "decision": decision(args.runs),
+        "decision": decided,
         "decoder": JPEG_DECODING,
         "recipe": args.recipe,
         "seeds": args.seeds,

@@ -128,6 +128,27 @@ def seed_rows(seeds, tmp_path, runs):
     ({"long-s0": (0.81, 0.30, 0.35), "long-s1": (0.83, 0.31, 0.36)}, ("long", "reads the border less")),
 ])
 def test_the_rule_keeps_the_study_unless_beaten_beyond_the_spread(seeds, tmp_path, long, expected):
-    study = {"study-s0": (0.82, 0.45, 0.50), "study-s1": (0.84, 0.46, 0.53), "study-ensemble": (0.99, 0.1, 0.1)}
+    study = {"study-s0": (0.82, 0.45, 0.50), "study-s1": (0.84, 0.46, 0.53), "study-s2": (0.83, 0.455, 0.51),
+             "study-ensemble": (0.99, 0.1, 0.1)}
+    long = {**long, "long-s2": tuple((a + b) / 2 for a, b in zip(*long.values()))}  # a third seed inside the two
     recipe, reason = seeds.decide(seed_rows(seeds, tmp_path, {**study, **long}))
     assert (recipe, expected[1] in reason) == (expected[0], True), reason
+
+
+def test_the_rule_decides_nothing_on_fewer_than_three_seeds(seeds, tmp_path):
+    """One seed each has no spread: any difference would look decisive."""
+    rows = seed_rows(seeds, tmp_path, {"study-s0": (0.7960, 0.50, 0.55), "long-s0": (0.7989, 0.26, 0.46),
+                                       "long-s1": (0.80, 0.26, 0.46), "long-s2": (0.81, 0.26, 0.46)})
+    recipe, reason = seeds.decide(rows)
+    assert recipe is None and "needs 3 seeds per recipe (study has 1)" in reason
+
+
+def test_ship_refuses_a_recipe_the_rule_did_not_choose():
+    ship = load_script("experiments/ship.py")
+    ship.check_verdict({"recipe": "study", "reason": "no recipe beats it"}, "study")  # the rule's choice ships
+    for verdict, recipe, message in (
+            ({"recipe": "study", "reason": "no recipe beats it"}, "long", "by the rule it chooses study: no recipe"),
+            ({"recipe": None, "reason": "no verdict yet"}, "study", "Not shipping study: by the rule no verdict yet"),
+            (None, "long", "no study recipe to decide against")):
+        with pytest.raises(SystemExit, match=message):
+            ship.check_verdict(verdict, recipe)
