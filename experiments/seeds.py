@@ -62,14 +62,19 @@ def run(args, dry_run):
 
 def add_seconds(out, name, seconds):
     """Add `seconds` to OUT/timing.json[name]: the wall time of each fit, summed over its resumed legs."""
+    import fcntl
+
     path = os.path.join(out, "timing.json")
-    timing = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            timing = json.load(f)
-    timing[name] = round(timing.get(name, 0.0) + seconds, 1)
-    with open(path, "w") as f:
-        json.dump(timing, f, indent=2)
+    with open(path + ".lock", "a") as lock:  # one seeds.py per recipe may share OUT: one writer at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        timing = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                timing = json.load(f)
+        timing[name] = round(timing.get(name, 0.0) + seconds, 1)
+        with open(path + ".tmp", "w") as f:
+            json.dump(timing, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def train_and_evaluate(args):

@@ -152,3 +152,19 @@ def test_ship_refuses_a_recipe_the_rule_did_not_choose():
             (None, "long", "no study recipe to decide against")):
         with pytest.raises(SystemExit, match=message):
             ship.check_verdict(verdict, recipe)
+
+
+def test_fit_times_add_up_from_processes_side_by_side(seeds, tmp_path):
+    """Two seeds.py (one per recipe) share OUT/timing.json: no process's time is lost to the other's write."""
+    import threading
+
+    def add(name):
+        for _ in range(50):
+            seeds.add_seconds(str(tmp_path), name, 1.0)
+
+    threads = [threading.Thread(target=add, args=(name,)) for name in ("infected/study-s0", "infected/long-s0")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert json.loads((tmp_path / "timing.json").read_text()) == {"infected/study-s0": 50.0, "infected/long-s0": 50.0}
