@@ -25,6 +25,7 @@ started again.
 import argparse
 import glob
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -127,7 +128,9 @@ def table(out):
             # the same with each image's mean grey (evaluations made before the second fill have none)
             "border_only_mean": [m["audit"].get("mean_fill", {}).get("border_only") for m in runs],
         }
-        row = {"recipe": recipe, "n": len(runs)}
+        # the split's majority-class rate and size: what a blind guess scores, and its sampling error
+        row = {"recipe": recipe, "n": len(runs), "majority_rate": runs[0]["audit"].get("majority_rate"),
+               "images": runs[0].get("n")}
         for key, v in values.items():
             if None in v:
                 continue
@@ -141,6 +144,15 @@ def table(out):
 MIN_SEEDS = 3  # the rule reads a spread: fewer seeds than this decide nothing
 
 
+def reads_border(row, fill):
+    """Whether every seed of `row` scores above the majority-class rate on border-only images under `fill`, by
+    more than that rate's sampling error on the split: the border then carries what a blind guess cannot.
+    At or below the majority rate a score says which class a model defaults to on a blank centre, not how
+    much of the border it reads, so a lower score there is no evidence of anything."""
+    m, n = row["majority_rate"], row["images"]
+    return row[f"{fill}_range"][0] > m + math.sqrt(m * (1 - m) / n)
+
+
 def decide(rows, base="study"):
     """(recipe, reason) by the rule the model card states, from `table` rows of single seeds (ensembles left out);
     (None, what is missing) while a recipe has fewer than MIN_SEEDS seeds.
@@ -148,10 +160,10 @@ def decide(rows, base="study"):
     The `base` recipe stands unless another beats its validation accuracy beyond
     the seeds' spread: the other's worst seed above the base's best. Among the
     recipes that tie with the best, the border audit decides only when it
-    separates them under both fills (zeros and the image's mean): a recipe whose
-    border-only range lies wholly below another's, under each fill, reads the
-    border less and is preferred. Else the base stands (or, when it was beaten,
-    the one with the best mean accuracy).
+    separates them under both fills (zeros and the image's mean): the best
+    reads the border under each fill (`reads_border`) and a tied recipe under
+    neither; that one is preferred. Else the best stands: the base, or the
+    recipe that beat it (the best mean accuracy among those that did).
     """
     seeds = {r["recipe"]: r for r in rows if not r["recipe"].endswith("-ensemble")}
     if base not in seeds:
@@ -164,14 +176,16 @@ def decide(rows, base="study"):
     winners = [r for r in seeds.values() if r["recipe"] != base and beats(r, seeds[base])]
     best = max(winners, key=lambda r: r["accuracy"]) if winners else seeds[base]
     tied = [r for r in seeds.values() if r is not best and not beats(best, r) and not beats(r, best)]
-    fills = ("border_only", "border_only_mean")
-    cleaner = [r for r in tied if all(f"{f}_range" in r and f"{f}_range" in best and hi(r, f) < lo(best, f)
-                                      for f in fills)]
+    fills = [f for f in ("border_only", "border_only_mean") if all(f"{f}_range" in r for r in seeds.values())]
+    audit = ("border only, zeros / mean fill: " + "; ".join(
+        f"{r['recipe']} {lo(r, fills[0]):.4f}-{hi(r, fills[0]):.4f} / {lo(r, fills[-1]):.4f}-{hi(r, fills[-1]):.4f}"
+        for r in seeds.values()) + f"; majority rate {best['majority_rate']:.4f}") if len(fills) == 2 else ""
+    cleaner = [r for r in tied if len(fills) == 2 and all(reads_border(best, f) and not reads_border(r, f)
+                                                          for f in fills)]
     if cleaner:
-        pick = min(cleaner, key=lambda r: r["border_only_mean"])
-        return pick["recipe"], (f"ties with {best['recipe']} on accuracy and reads the border less under both fills "
-                                f"(border only {pick['border_only']:.4f} / {pick['border_only_mean']:.4f} against "
-                                f"{best['border_only']:.4f} / {best['border_only_mean']:.4f})")
+        pick = max(cleaner, key=lambda r: r["accuracy"])
+        return pick["recipe"], (f"ties with {best['recipe']} on accuracy, and {best['recipe']} reads the border "
+                                f"under both fills while {pick['recipe']} does not ({audit})")
     if best["recipe"] != base:
         return best["recipe"], (f"beats {base} beyond the spread: worst seed {lo(best, 'accuracy'):.4f} above "
                                 f"{base}'s best {hi(seeds[base], 'accuracy'):.4f}")
@@ -179,7 +193,7 @@ def decide(rows, base="study"):
                        for r in seeds.values() if r is not best)
     return base, (f"no recipe beats it beyond the spread ({base} {best['accuracy']:.4f} "
                   f"({lo(best, 'accuracy'):.4f}-{hi(best, 'accuracy'):.4f}); {others}), and the border audit "
-                  "does not separate them under both fills")
+                  f"does not separate them under both fills ({audit or 'one fill only'})")
 
 
 def print_table(rows):

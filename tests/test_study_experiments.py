@@ -108,31 +108,47 @@ def test_the_table_gives_mean_and_spread_over_seeds(seeds, tmp_path):
     assert rows["study-ensemble"]["n"] == 1 and rows["study-ensemble"]["border_only_spread"] == 0
 
 
-def seed_rows(seeds, tmp_path, runs):
+def seed_rows(seeds, tmp_path, runs, majority=0.48, images=700):
     """`seeds.table` over cascades NAME -> (accuracy, border only with zeros, border only with the mean)."""
     for name, (accuracy, zeros, mean) in runs.items():
         folder = tmp_path / "cascades" / name / "eval-validation"
         folder.mkdir(parents=True)
-        metrics = {"accuracy": accuracy, "per_class": {"covid": {"f1": 0.5}},
-                   "audit": {"border_only": zeros, "centre_only": 0.5, "mean_fill": {"border_only": mean}}}
+        metrics = {"accuracy": accuracy, "n": images, "per_class": {"covid": {"f1": 0.5}},
+                   "audit": {"border_only": zeros, "centre_only": 0.5, "mean_fill": {"border_only": mean},
+                             "majority_rate": majority}}
         (folder / "metrics.json").write_text(json.dumps(metrics))
     return seeds.table(str(tmp_path))
 
 
-@pytest.mark.parametrize("long, expected", [
-    # long's seeds overlap the study's: a tie; the border reads the same under the mean fill: the study stands
-    ({"long-s0": (0.80, 0.30, 0.50), "long-s1": (0.86, 0.31, 0.52)}, ("study", "no recipe beats it")),
+# The study's seeds: border-only scores at the majority rate (0.48) under zeros, a little above it with the mean.
+STUDY = {"study-s0": (0.82, 0.48, 0.50), "study-s1": (0.84, 0.50, 0.55), "study-s2": (0.83, 0.49, 0.51)}
+
+
+@pytest.mark.parametrize("study, long, expected", [
+    # a tie; long scores lower on the border, but below the majority rate: no evidence either way, the study stands
+    (STUDY, {"long-s0": (0.80, 0.26, 0.37), "long-s1": (0.86, 0.32, 0.46)}, ("study", "no recipe beats it")),
     # long's worst seed above the study's best: long
-    ({"long-s0": (0.86, 0.50, 0.50), "long-s1": (0.88, 0.50, 0.50)}, ("long", "beats study beyond the spread")),
-    # a tie, and long reads the border less under both fills: long
-    ({"long-s0": (0.81, 0.30, 0.35), "long-s1": (0.83, 0.31, 0.36)}, ("long", "reads the border less")),
+    (STUDY, {"long-s0": (0.86, 0.50, 0.50), "long-s1": (0.88, 0.50, 0.50)}, ("long", "beats study beyond the spread")),
+    # a tie, the study reads the border under both fills (every seed well above 0.48) and long under neither: long
+    ({**STUDY, "study-s0": (0.82, 0.60, 0.62), "study-s1": (0.84, 0.62, 0.66), "study-s2": (0.83, 0.61, 0.64)},
+     {"long-s0": (0.81, 0.30, 0.35), "long-s1": (0.83, 0.31, 0.36)}, ("long", "study reads the border under both")),
+    # the same under zeros only (with the mean fill the study's worst seed is within the sampling error): study
+    ({**STUDY, "study-s0": (0.82, 0.60, 0.49), "study-s1": (0.84, 0.62, 0.66), "study-s2": (0.83, 0.61, 0.64)},
+     {"long-s0": (0.81, 0.30, 0.35), "long-s1": (0.83, 0.31, 0.36)}, ("study", "does not separate them")),
 ])
-def test_the_rule_keeps_the_study_unless_beaten_beyond_the_spread(seeds, tmp_path, long, expected):
-    study = {"study-s0": (0.82, 0.45, 0.50), "study-s1": (0.84, 0.46, 0.53), "study-s2": (0.83, 0.455, 0.51),
-             "study-ensemble": (0.99, 0.1, 0.1)}
+def test_the_rule_keeps_the_study_unless_beaten_beyond_the_spread(seeds, tmp_path, study, long, expected):
     long = {**long, "long-s2": tuple((a + b) / 2 for a, b in zip(*long.values()))}  # a third seed inside the two
-    recipe, reason = seeds.decide(seed_rows(seeds, tmp_path, {**study, **long}))
+    rows = seed_rows(seeds, tmp_path, {**study, **long, "study-ensemble": (0.99, 0.1, 0.1)})
+    recipe, reason = seeds.decide(rows)
     assert (recipe, expected[1] in reason) == (expected[0], True), reason
+
+
+def test_reading_the_border_means_above_the_majority_rate_beyond_its_sampling_error(seeds):
+    """0.48 of 700 images: a blind guess's sampling error is 0.019; a worst seed must clear 0.499."""
+    row = {"majority_rate": 0.48, "images": 700, "border_only_range": [0.495, 0.60]}
+    assert not seeds.reads_border(row, "border_only")
+    assert seeds.reads_border({**row, "border_only_range": [0.505, 0.60]}, "border_only")
+    assert not seeds.reads_border({**row, "images": 100, "border_only_range": [0.505, 0.60]}, "border_only")
 
 
 def test_the_rule_decides_nothing_on_fewer_than_three_seeds(seeds, tmp_path):
