@@ -50,6 +50,15 @@ def test_the_model_card_is_the_committed_metrics_rendered(ship, metrics):
     assert [r["seed"] for r in metrics["per_seed"]] == metrics["seeds"] and len(metrics["seeds"]) >= 3
 
 
+def test_the_shipped_recipe_is_the_rules_verdict_on_its_own_table(metrics):
+    """Re-deciding from the committed table gives the committed verdict, and it is the recipe that shipped."""
+    seeds = load_script("experiments/seeds.py")
+    recipe, reason = seeds.decide(metrics["decision"]["rows"])
+    assert {"recipe": recipe, "reason": reason} == metrics["decision"]["decision"]
+    assert recipe == metrics["recipe"] and metrics["cascade"] == f"{recipe}-ensemble"
+    assert all(isinstance(line, str) and line.startswith("python ") for line in metrics["rebuild"])
+
+
 def test_a_card_states_the_rule_its_verdict_the_decoder_and_both_fills(ship, metrics, tmp_path):
     """What a cascade shipped by the rule adds to the card: seeds.py's table and verdict, the decoder, both fills."""
     import copy
