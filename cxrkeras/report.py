@@ -174,14 +174,16 @@ class Progress:
     """The plan's progress in epochs: one line per training epoch, with the time the plan has left.
 
     Time left: every stage's unfinished epochs at the mean epoch time of its
-    task measured so far in this run (the mean over all tasks for one not yet
-    seen); stages that train nothing count as no time.
+    task measured so far: in this run, by finished stages it reuses and by the
+    earlier legs of the stage it resumes (the mean over all tasks for one not
+    yet seen); stages that train nothing count as no time.
     """
 
     def __init__(self, plan, log):
         self.plan, self.log = plan, log
         self.done = {s.name: 0 for s in plan.stages}  # epochs finished, per stage
         self.by_stage = {}  # stage name -> [seconds, epochs] measured in this run
+        self.recorded = {}  # stage name -> [seconds, epochs] measured by earlier runs (reused stages, earlier legs)
         self.stage, self._began = None, 0.0
         self.legs_path, self.earlier, self._stage_began = None, {}, 0.0
 
@@ -189,14 +191,19 @@ class Progress:
         """Time `stage` in `folder` from now, after `earlier` legs (LEGS_FILE of the runs it was cut short in)."""
         self.stage, self._stage_began = stage, time.perf_counter()
         self.legs_path, self.earlier = os.path.join(folder, LEGS_FILE), earlier
+        if earlier.get("epochs"):
+            self.recorded[stage.name] = [earlier["epoch_seconds"], earlier["epochs"]]
 
     def callbacks(self, stage):
         import keras
 
         return [keras.callbacks.LambdaCallback(on_epoch_begin=self._begin, on_epoch_end=self._end)]
 
-    def finish(self, stage):
+    def finish(self, stage, epoch_seconds=None):
+        """`stage` has done its epochs; `epoch_seconds`: its mean epoch time when an earlier run recorded it."""
         self.done[stage.name] = stage.epochs
+        if epoch_seconds and stage.name not in self.by_stage:
+            self.recorded[stage.name] = [epoch_seconds * stage.epochs, stage.epochs]
 
     def legs(self, stage):
         """{seconds, epoch_seconds, epochs} of `stage` over every run it took (earlier legs and this one)."""
@@ -212,13 +219,13 @@ class Progress:
 
     def seconds_left(self):
         """Seconds the unfinished epochs should take, or None before any epoch was timed."""
-        if not self.by_stage:
+        if not self.by_stage and not self.recorded:
             return None
         by_task = {}
         for stage in self.plan.stages:
-            seconds, epochs = self.by_stage.get(stage.name, (0.0, 0))
             spent = by_task.setdefault(stage.task, [0.0, 0])
-            spent[0], spent[1] = spent[0] + seconds, spent[1] + epochs
+            for seconds, epochs in (self.by_stage.get(stage.name, (0.0, 0)), self.recorded.get(stage.name, (0.0, 0))):
+                spent[0], spent[1] = spent[0] + seconds, spent[1] + epochs
         overall = sum(s for s, _ in by_task.values()) / sum(n for _, n in by_task.values())
         per_epoch = {task: seconds / epochs if epochs else overall for task, (seconds, epochs) in by_task.items()}
         return sum((s.epochs - self.done[s.name]) * per_epoch[s.task] for s in self.plan.stages)
@@ -249,7 +256,7 @@ def run_plan(plan, out_dir, log=print):
         record = stage_record(stage, folder)
         if record == "finished":
             done[stage.name] = "reused"
-            progress.finish(stage)
+            progress.finish(stage, read_json(os.path.join(folder, STAGE_FILE), {}).get("epoch_seconds"))
             log(f"[{i}/{len(plan.stages)}] {stage.title}: reused ({folder})")
             continue
         left = progress.seconds_left()

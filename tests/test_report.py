@@ -77,6 +77,20 @@ def test_time_left_counts_each_task_at_its_own_epoch_time():
     assert progress.seconds_left() == pytest.approx(1 * 10 + 2 * 40)
 
 
+def test_time_left_counts_the_epoch_times_earlier_runs_recorded():
+    """A resumed report knows its time left before its first epoch: from the stages it reuses and earlier legs."""
+    fit_a = report.Stage("a", "A", None, {}, task="infected", epochs=4)
+    fit_b = report.Stage("b", "B", None, {}, task="covid", epochs=3)
+    study = report.Stage("s", "S", None, {}, task="infected", epochs=10)
+    progress = report.Progress(report.Plan("data", [fit_a, fit_b, study]), log=lambda line: None)
+    progress.finish(fit_a, epoch_seconds=5.0)  # reused: its stage.json says 5 s an epoch
+    progress.start(fit_b, "folder", {"seconds": 130.0, "epoch_seconds": 120.0, "epochs": 2})  # cut short after 2
+    progress.done["b"] = 2
+    assert progress.seconds_left() == pytest.approx(1 * 60 + 10 * 5)
+    progress.finish(fit_b)
+    assert progress.seconds_left() == pytest.approx(10 * 5)
+
+
 def test_epochs_caps_every_training_and_remembers_the_study_schedules(synthetic_dataset, tmp_path):
     plan = report.make_plan(synthetic_dataset, str(tmp_path), epochs=2, studies=("learning-rate",))
     trainings = {s.name: (s.task, s.epochs, s.full_epochs) for s in plan.stages if s.task}
