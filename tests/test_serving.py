@@ -689,3 +689,16 @@ def test_json_mapping_as_tensorflow_serving():
     assert protocol.predict_response(named, "row") == {
         "predictions": [{"str_tensor_bytes": {"b64": "aGVsbG8="}, "n": 1}, {"str_tensor_bytes": {"b64": "d29ybGQ="}, "n": 2}]
     }
+
+
+def test_a_version_warms_up_on_one_image_and_on_a_full_batch(exported_cascade, monkeypatch):
+    """The first full batch under load must not pay for setting up its kernels; Grad-CAM is warmed on one image."""
+    from cxrkeras.serving.servable import Version
+
+    version = Version(1, str(exported_cascade["version"]), serving.Settings(**SETTINGS), ThreadPoolExecutor(1))
+    calls = []
+    monkeypatch.setattr(version, "call", lambda name, inputs: calls.append((name, len(next(iter(inputs.values()))))))
+    version.warm_up()
+    assert sorted(calls) == [("classify", 1), ("classify", 8), ("explain", 1), ("serving_default", 1),
+                             ("serving_default", 8)]
+
