@@ -274,21 +274,8 @@ def render_card(m):
     from cxrkeras.models.cascade import thresholds_in
 
     t = thresholds_in(ens["validation"]["thresholds"])  # the committed metrics.json predates the names
-    untimed = [n for n in names if not n.startswith(f"{m['recipe']}-s")]
-    timing = f"the {len(m['fit_seconds'])} `{m['recipe']}` fits took {minutes:.0f} minutes of wall time in all" + (
-        f"; {', '.join(untimed)} trained earlier (float32, resumed across sessions, not timed in one run)"
-        if untimed else "")
-    runs = {task: ",".join(f"exp-seeds/{task}/{n}" for n in m["members"][task]) for task in TASKS}
-    build = "" if m["cascade"] == f"{m['recipe']}-ensemble" else (
-        f"    cxrkeras cascade {runs['infected']} {runs['covid']} --out exp-seeds/cascades/{m['cascade']} "
-        f"--target-recall {m['target_recall']}\n"
-        f"    cxrkeras evaluate exp-seeds/cascades/{m['cascade']} --data ../shared/cxr-dataset --split validation\n")
-    rebuild = "\n".join(f"    {line}" for line in m["rebuild"]) + "\n" if m.get("rebuild") else (
-        f"    python experiments/seeds.py --data ../shared/cxr-dataset --out exp-seeds --recipes {m['recipe']} "
-        f"--seeds {' '.join(map(str, m['seeds']))}\n"
-        f"    python experiments/seeds.py --data ../shared/cxr-dataset --out exp-seeds --recipes study --seeds 0\n"
-        f"{build}    python experiments/ship.py --runs exp-seeds --data ../shared/cxr-dataset --recipe {m['recipe']} "
-        f"--cascade {m['cascade']} --overwrite\n")
+    timing = f"the {len(m['fit_seconds'])} `{m['recipe']}` fits took {minutes:.0f} minutes of wall time in all"
+    rebuild = "".join(f"    {line}\n" for line in m["rebuild"])
     return f"""# Model card: the shipped cxrkeras cascade (`saved_models/cascade`)
 
 A cascade of two binary classifiers for 150x150 grayscale chest X-rays: normal vs infected, then (for
