@@ -159,11 +159,10 @@ def _quick_study(study):
 
 
 def stage_record(stage, folder):
-    """"finished" or "started" when `folder` holds `stage` with the same settings, else None."""
+    """`folder`'s STAGE_FILE record ({"settings", "finished", "epoch_seconds"}) when it holds `stage` with the
+    same settings, else None."""
     record = read_json(os.path.join(folder, STAGE_FILE), None) or {}
-    if record.get("settings") != _jsonable(stage.settings):
-        return None
-    return "finished" if record.get("finished") else "started"
+    return record if record.get("settings") == _jsonable(stage.settings) else None
 
 
 def _jsonable(value):
@@ -254,9 +253,9 @@ def run_plan(plan, out_dir, log=print):
     for i, stage in enumerate(plan.stages, 1):
         folder = os.path.join(out_dir, stage.name)
         record = stage_record(stage, folder)
-        if record == "finished":
+        if record and record.get("finished"):
             done[stage.name] = "reused"
-            progress.finish(stage, read_json(os.path.join(folder, STAGE_FILE), {}).get("epoch_seconds"))
+            progress.finish(stage, record.get("epoch_seconds"))
             log(f"[{i}/{len(plan.stages)}] {stage.title}: reused ({folder})")
             continue
         left = progress.seconds_left()

@@ -176,12 +176,13 @@ def decide(rows, base="study"):
     winners = [r for r in seeds.values() if r["recipe"] != base and beats(r, seeds[base])]
     best = max(winners, key=lambda r: r["accuracy"]) if winners else seeds[base]
     tied = [r for r in seeds.values() if r is not best and not beats(best, r) and not beats(r, best)]
-    fills = [f for f in ("border_only", "border_only_mean") if all(f"{f}_range" in r for r in seeds.values())]
-    audit = ("border only, zeros / mean fill: " + "; ".join(
-        f"{r['recipe']} {lo(r, fills[0]):.4f}-{hi(r, fills[0]):.4f} / {lo(r, fills[-1]):.4f}-{hi(r, fills[-1]):.4f}"
-        for r in seeds.values()) + f"; majority rate {best['majority_rate']:.4f}") if len(fills) == 2 else ""
-    cleaner = [r for r in tied if len(fills) == 2 and all(reads_border(best, f) and not reads_border(r, f)
-                                                          for f in fills)]
+    fills = ("border_only", "border_only_mean")
+    both = all(f"{f}_range" in r for f in fills for r in seeds.values())  # older evaluations have zeros only
+    span = lambda r, f: f"{lo(r, f):.4f}-{hi(r, f):.4f}"  # noqa: E731
+    audit = ("border only, zeros / mean fill: " + "; ".join(f"{r['recipe']} {span(r, fills[0])} / {span(r, fills[1])}"
+                                                            for r in seeds.values())
+             + f"; majority rate {best['majority_rate']:.4f}") if both else ""
+    cleaner = [r for r in tied if both and all(reads_border(best, f) and not reads_border(r, f) for f in fills)]
     if cleaner:
         pick = max(cleaner, key=lambda r: r["accuracy"])
         return pick["recipe"], (f"ties with {best['recipe']} on accuracy, and {best['recipe']} reads the border "
