@@ -247,7 +247,8 @@ class Progress:
 def run_plan(plan, out_dir, log=print):
     """Run every stage of `plan` not already finished in `out_dir`; return {stage name: "ran" | "reused"}.
 
-    One line per stage, and one per training epoch with the time the plan has left (Progress).
+    One line per stage, and one per training epoch with the time the plan has left (Progress). README.md is
+    rewritten after each stage, so a report cut short shows its finished stages and names the rest.
     """
     done, start, progress = {}, time.perf_counter(), Progress(plan, log)
     for i, stage in enumerate(plan.stages, 1):
@@ -275,6 +276,8 @@ def run_plan(plan, out_dir, log=print):
         write_json_atomic(os.path.join(folder, STAGE_FILE), {"settings": stage.settings, "finished": True,
                                                              "epoch_seconds": progress.epoch_seconds(stage)})
         done[stage.name] = "ran"
+        write_readme(plan, out_dir, read_json(timings_path, {}))
+    write_readme(plan, out_dir, read_json(os.path.join(out_dir, TIMINGS_FILE), {}))
     log(f"report done in {duration(time.perf_counter() - start)}")
     return done
 
@@ -369,16 +372,31 @@ def write_readme(plan, out_dir, timings):
         lines += [QUICK_NOTE, ""]
     elif plan.epochs:
         lines += [epochs_note(plan.epochs), ""]
+    pending = [s.name for s in plan.stages if not finished(s, out_dir)]
+    if pending:
+        lines += [f"**Partial**: {len(plan.stages) - len(pending)} of {len(plan.stages)} stages finished; not run "
+                  f"yet: {', '.join(pending)}. {RESUME}", ""]
     stage_names = [s.name for s in plan.stages]
     for heading, stage, figures in SECTIONS:
         lines += [f"## {heading}", ""]
         if stage and stage not in stage_names:
             lines += ["Not in this plan.", ""]
             continue
+        if stage in pending:
+            lines += [NOT_YET, ""]
+            continue
         lines += [f"![{name}]({stage}/{name})" for name in figures if os.path.exists(os.path.join(out_dir, stage, name))]
         lines += _section_body(heading, plan, out_dir, timings) + [""]
     write_text_atomic(os.path.join(out_dir, "README.md"), "\n".join(lines) + "\n")
     return os.path.join(out_dir, "README.md")
+
+
+RESUME = "The same `cxrkeras report` command resumes the report."
+NOT_YET = "Not run yet: the same `cxrkeras report` command runs it."
+
+
+def finished(stage, out_dir):
+    return (stage_record(stage, os.path.join(out_dir, stage.name)) or {}).get("finished", False)
 
 
 def _section_body(heading, plan, out_dir, timings):
@@ -391,7 +409,8 @@ def _section_body(heading, plan, out_dir, timings):
     if heading.startswith("4."):
         return _studies(plan, out_dir)
     if heading.startswith("5."):
-        return [f"![{s.name}]({s.name}/curves.png)" for s in plan.stages if s.name.startswith("fit-")]
+        return [f"![{s.name}]({s.name}/curves.png)" if finished(s, out_dir) else f"{s.name}: {NOT_YET}"
+                for s in plan.stages if s.name.startswith("fit-")]
     if heading.startswith("6."):
         return study_figures.cascade_tables(out_dir) + study_figures.operating_points_table(out_dir)
     if heading.startswith("8."):
@@ -407,8 +426,9 @@ def _timing(plan, out_dir, timings):
     """Wall time per stage, time per training epoch, and (for a capped plan) the same at the study's
     schedules: each training stage's epoch time times its full epochs."""
     head = "| stage | epochs | wall time | per epoch |" + (" at the study's schedules |" if plan.epochs else "")
-    intro = (f"Machine: {machine_name()}. Stages reused from an earlier run keep that run's time; an epoch's "
-             "time includes its validation.")
+    precisions = sorted({s.settings["config"]["train"]["precision"] for s in plan.stages if "config" in s.settings})
+    intro = (f"Machine: {machine_name()}; training precision {', '.join(precisions) or 'none'}. Stages reused from an "
+             "earlier run keep that run's time; an epoch's time includes its validation.")
     rows, wall, full = [], 0.0, 0.0
     for stage in (s for s in plan.stages if s.name in timings):
         seconds = timings[stage.name]
@@ -417,8 +437,10 @@ def _timing(plan, out_dir, timings):
         wall, full = wall + seconds, full + estimate
         rows.append([stage.name, stage.epochs or "", duration(seconds), duration(per_epoch) if per_epoch else "",
                      f"about {duration(estimate)} ({stage.full_epochs} epochs)" if stage.full_epochs else ""])
-    rows.append(["all", sum(s.epochs for s in plan.stages), duration(wall), "",
-                 f"about {duration(full)} ({sum(s.full_epochs for s in plan.stages)} epochs)"])
+    pending = [s for s in plan.stages if s.name not in timings]
+    rows += [[s.name, s.epochs or "", "not run yet", "", ""] for s in pending]
+    rows.append(["all" if not pending else "finished stages", sum(s.epochs for s in plan.stages if s not in pending),
+                 duration(wall), "", f"about {duration(full)} ({sum(s.full_epochs for s in plan.stages)} epochs)"])
     columns = 5 if plan.epochs else 4
     return [intro, "", head, "|---" * columns + "|"] + [
         "| " + " | ".join(str(cell) for cell in row[:columns]) + " |" for row in rows]
@@ -429,6 +451,9 @@ def _studies(plan, out_dir):
     for stage in plan.stages:
         if stage.name.startswith("study-") and stage.name != "study-augmentation":
             lines += [f"### {stage.title}", ""]
+            if not finished(stage, out_dir):
+                lines += [NOT_YET, ""]
+                continue
             if os.path.exists(os.path.join(out_dir, stage.name, "project", "study.png")):
                 lines.append(f"![{stage.name}]({stage.name}/project/study.png)")
             lines += study_figures.study_table(out_dir, stage.name)
@@ -460,6 +485,4 @@ def report(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_STUD
     os.makedirs(out_dir, exist_ok=True)
     plan = make_plan(data_dir, out_dir, quick, fraction, studies, configure, epochs)
 
-    done = run_plan(plan, out_dir, log=log)
-    write_readme(plan, out_dir, read_json(os.path.join(out_dir, TIMINGS_FILE), {}))
-    return done
+    return run_plan(plan, out_dir, log=log)

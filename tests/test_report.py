@@ -43,6 +43,9 @@ def test_quick_report_writes_every_section_and_figure(quick_report):
         assert os.path.getsize(os.path.join(out, figure)) > 0, figure
     assert "| cascade (n=" in text and "| three-class (n=" in text and study_figures.NOT_COMPARABLE in text
     assert report.QUICK_NOTE in text  # a quick report says it shows the plan, not results
+    precision = json.loads(open(os.path.join(out, "fit-infected", report.STAGE_FILE)).read())[
+        "settings"]["config"]["train"]["precision"]
+    assert f"; training precision {precision}. " in text and "| all | 5 |" in text
     points = json.loads(open(os.path.join(out, "cascade", "operating_points.json")).read())
     assert [r["target"] for r in points["rows"]] == list(report.COVID_TARGETS)
     assert points["split"] == "validation" and all(r["recall"] >= r["target"] for r in points["rows"] if r["reached"])
@@ -133,6 +136,28 @@ def test_a_started_stage_continues_and_the_finished_are_kept(quick_report, synth
     # its time counts the earlier runs: the timing table is the stage's whole cost, not its last leg's
     assert json.loads(open(record_path).read())["epoch_seconds"] == 900.0
     assert 1000 <= json.loads(open(os.path.join(out, report.TIMINGS_FILE)).read())["fit-infected"] < 1100
+
+
+def test_a_report_cut_short_shows_its_finished_stages_and_names_the_rest(synthetic_dataset, tmp_path):
+    out, source = str(tmp_path / "partial"), os.path.abspath(synthetic_dataset)
+
+    def cut(folder, *_):
+        raise KeyboardInterrupt
+
+    plan = report.Plan(source, [report.Stage("data", "Data", lambda d, *_: report.data_summary(source, d), {}),
+                                report.Stage("augmentation", "Augmentation preview", cut, {}),
+                                report.Stage("study-depth", "One-factor study: depth", cut, {}, "infected", 4, 140)])
+    with pytest.raises(KeyboardInterrupt):
+        report.run_plan(plan, out, log=lambda line: None)
+    text = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "**Partial**: 1 of 3 stages finished; not run yet: augmentation, study-depth." in text
+    data_section, preview_section = text.split("## 1. ")[1].split("## 2. ")
+    assert "| train |" in data_section and "(data/distribution_infected.png)" in data_section
+    assert preview_section.split("## 3.")[0].split("\n", 1)[1].strip() == report.NOT_YET
+    assert f"### One-factor study: depth\n\n{report.NOT_YET}" in text
+    assert "| augmentation |  | not run yet |" in text and "| study-depth | 4 | not run yet |" in text
+    assert "training precision none." in text  # this plan trains nothing
+    assert "| finished stages | 0 |" in text  # data trains nothing; the unfinished epochs are not counted as run
 
 
 def test_subset_manifest_keeps_a_fraction_of_each_train_class(synthetic_dataset, tmp_path):
