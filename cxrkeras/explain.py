@@ -14,6 +14,8 @@ Backend-agnostic: Grad-CAM takes its gradients from the backend itself
 (TensorFlow's GradientTape, also in the exported graph, or jax.grad).
 """
 
+import functools
+
 import keras
 import numpy as np
 
@@ -199,14 +201,23 @@ def _jax_feature_gradients(grad_model, head, images, class_index):
     """(features, d score / d features) by jax.grad through the part of `grad_model` after its feature layer."""
     import jax
 
-    features_out, scored_out = grad_model.outputs
-    features = keras.Model(grad_model.inputs, features_out)(images, training=False)
-    try:
-        tail = keras.Model(features_out, scored_out)
-    except ValueError:  # the score also reads an earlier layer: no gradient through the feature layer alone
+    front, tail = _jax_parts(grad_model)
+    features = front(images, training=False)
+    if tail is None:
         return features, None
     grads = jax.grad(lambda f: _class_score(tail(f, training=False), head, class_index))(features)
     return features, grads
+
+
+@functools.lru_cache(maxsize=8)
+def _jax_parts(grad_model):
+    """(images -> features, features -> scored output or None) of `grad_model`, built once per model."""
+    features_out, scored_out = grad_model.outputs
+    front = keras.Model(grad_model.inputs, features_out)
+    try:
+        return front, keras.Model(features_out, scored_out)
+    except ValueError:  # the score also reads an earlier layer: no gradient through the feature layer alone
+        return front, None
 
 
 # ---------------------------------------------------------------- a batch of decisions (audit, export)

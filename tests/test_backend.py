@@ -75,6 +75,13 @@ assert "tensorflow" not in {m for m in sys.modules if sys.modules[m] is not None
 model = load_model(runs["infected"]["run_dir"])
 np.save(pixels.replace("pixels", "jax_probs"), np.asarray(model.predict(np.load(pixels), verbose=0)))
 json.dump(runs["infected"], open(pixels.replace("pixels.npy", "record.json"), "w"))
+from cxrkeras import explain
+explainers = explain.stage_explainers(load_model(out + "/cascade"), "cascade")
+decisions = np.array([0, 1, 2])
+heat = [np.asarray(explain.explain_heatmaps(explainers, np.load(pixels), decisions)) for _ in range(2)]
+assert explain._jax_parts.cache_info().hits == 2, explain._jax_parts.cache_info()  # the second batch rebuilt nothing
+np.testing.assert_array_equal(heat[0], heat[1])
+np.save(pixels.replace("pixels", "jax_heat"), heat[0])
 """
 
 
@@ -126,6 +133,12 @@ def test_jax_without_tensorflow_fits_a_cascade_and_evaluates_it_and_tensorflow_l
 
     model = load_model(record["run_dir"])
     np.testing.assert_allclose(model.predict(pixels, verbose=0), np.load(tmp_path / "jax_probs.npy"), atol=1e-4)
+    from cxrkeras import explain  # Grad-CAM by jax.grad is TensorFlow's GradientTape's
+
+    explainers = explain.stage_explainers(load_model(str(tmp_path / "runs" / "cascade")), "cascade")
+    heat = explain.explain_heatmaps(explainers, pixels, np.array([0, 1, 2]))
+    assert np.asarray(heat).max() > 0.5  # some image has heat to compare, not zeros on both sides
+    np.testing.assert_allclose(np.asarray(heat), np.load(tmp_path / "jax_heat.npy"), atol=1e-3)
 
 
 # ---------------------------------------------------------------- the arrays path and tf.data
