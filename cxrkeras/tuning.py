@@ -7,7 +7,7 @@ functions as `cxrkeras fit` (`training.build_and_compile`,
 `training.make_datasets`), and a trial's objective is the base config's
 `monitor` on the validation split carved from train: test is never looked at.
 The project folder and its results: `cxrkeras.tuning_project`. A killed trial
-runs again from its start; finished trials are kept.
+continues after its last finished epoch; finished trials are kept.
 """
 
 import contextlib
@@ -16,6 +16,7 @@ import glob
 import io
 import math
 import os
+import shutil
 import signal
 import time
 
@@ -27,9 +28,10 @@ from keras_tuner.src.engine import (
 from keras_tuner.src.tuners import gridsearch  # its LinkedList, for GridOracle
 
 from cxrkeras import training
-from cxrkeras.callbacks import KillAfterEpoch, schedule_callbacks
+from cxrkeras.callbacks import AtomicBackupAndRestore, schedule_callbacks
 from cxrkeras.config import MONITORS, RunConfig
-from cxrkeras.files import write_json_atomic
+from cxrkeras.files import read_json, write_json_atomic
+from cxrkeras.rundir import read_history, truncate_history
 from cxrkeras.runs import duration
 from cxrkeras.search_spaces import TUNERS, Study, StudyError, grid_size
 from cxrkeras.tuning_project import (
@@ -47,7 +49,7 @@ from cxrkeras.tuning_project import (
 )
 
 # Test hook: "after-trial:N" SIGKILLs this process once trial N has ended and been saved,
-# "in-trial:N" at the end of trial N's first epoch. tests/test_tuning.py uses it.
+# "in-trial:N" once trial N's first epoch is backed up. tests/test_tuning.py uses it.
 KILL_ENV = "CXRKERAS_TEST_KILL_TUNE"
 
 
@@ -107,7 +109,8 @@ class StudyHyperModel(keras_tuner.HyperModel):
     `data` is loaded once (training.load_task_data) and shared by every trial;
     `execution` (set by StudyTuner) adds to the seed, so the executions of a
     trial start from different initialisations. fit returns the metrics of the
-    best epoch by the objective, a plain dict of floats.
+    best epoch by the objective, a plain dict of floats (over the whole history
+    file, when it has one: a resumed fit's earlier epochs count).
     """
 
     def __init__(self, study, base, data, augment_on="data", verbose=0):
@@ -126,12 +129,15 @@ class StudyHyperModel(keras_tuner.HyperModel):
         steps = training.steps_per_epoch(cfg, len(self.data.train_paths))
         return training.build_and_compile(cfg, steps, self.augment_on)[1]
 
-    def fit(self, hp, model, callbacks=(), epochs=None, initial_epoch=0, history_path=None, **kwargs):
+    def fit(self, hp, model, callbacks=(), epochs=None, initial_epoch=0, history_path=None, backup=None, **kwargs):
+        """Train `model`; `history_path`: a CSV the epochs are appended to; `backup` (AtomicBackupAndRestore):
+        backs up each epoch after its row is written, and continues after the last backed-up one."""
         cfg = self.config(hp)
         sets = training.make_datasets(cfg, self.data, self.augment_on)
         extra = schedule_callbacks(cfg)
         if history_path:
-            extra.append(keras.callbacks.CSVLogger(history_path))
+            extra.append(keras.callbacks.CSVLogger(history_path, append=True))
+        extra += [backup] if backup is not None else []
         history = model.fit(
             sets.train,
             validation_data=sets.val,
@@ -142,7 +148,29 @@ class StudyHyperModel(keras_tuner.HyperModel):
             verbose=self.verbose,
             shuffle=False,  # the dataset shuffles itself
         )
-        return best_epoch_metrics(history.history, cfg.train.monitor)
+        return best_epoch_metrics(read_history(history_path) if history_path else history.history, cfg.train.monitor)
+
+
+def resume_execution(history_path, backup, checkpoint):
+    """Epochs a killed execution finished and backed up (0: none, it starts over, its history removed).
+
+    What it finished stays: its history cut to the backed-up epochs (a row
+    written after the last backup goes), and `checkpoint` (keras-tuner's
+    SaveBestEpoch) knows their best value, so a worse epoch after the resume
+    does not replace the best one's weights.
+    """
+    done = (read_json(backup._training_metadata_path, None) or {}).get("epoch", 0)
+    if not done:
+        shutil.rmtree(backup.backup_dir, ignore_errors=True)
+        if os.path.exists(history_path):
+            os.remove(history_path)
+        return 0
+    truncate_history(history_path, done)
+    objective = checkpoint.objective
+    for value in read_history(history_path).get(objective.name, []):
+        if math.isfinite(value) and objective.better_than(value, checkpoint.best_value):
+            checkpoint.best_value = value
+    return done
 
 
 # ---------------------------------------------------------------- oracles and the tuner
@@ -240,8 +268,6 @@ class StudyTuner(keras_tuner.Tuner):
 
     def run_trial(self, trial, *args, **kwargs):
         hp, trial_dir = trial.hyperparameters, self.get_trial_dir(trial.trial_id)
-        for old in glob.glob(os.path.join(trial_dir, "execution*.csv")):
-            os.remove(old)  # a trial that runs again (after a kill) starts its history over
         config, epochs = self.hypermodel.config(hp), {}
         if "tuner/epochs" in hp.values:  # Hyperband: this round's epochs, after the last round's
             epochs = dict(epochs=hp.values["tuner/epochs"], initial_epoch=hp.values["tuner/initial_epoch"])
@@ -257,9 +283,12 @@ class StudyTuner(keras_tuner.Tuner):
                 model.optimizer.build(model.trainable_variables)
                 model.load_weights(self._get_checkpoint_fname(hp.values["tuner/trial_id"]))
             callbacks = [tuner_utils.TunerCallback(self, trial), checkpoint, *self.extra_callbacks]
-            callbacks += self._kill_hook(trial)
             history = os.path.join(trial_dir, f"execution{execution}.csv")
-            results.append(self.hypermodel.fit(hp, model, callbacks=callbacks, history_path=history, **epochs))
+            backup = AtomicBackupAndRestore(os.path.join(trial_dir, f"execution{execution}.backup"),
+                                            on_commit=self._kill_hook(trial))
+            resume_execution(history, backup, checkpoint)  # a killed execution continues after its last epoch
+            results.append(self.hypermodel.fit(hp, model, callbacks=callbacks, history_path=history, backup=backup,
+                                               **epochs))
         self.hypermodel.execution = 0
         return results
 
@@ -269,6 +298,8 @@ class StudyTuner(keras_tuner.Tuner):
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)  # the oracle records the result and saves it
+        for backup in glob.glob(os.path.join(self.get_trial_dir(trial.trial_id), "execution*.backup")):
+            shutil.rmtree(backup, ignore_errors=True)  # needed only while the trial could be cut short
         seconds = time.perf_counter() - self._started
         self._seconds.append(seconds)
         write_json_atomic(os.path.join(self.get_trial_dir(trial.trial_id), TRIAL_RUN_FILE),
@@ -297,9 +328,10 @@ class StudyTuner(keras_tuner.Tuner):
         return f"trial {number}{of} [{values}]: {outcome} in {duration(seconds)}{left}"
 
     def _kill_hook(self, trial):
-        if os.environ.get(KILL_ENV) == f"in-trial:{int(trial.trial_id)}":
-            return [KillAfterEpoch(0)]
-        return []
+        """The backup's on_commit for the test hook "in-trial:N": SIGKILL once trial N's first epoch is backed up."""
+        if os.environ.get(KILL_ENV) != f"in-trial:{int(trial.trial_id)}":
+            return None
+        return lambda epochs_done: os.kill(os.getpid(), signal.SIGKILL) if epochs_done == 1 else None
 
     def search(self, *args, **kwargs):
         if _is_chief():
@@ -356,8 +388,8 @@ def tune(study, base, project_dir, tuner=None, max_trials=None, executions_per_t
          verbose=0, log=print, callbacks=()):
     """Search `study` around `base` (a RunConfig) in `project_dir`; return `summarize(project_dir)`.
 
-    Reruns resume: finished trials are kept, a trial a kill interrupted runs
-    again. Under keras-tuner's distributed mode (KERASTUNER_TUNER_ID,
+    Reruns resume: finished trials are kept, a trial a kill interrupted
+    continues after its last finished epoch. Under keras-tuner's distributed mode (KERASTUNER_TUNER_ID,
     KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT) the chief serves the oracle
     and writes the results, and each worker runs trials; all share `project_dir`.
     `callbacks` (Keras callbacks) join every trial's fit.

@@ -1,6 +1,7 @@
 """cxrkeras.tuning and `cxrkeras tune`: study files, the HyperModel, search, resume after kills, distributed mode."""
 
 import configparser
+import glob
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import keras
 import keras_tuner
 import pytest
 from click.testing import CliRunner
@@ -161,13 +163,14 @@ def killed_and_resumed(synthetic_dataset, tmp_path_factory):
     with open(trial_json, "r+") as f:  # a half-written file, as a kill during keras-tuner's own write leaves
         f.truncate(os.path.getsize(trial_json) // 2)
     base = build_run_config("infected", synthetic_dataset, str(config))
-    lines = []
-    summary = tuning.tune(search_spaces.load_study(str(study)), base, project, log=lines.append)
-    return runs + [lines, summary], project, str(config), str(study)
+    lines, trained = [], []
+    began = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: trained.append(epoch))
+    summary = tuning.tune(search_spaces.load_study(str(study)), base, project, log=lines.append, callbacks=[began])
+    return runs + [(lines, trained), summary], project, str(config), str(study)
 
 
-def test_a_search_resumes_after_kills_without_redoing_finished_trials(killed_and_resumed):
-    (first, second, first_trial, third, summary), project, _, _ = killed_and_resumed
+def test_a_search_resumes_after_kills_without_redoing_finished_trials_or_epochs(killed_and_resumed):
+    (first, second, first_trial, (third, trained), summary), project, _, _ = killed_and_resumed
     assert first.returncode == -9, first.stderr[-2000:]
     assert [line.split(":")[0] for line in first.stdout.splitlines() if line.startswith("trial")] == ["trial 1/2 [learning_rate=0.001]"]
     assert second.returncode == -9, second.stderr[-2000:]
@@ -177,7 +180,29 @@ def test_a_search_resumes_after_kills_without_redoing_finished_trials(killed_and
     assert [line.split(" [")[0] for line in third if line.startswith("trial")] == ["trial 2/2"]  # trial 1 kept
     assert json.load(open(os.path.join(project, "trial_0000", "trial.json"))) == first_trial
     assert [t["status"] for t in summary["trials"]] == ["COMPLETED", "COMPLETED"]
+    # trial 2 was killed once its first epoch was backed up: the third run trained only its second epoch,
+    # its history holds both, and no backup outlives a finished trial
+    assert trained == [1]
+    assert rundir.read_history(os.path.join(project, "trial_0001", "execution0.csv"))["epoch"] == [0, 1]
+    assert not glob.glob(os.path.join(project, "trial_*", "execution*.backup"))
     assert {t["values"]["learning_rate"] for t in summary["trials"]} == {1e-3, 1e-2}
+
+
+def test_a_killed_execution_keeps_its_backed_up_epochs_and_their_best(tmp_path):
+    from keras_tuner.src.engine import tuner_utils
+
+    from cxrkeras.callbacks import AtomicBackupAndRestore
+
+    history, backup = tmp_path / "execution0.csv", AtomicBackupAndRestore(str(tmp_path / "execution0.backup"))
+    checkpoint = tuner_utils.SaveBestEpoch(keras_tuner.Objective("val_loss", "min"), str(tmp_path / "best.h5"))
+    history.write_text("epoch,loss,val_loss\n0,0.9,0.7\n1,0.8,0.4\n2,0.7,0.3\n")  # epoch 2 written, not backed up
+    os.makedirs(backup.backup_dir)
+    with open(backup._training_metadata_path, "w") as f:
+        json.dump({"epoch": 2, "batch": -1}, f)
+    assert tuning.resume_execution(str(history), backup, checkpoint) == 2
+    assert rundir.read_history(str(history))["epoch"] == [0, 1] and checkpoint.best_value == 0.4
+    shutil.rmtree(backup.backup_dir)  # no backup: the execution starts over
+    assert tuning.resume_execution(str(history), backup, checkpoint) == 0 and not history.exists()
 
 
 def test_the_search_writes_its_table_figure_and_best_config(killed_and_resumed):
@@ -194,10 +219,13 @@ def test_the_search_writes_its_table_figure_and_best_config(killed_and_resumed):
     assert exported.train.learning_rate == best["values"]["learning_rate"] and exported.model.blocks == 2
 
 
-def test_the_best_config_trains_with_fit_and_reproduces_the_trial_score(killed_and_resumed, synthetic_dataset, tmp_path):
+def test_a_trials_config_trains_with_fit_and_reproduces_the_trial_score(killed_and_resumed, synthetic_dataset, tmp_path):
+    """Trial 1 ran unbroken (trial 2's resume saw its second epoch in another shuffle order); best_config.json is
+    written the same way from the best trial."""
     (*_, summary), project, _, _ = killed_and_resumed
-    best = summary["trials"][0]
-    args = ["fit", "infected", "--data", synthetic_dataset, "--config", summary["best_config"],
+    best = next(t for t in summary["trials"] if t["trial_id"] == "0000")
+    config = os.path.join(project, "trial_0000", tuning_project.TRIAL_CONFIG_FILE)
+    args = ["fit", "infected", "--data", synthetic_dataset, "--config", config,
             "--out", str(tmp_path), "--name", "best", "--json"]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
