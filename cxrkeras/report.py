@@ -185,10 +185,11 @@ class Progress:
         self.recorded = {}  # stage name -> [seconds, epochs] measured by earlier runs (reused stages, earlier legs)
         self.stage, self._began = None, 0.0
         self.legs_path, self.earlier, self._stage_began = None, {}, 0.0
+        self.folder, self.base = None, 0  # the stage's folder; epochs its finished trials trained
 
     def start(self, stage, folder, earlier):
         """Time `stage` in `folder` from now, after `earlier` legs (LEGS_FILE of the runs it was cut short in)."""
-        self.stage, self._stage_began = stage, time.perf_counter()
+        self.stage, self._stage_began, self.folder = stage, time.perf_counter(), folder
         self.legs_path, self.earlier = os.path.join(folder, LEGS_FILE), earlier
         if earlier.get("epochs"):
             self.recorded[stage.name] = [earlier["epoch_seconds"], earlier["epochs"]]
@@ -196,7 +197,8 @@ class Progress:
     def callbacks(self, stage):
         import keras
 
-        return [keras.callbacks.LambdaCallback(on_epoch_begin=self._begin, on_epoch_end=self._end)]
+        return [keras.callbacks.LambdaCallback(on_train_begin=self._train_begin, on_epoch_begin=self._begin,
+                                               on_epoch_end=self._end)]
 
     def finish(self, stage, epoch_seconds=None):
         """`stage` has done its epochs; `epoch_seconds`: its mean epoch time when an earlier run recorded it."""
@@ -229,6 +231,9 @@ class Progress:
         per_epoch = {task: seconds / epochs if epochs else overall for task, (seconds, epochs) in by_task.items()}
         return sum((s.epochs - self.done[s.name]) * per_epoch[s.task] for s in self.plan.stages)
 
+    def _train_begin(self, logs=None):
+        self.base = finished_trial_epochs(self.folder)
+
     def _begin(self, epoch, logs=None):
         self._began = time.perf_counter()
 
@@ -237,11 +242,23 @@ class Progress:
         spent = self.by_stage.setdefault(stage.name, [0.0, 0])
         spent[0], spent[1] = spent[0] + seconds, spent[1] + 1
         write_json_atomic(self.legs_path, self.legs(stage))  # what a cut-short run has spent on the stage
-        # a fit resumed at epoch k counts from k; a study's trials count on from the last trial
-        self.done[stage.name] = min(stage.epochs, max(self.done[stage.name], epoch) + 1)
+        # a fit (or a study's trial) resumed at epoch k counts from k, after the study's finished trials
+        self.done[stage.name] = min(stage.epochs, self.base + epoch + 1)
         done, total = sum(self.done.values()), sum(s.epochs for s in self.plan.stages)
         self.log(f"    {stage.name}: epoch {self.done[stage.name]}/{stage.epochs} in {duration(seconds)}; "
                  f"plan {done}/{total} epochs, about {duration(self.seconds_left())} left")
+
+
+def finished_trial_epochs(folder):
+    """Epochs the finished trials of the study in `folder` trained (0 for a stage that is not a study)."""
+    from cxrkeras.rundir import read_history
+    from cxrkeras.tuning_project import TRIAL_FILE
+
+    epochs = 0
+    for trial in glob.glob(os.path.join(folder, "project", "trial_*")):
+        if (read_json(os.path.join(trial, TRIAL_FILE), None) or {}).get("status") == "COMPLETED":
+            epochs += sum(len(read_history(p).get("epoch", [])) for p in glob.glob(os.path.join(trial, "execution*.csv")))
+    return epochs
 
 
 def run_plan(plan, out_dir, log=print):

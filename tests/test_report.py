@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 
@@ -66,6 +67,26 @@ def test_the_report_says_each_epoch_and_the_time_left(quick_report_run):
         (str(n), "5") for n in range(1, 6)]
     assert all(re.search(r"about \S+ left$", line) for line in epochs)
     assert any(line.startswith("    study-augmentation: trial 2/2 [augment=False]") for line in lines)
+
+
+def test_a_resumed_study_counts_its_finished_trials_epochs(quick_report, synthetic_dataset, tmp_path):
+    out, _ = quick_report
+    folder = str(tmp_path / "study-augmentation")
+    shutil.copytree(os.path.join(out, "study-augmentation"), folder)
+    trial_file = os.path.join(folder, "project", "trial_0001", "trial.json")
+    with open(trial_file) as f:
+        trial = json.load(f)
+    with open(trial_file, "w") as f:  # trial 2 cut short: trial 1 (1 epoch) is all that is finished
+        json.dump({**trial, "status": "RUNNING"}, f)
+    plan = report.make_plan(synthetic_dataset, str(tmp_path), quick=True, studies=("augmentation",), configure=shrink)
+    stage, lines = plan.stages[-1], []
+    progress = report.Progress(plan, lines.append)
+    progress.start(stage, folder, {})
+    (callback,) = progress.callbacks(stage)
+    callback.on_train_begin()
+    callback.on_epoch_begin(0)
+    callback.on_epoch_end(0)
+    assert progress.done[stage.name] == 2 == stage.epochs and "epoch 2/2" in lines[0]
 
 
 def test_time_left_counts_each_task_at_its_own_epoch_time():
