@@ -37,6 +37,7 @@ from cxrkeras.search_spaces import TUNERS, Study, StudyError, grid_size
 from cxrkeras.tuning_project import (
     TRIAL_CONFIG_FILE,
     TRIAL_FILE,
+    TRIAL_LEGS_FILE,
     TRIAL_RUN_FILE,
     TuneError,
     last_line,
@@ -255,7 +256,7 @@ class StudyTuner(keras_tuner.Tuner):
     """
 
     def __init__(self, oracle, hypermodel, project_dir, planned=None, executions_per_trial=1, log=print, callbacks=()):
-        self.planned, self.log, self._seconds, self._started = planned, log, [], None
+        self.planned, self.log, self._seconds, self._started, self._earlier = planned, log, [], None, 0.0
         self.extra_callbacks = list(callbacks)  # added to every execution's fit (the report's progress)
         super().__init__(
             oracle=oracle,
@@ -285,7 +286,7 @@ class StudyTuner(keras_tuner.Tuner):
             callbacks = [tuner_utils.TunerCallback(self, trial), checkpoint, *self.extra_callbacks]
             history = os.path.join(trial_dir, f"execution{execution}.csv")
             backup = AtomicBackupAndRestore(os.path.join(trial_dir, f"execution{execution}.backup"),
-                                            on_commit=self._kill_hook(trial))
+                                            on_commit=self._committer(trial))
             resume_execution(history, backup, checkpoint)  # a killed execution continues after its last epoch
             results.append(self.hypermodel.fit(hp, model, callbacks=callbacks, history_path=history, backup=backup,
                                                **epochs))
@@ -295,15 +296,36 @@ class StudyTuner(keras_tuner.Tuner):
     def on_trial_begin(self, trial):
         super().on_trial_begin(trial)
         self._started = time.perf_counter()
+        self._earlier = (read_json(self._legs_path(trial), None) or {}).get("seconds", 0.0)  # runs cut short
+
+    def _legs_path(self, trial):
+        return os.path.join(self.get_trial_dir(trial.trial_id), TRIAL_LEGS_FILE)
+
+    def _seconds_so_far(self):
+        return self._earlier + time.perf_counter() - self._started
+
+    def _committer(self, trial):
+        """The backups' on_commit: the trial's time so far to its legs file, so a trial cut short counts all its
+        runs; the test hook "in-trial:N" SIGKILLs once trial N's first epoch is backed up."""
+        kill = os.environ.get(KILL_ENV) == f"in-trial:{int(trial.trial_id)}"
+
+        def commit(epochs_done):
+            write_json_atomic(self._legs_path(trial), {"seconds": round(self._seconds_so_far(), 2)})
+            if kill and epochs_done == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return commit
 
     def on_trial_end(self, trial):
         super().on_trial_end(trial)  # the oracle records the result and saves it
-        for backup in glob.glob(os.path.join(self.get_trial_dir(trial.trial_id), "execution*.backup")):
+        seconds = self._seconds_so_far()
+        trial_dir = self.get_trial_dir(trial.trial_id)
+        for backup in glob.glob(os.path.join(trial_dir, "execution*.backup")):
             shutil.rmtree(backup, ignore_errors=True)  # needed only while the trial could be cut short
-        seconds = time.perf_counter() - self._started
         self._seconds.append(seconds)
-        write_json_atomic(os.path.join(self.get_trial_dir(trial.trial_id), TRIAL_RUN_FILE),
+        write_json_atomic(os.path.join(trial_dir, TRIAL_RUN_FILE),
                           {"tuner_id": self.tuner_id, "seconds": round(seconds, 2), "status": trial.status})
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._legs_path(trial))
         self.log(self._progress_line(self.oracle.get_trial(trial.trial_id), seconds))
         if os.environ.get(KILL_ENV) == f"after-trial:{int(trial.trial_id)}":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -326,12 +348,6 @@ class StudyTuner(keras_tuner.Tuner):
             remaining = max(0, self.planned - number)
             left = f"; about {duration(remaining * sum(self._seconds) / len(self._seconds))} left"
         return f"trial {number}{of} [{values}]: {outcome} in {duration(seconds)}{left}"
-
-    def _kill_hook(self, trial):
-        """The backup's on_commit for the test hook "in-trial:N": SIGKILL once trial N's first epoch is backed up."""
-        if os.environ.get(KILL_ENV) != f"in-trial:{int(trial.trial_id)}":
-            return None
-        return lambda epochs_done: os.kill(os.getpid(), signal.SIGKILL) if epochs_done == 1 else None
 
     def search(self, *args, **kwargs):
         if _is_chief():

@@ -6,7 +6,8 @@ trial_*/trial.json, trial_*/checkpoint.weights.h5) and these:
     tune.json               the settings the search started with; a rerun must match them (it resumes)
     trial_*/config.json     the RunConfig the trial trained: `cxrkeras fit --config` takes it
     trial_*/execution0.csv  the trial's history, one row per epoch (one file per execution)
-    trial_*/run.json        which tuner ran it and how long it took
+    trial_*/run.json        which tuner ran it and how long it took (over every run, when it was cut short)
+    trial_*/execution0.backup/, legs.json   while it runs: the last epoch's weights and optimizer, its time so far
     best_config.json        the best trial's config.json
     results.json, results.md   every trial: values, score, best validation accuracy and loss
     study.png               train and validation loss and accuracy per epoch, one line per trial
@@ -38,6 +39,7 @@ TRIAL_FILE = "trial.json"  # keras-tuner's
 ORACLE_FILE = "oracle.json"  # keras-tuner's
 TRIAL_CONFIG_FILE = "config.json"
 TRIAL_RUN_FILE = "run.json"
+TRIAL_LEGS_FILE = "legs.json"  # a running trial's seconds so far, over the runs it was cut short in
 
 
 class TuneError(Exception):

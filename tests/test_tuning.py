@@ -162,6 +162,10 @@ def killed_and_resumed(synthetic_dataset, tmp_path_factory):
     runs.append(json.load(open(trial_json)))  # trial 1 as its second run found it
     with open(trial_json, "r+") as f:  # a half-written file, as a kill during keras-tuner's own write leaves
         f.truncate(os.path.getsize(trial_json) // 2)
+    legs = os.path.join(project, "trial_0001", tuning_project.TRIAL_LEGS_FILE)
+    runs.append(json.load(open(legs))["seconds"])  # what trial 2's first run spent on it before its kill
+    with open(legs, "w") as f:  # as if that run had spent longer on it
+        json.dump({"seconds": 1000.0}, f)
     base = build_run_config("infected", synthetic_dataset, str(config))
     lines, trained = [], []
     began = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: trained.append(epoch))
@@ -170,7 +174,7 @@ def killed_and_resumed(synthetic_dataset, tmp_path_factory):
 
 
 def test_a_search_resumes_after_kills_without_redoing_finished_trials_or_epochs(killed_and_resumed):
-    (first, second, first_trial, (third, trained), summary), project, _, _ = killed_and_resumed
+    (first, second, first_trial, before_kill, (third, trained), summary), project, _, _ = killed_and_resumed
     assert first.returncode == -9, first.stderr[-2000:]
     assert [line.split(":")[0] for line in first.stdout.splitlines() if line.startswith("trial")] == ["trial 1/2 [learning_rate=0.001]"]
     assert second.returncode == -9, second.stderr[-2000:]
@@ -185,6 +189,10 @@ def test_a_search_resumes_after_kills_without_redoing_finished_trials_or_epochs(
     assert trained == [1]
     assert rundir.read_history(os.path.join(project, "trial_0001", "execution0.csv"))["epoch"] == [0, 1]
     assert not glob.glob(os.path.join(project, "trial_*", "execution*.backup"))
+    # its time counts both runs: what the run before the kill recorded (set to 1000 s) and the third run's
+    assert before_kill > 0
+    assert 1000 < json.load(open(os.path.join(project, "trial_0001", "run.json")))["seconds"] < 1300
+    assert not os.path.exists(os.path.join(project, "trial_0001", tuning_project.TRIAL_LEGS_FILE))
     assert {t["values"]["learning_rate"] for t in summary["trials"]} == {1e-3, 1e-2}
 
 
