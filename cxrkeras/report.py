@@ -173,9 +173,11 @@ def run_plan(plan, out_dir, log=print):
     """Run every stage of `plan` not already finished in `out_dir`; return {stage name: "ran" | "reused"}.
 
     One line per stage, and one per training epoch with the time the plan has left (Progress). README.md is
-    rewritten after each stage, so a report cut short shows its finished stages and names the rest.
+    rewritten before each stage runs and at the end, so a report cut short shows its finished stages and names
+    the rest.
     """
     done, start, progress = {}, time.perf_counter(), Progress(plan, log)
+    os.makedirs(out_dir, exist_ok=True)
     for i, stage in enumerate(plan.stages, 1):
         folder = os.path.join(out_dir, stage.name)
         record = stage_record(stage, folder)
@@ -184,6 +186,7 @@ def run_plan(plan, out_dir, log=print):
             progress.finish(stage, record.get("epoch_seconds"))
             log(f"[{i}/{len(plan.stages)}] {stage.title}: reused ({folder})")
             continue
+        write_readme(plan, out_dir, read_json(os.path.join(out_dir, TIMINGS_FILE), {}))  # the stages before this
         left = progress.seconds_left()
         eta = f", about {duration(left)} left" if left is not None else ""
         log(f"[{i}/{len(plan.stages)}] {stage.title} (elapsed {duration(time.perf_counter() - start)}{eta})")
@@ -201,7 +204,6 @@ def run_plan(plan, out_dir, log=print):
         write_json_atomic(os.path.join(folder, STAGE_FILE), {"settings": stage.settings, "finished": True,
                                                              "epoch_seconds": progress.epoch_seconds(stage)})
         done[stage.name] = "ran"
-        write_readme(plan, out_dir, read_json(timings_path, {}))
     write_readme(plan, out_dir, read_json(os.path.join(out_dir, TIMINGS_FILE), {}))
     log(f"report done in {duration(time.perf_counter() - start)}")
     return done
@@ -407,7 +409,6 @@ def report(data_dir, out_dir, quick=False, fraction=1.0, studies=ONE_FACTOR_STUD
            epochs=None):
     """Run or reuse every stage of the study's plan into `out_dir`, then write its README.md; return
     {stage: "ran" | "reused"}. `epochs` caps every training (see make_plan)."""
-    os.makedirs(out_dir, exist_ok=True)
     plan = make_plan(data_dir, out_dir, quick, fraction, studies, configure, epochs)
 
     return run_plan(plan, out_dir, log=log)
