@@ -57,8 +57,14 @@ def _beside_published(out_dir, stage_name):
     factor, choice = study.factors[0], study.published["choice"]
     ranks = [i for i, t in enumerate(trials, 1) if t["values"].get(factor) == choice]
     objective, best = summary["objective"], trials[0]
-    here = (f"the study's choice ranks {ranks[0]} of {len(trials)} ({objective} {trials[ranks[0] - 1]['score']:.4f}"
-            f" against {best['score']:.4f})" if ranks else "the study's choice is not in this plan")
+    here = "the study's choice is not in this plan"
+    if ranks:
+        rank = ranks[0]
+        other = trials[1 if rank == 1 else 0] if len(trials) > 1 else None
+        against = (f" against {other['score']:.4f} for {format_value(other['values'].get(factor))}"
+                   f"{', the next' if rank == 1 else ''}" if other else "")
+        here = (f"the study's choice ranks {rank} of {len(trials)} ({objective} {trials[rank - 1]['score']:.4f}"
+                f"{against})")
     return [f"**Beside the study.** The study (judged on its test split) chose "
             f"**{factor} = {format_value(choice)}**: \"{study.published['finding']}\". Here (the infected "
             f"classifier, one seed, judged on validation carved from train) the best is "

@@ -53,8 +53,10 @@ def test_quick_report_writes_every_section_and_figure(quick_report):
     assert "| study's 0.5 / 0.5 | 0.50 | 0.50 |" in text and "(cascade/tradeoff.png)" in text
     # the published study's outcome beside ours: its choice and words, our best, and where its choice ranks here
     beside = re.search(r"chose \*\*augment = True\*\*: \"with the help of data augmentation.*the best is "
-                       r"\*\*(True|False)\*\* by val_loss; the study's choice ranks ([12]) of 2", text)
+                       r"\*\*(True|False)\*\* by val_loss; the study's choice ranks ([12]) of 2 "
+                       r"\(val_loss [0-9.]+ against [0-9.]+ for (\w+)(, the next)?\)", text)
     assert beside and (beside.group(1) == "True") == (beside.group(2) == "1"), text
+    assert beside.group(3) == "False" and bool(beside.group(4)) == (beside.group(2) == "1")  # the other value, named
     grid = json.loads(open(os.path.join(out, "cascade", "eval-cascade", "metrics.json")).read())["grid"]
     assert f"Our cascade gets {grid['correct']} of {grid['n']} right; the study's got 18 of the 25" in text
 
