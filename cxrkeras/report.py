@@ -24,6 +24,7 @@ from cxrkeras.files import read_json, write_json_atomic, write_text_atomic
 from cxrkeras.report_progress import LEGS_FILE, Progress
 from cxrkeras.runs import duration
 from cxrkeras.search_spaces import grid_size, load_study
+from cxrkeras.tuning_project import reused_epochs
 
 
 def subset_manifest(source, fraction, path, seed=0):
@@ -269,7 +270,9 @@ def operating_points(infected_run, covid_run, source, folder):
 def study_stage(study, base, folder, callbacks=(), log=None):
     from cxrkeras import tuning
 
-    tuning.tune(study, base, os.path.join(folder, "project"), log=log or (lambda message: None), callbacks=callbacks)
+    others = glob.glob(os.path.join(os.path.dirname(os.path.abspath(folder)), "study-*", "project"))  # same trials
+    tuning.tune(study, base, os.path.join(folder, "project"), log=log or (lambda message: None), callbacks=callbacks,
+                reuse=others)
 
 
 # ---------------------------------------------------------------- README.md
@@ -362,12 +365,17 @@ def _timing(plan, out_dir, timings):
         per_epoch = (read_json(os.path.join(out_dir, stage.name, STAGE_FILE), {}) or {}).get("epoch_seconds")
         estimate = per_epoch * stage.full_epochs if per_epoch and stage.full_epochs else seconds
         wall, full = wall + seconds, full + estimate
-        rows.append([stage.name, stage.epochs or "", duration(seconds), duration(per_epoch) if per_epoch else "",
+        copied = reused_epochs(os.path.join(out_dir, stage.name, "project"))
+        epochs = f"{stage.epochs} ({copied} copied)" if copied else stage.epochs or ""
+        rows.append([stage.name, epochs, duration(seconds), duration(per_epoch) if per_epoch else "",
                      f"about {duration(estimate)} ({stage.full_epochs} epochs)" if stage.full_epochs else ""])
     pending = [s for s in plan.stages if s.name not in timings]
     rows += [[s.name, s.epochs or "", "not run yet", "", ""] for s in pending]
     rows.append(["all" if not pending else "finished stages", sum(s.epochs for s in plan.stages if s not in pending),
                  duration(wall), "", f"about {duration(full)} ({sum(s.full_epochs for s in plan.stages)} epochs)"])
+    if any("copied" in str(row[1]) for row in rows):
+        intro += " A study's trial that an earlier study trained already (the same config) is copied from it" + (
+            "; the estimates at the study's schedules count every trial as trained." if plan.epochs else ".")
     columns = 5 if plan.epochs else 4
     return [intro, "", head, "|---" * columns + "|"] + [
         "| " + " | ".join(str(cell) for cell in row[:columns]) + " |" for row in rows]

@@ -35,6 +35,7 @@ from cxrkeras.rundir import read_history, truncate_history
 from cxrkeras.runs import duration
 from cxrkeras.search_spaces import TUNERS, Study, StudyError, grid_size
 from cxrkeras.tuning_project import (
+    CHECKPOINT_FILE,
     TRIAL_CONFIG_FILE,
     TRIAL_FILE,
     TRIAL_LEGS_FILE,
@@ -44,7 +45,9 @@ from cxrkeras.tuning_project import (
     format_value,
     best_epoch_metrics,
     check_project,
+    identical_trial,
     repair_project,
+    trial_label,
     write_results,
     write_state,
 )
@@ -255,8 +258,10 @@ class StudyTuner(keras_tuner.Tuner):
     best so far, and an estimate of the time left.
     """
 
-    def __init__(self, oracle, hypermodel, project_dir, planned=None, executions_per_trial=1, log=print, callbacks=()):
+    def __init__(self, oracle, hypermodel, project_dir, planned=None, executions_per_trial=1, log=print, callbacks=(),
+                 reuse=()):
         self.planned, self.log, self._seconds, self._started, self._earlier = planned, log, [], None, 0.0
+        self.reuse, self._reused = list(reuse), {}  # projects whose identical finished trials stand in for ours
         self.extra_callbacks = list(callbacks)  # added to every execution's fit (the report's progress)
         super().__init__(
             oracle=oracle,
@@ -274,6 +279,9 @@ class StudyTuner(keras_tuner.Tuner):
             epochs = dict(epochs=hp.values["tuner/epochs"], initial_epoch=hp.values["tuner/initial_epoch"])
             config.train.epochs = epochs["epochs"]
         write_json_atomic(os.path.join(trial_dir, TRIAL_CONFIG_FILE), config.to_dict())
+        donor = None if epochs else identical_trial(self.reuse, config.to_dict(), self.executions_per_trial)
+        if donor:
+            return self._reuse_trial(trial, donor, config.train.monitor)
         checkpoint = tuner_utils.SaveBestEpoch(
             self.oracle.objective, self._get_checkpoint_fname(trial.trial_id))
         results = []
@@ -292,6 +300,18 @@ class StudyTuner(keras_tuner.Tuner):
                                                **epochs))
         self.hypermodel.execution = 0
         return results
+
+    def _reuse_trial(self, trial, donor, monitor):
+        """`donor` (a finished trial that trained the same config) stands in for `trial`: its histories and best
+        weights are copied, its best epochs' metrics are the results."""
+        trial_dir = self.get_trial_dir(trial.trial_id)
+        for name in [os.path.basename(p) for p in glob.glob(os.path.join(donor, "execution*.csv"))]:
+            shutil.copyfile(os.path.join(donor, name), os.path.join(trial_dir, name))
+        shutil.copyfile(os.path.join(donor, CHECKPOINT_FILE), self._get_checkpoint_fname(trial.trial_id))
+        earlier = read_json(os.path.join(donor, TRIAL_RUN_FILE), {}).get("reused")
+        self._reused[trial.trial_id] = earlier or trial_label(donor)
+        return [best_epoch_metrics(read_history(p), monitor)
+                for p in sorted(glob.glob(os.path.join(trial_dir, "execution*.csv")))]
 
     def on_trial_begin(self, trial):
         super().on_trial_begin(trial)
@@ -321,9 +341,11 @@ class StudyTuner(keras_tuner.Tuner):
         trial_dir = self.get_trial_dir(trial.trial_id)
         for backup in glob.glob(os.path.join(trial_dir, "execution*.backup")):
             shutil.rmtree(backup, ignore_errors=True)  # needed only while the trial could be cut short
-        self._seconds.append(seconds)
+        if trial.trial_id not in self._reused:  # a copied trial says nothing of the time a trial takes
+            self._seconds.append(seconds)
+        reused = {"reused": self._reused[trial.trial_id]} if trial.trial_id in self._reused else {}
         write_json_atomic(os.path.join(trial_dir, TRIAL_RUN_FILE),
-                          {"tuner_id": self.tuner_id, "seconds": round(seconds, 2), "status": trial.status})
+                          {"tuner_id": self.tuner_id, "seconds": round(seconds, 2), "status": trial.status, **reused})
         with contextlib.suppress(FileNotFoundError):
             os.remove(self._legs_path(trial))
         self.log(self._progress_line(self.oracle.get_trial(trial.trial_id), seconds))
@@ -346,8 +368,12 @@ class StudyTuner(keras_tuner.Tuner):
         left = ""
         if self.planned:
             remaining = max(0, self.planned - number)
-            left = f"; about {duration(remaining * sum(self._seconds) / len(self._seconds))} left"
-        return f"trial {number}{of} [{values}]: {outcome} in {duration(seconds)}{left}"
+            if self._seconds:
+                left = f"; about {duration(remaining * sum(self._seconds) / len(self._seconds))} left"
+        took = f"in {duration(seconds)}"
+        if trial.trial_id in self._reused:
+            took = f"copied from {self._reused[trial.trial_id]}"
+        return f"trial {number}{of} [{values}]: {outcome} {took}{left}"
 
     def search(self, *args, **kwargs):
         if _is_chief():
@@ -401,14 +427,15 @@ def serve_oracle(oracle, poll_seconds=1.0):
 
 
 def tune(study, base, project_dir, tuner=None, max_trials=None, executions_per_trial=1, augment_on="auto",
-         verbose=0, log=print, callbacks=()):
+         verbose=0, log=print, callbacks=(), reuse=()):
     """Search `study` around `base` (a RunConfig) in `project_dir`; return `summarize(project_dir)`.
 
     Reruns resume: finished trials are kept, a trial a kill interrupted
     continues after its last finished epoch. Under keras-tuner's distributed mode (KERASTUNER_TUNER_ID,
     KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT) the chief serves the oracle
     and writes the results, and each worker runs trials; all share `project_dir`.
-    `callbacks` (Keras callbacks) join every trial's fit.
+    `callbacks` (Keras callbacks) join every trial's fit. A trial whose config a finished trial of a project in
+    `reuse` (project folders) already trained, with as many executions, is copied from it, not trained again.
     Raises StudyError, TuneError, ValueError (bad settings) or DatasetError.
     """
     tuner = tuner or study.tuner
@@ -438,7 +465,8 @@ def tune(study, base, project_dir, tuner=None, max_trials=None, executions_per_t
         log(f"resuming {project_dir}: {finished} trial(s) already ran")
     with contextlib.redirect_stdout(io.StringIO()):  # keras-tuner prints "Reloading Tuner from ..."
         searcher = StudyTuner(oracle, hypermodel, project_dir, planned_trials(oracle, study, max_trials),
-                              executions_per_trial, log, callbacks)
+                              executions_per_trial, log, callbacks,
+                              [p for p in reuse if os.path.abspath(p) != os.path.abspath(project_dir)])
     try:
         searcher.search()
     except RuntimeError as e:  # keras-tuner: "Number of consecutive failures exceeded the limit of 3."

@@ -6,7 +6,8 @@ trial_*/trial.json, trial_*/checkpoint.weights.h5) and these:
     tune.json               the settings the search started with; a rerun must match them (it resumes)
     trial_*/config.json     the RunConfig the trial trained: `cxrkeras fit --config` takes it
     trial_*/execution0.csv  the trial's history, one row per epoch (one file per execution)
-    trial_*/run.json        which tuner ran it and how long it took (over every run, when it was cut short)
+    trial_*/run.json        which tuner ran it and how long it took (over every run, when it was cut short),
+                            and the trial it reused, for one copied from an identical finished trial
     trial_*/execution0.backup/, legs.json   while it runs: the last epoch's weights and optimizer, its time so far
     best_config.json        the best trial's config.json
     results.json, results.md   every trial: values, score, best validation accuracy and loss
@@ -19,6 +20,7 @@ issue 987).
 """
 
 import glob
+import json
 import math
 import os
 
@@ -36,6 +38,7 @@ RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 FIGURE_FILE = "study.png"
 TRIAL_FILE = "trial.json"  # keras-tuner's
+CHECKPOINT_FILE = "checkpoint.weights.h5"  # keras-tuner's: a trial's best epoch's weights
 ORACLE_FILE = "oracle.json"  # keras-tuner's
 TRIAL_CONFIG_FILE = "config.json"
 TRIAL_RUN_FILE = "run.json"
@@ -51,6 +54,39 @@ class TuneError(Exception):
 
 def project_dir_for(out, task, name):
     return os.path.join(out, task, name)
+
+
+def identical_trial(projects, config, executions):
+    """A finished trial in one of `projects` (project folders) that trained `config` (a RunConfig dict, execution
+    0's) with `executions` executions, as its folder; None when there is none. Its results are this trial's."""
+    config = json.loads(json.dumps(config))  # as config.json holds it: lists, not tuples
+    for project in projects:
+        for trial_dir in sorted(glob.glob(os.path.join(project, "trial_*"))):
+            run = read_json(os.path.join(trial_dir, TRIAL_RUN_FILE), None) or {}
+            histories = glob.glob(os.path.join(trial_dir, "execution*.csv"))
+            if (run.get("status") == "COMPLETED" and len(histories) == executions
+                    and os.path.exists(os.path.join(trial_dir, CHECKPOINT_FILE))
+                    and read_json(os.path.join(trial_dir, TRIAL_CONFIG_FILE), None) == config
+                    and not glob.glob(os.path.join(trial_dir, "execution*.backup"))):
+                return trial_dir
+    return None
+
+
+def reused_epochs(project_dir):
+    """Epochs the project's trials copied from identical finished trials instead of training them."""
+    from cxrkeras.rundir import read_history
+
+    return sum(len(read_history(p).get("epoch", []))
+               for trial_dir in glob.glob(os.path.join(project_dir, "trial_*"))
+               if (read_json(os.path.join(trial_dir, TRIAL_RUN_FILE), None) or {}).get("reused")
+               for p in glob.glob(os.path.join(trial_dir, "execution*.csv")))
+
+
+def trial_label(trial_dir):
+    """"study-depth/project, trial 1": where a trial lives, for a reader."""
+    project = os.path.dirname(os.path.abspath(trial_dir))
+    name = os.path.join(*[os.path.basename(p) for p in (os.path.dirname(project), project)])
+    return f"{name}, trial {int(os.path.basename(trial_dir)[len('trial_'):]) + 1}"
 
 
 def write_state(path, state):
@@ -174,6 +210,7 @@ def read_trials(project_dir):
         except (OSError, ValueError):
             state = {"trial_id": os.path.basename(trial_dir)[len("trial_"):], "status": "UNREADABLE"}
         histories = [read_history(p) for p in sorted(glob.glob(os.path.join(trial_dir, "execution*.csv")))]
+        run = read_json(os.path.join(trial_dir, TRIAL_RUN_FILE), {}) or {}
         trials.append({
             "trial_id": state.get("trial_id"),
             "status": state.get("status"),
@@ -181,7 +218,8 @@ def read_trials(project_dir):
                        if not k.startswith("tuner/")},
             "score": state.get("score") if _finite(state.get("score")) else None,  # JSON has no NaN
             "history": mean_history(histories),
-            "seconds": (read_json(os.path.join(trial_dir, TRIAL_RUN_FILE), {}) or {}).get("seconds"),
+            "seconds": run.get("seconds"),
+            "reused": run.get("reused", ""),
             "config": os.path.join(trial_dir, TRIAL_CONFIG_FILE),
             "message": last_line(state.get("message")) if state.get("message") else "",
         })
@@ -242,7 +280,8 @@ def format_table(summary, limit=None):
     for t in summary["trials"][:limit]:
         rows.append([str(int(t["trial_id"]) + 1)] + [format_value(t["values"].get(f)) for f in factors] + [
             _number(t["score"]), _number(t["best_val_accuracy"]), _number(t["best_val_loss"]), str(t["epochs"]),
-            duration(t["seconds"]) if t["seconds"] is not None else "", str(t["status"]).lower(),
+            duration(t["seconds"]) if t["seconds"] is not None else "",
+            str(t["status"]).lower() + (f" (reused: {t['reused']})" if t.get("reused") else ""),
         ])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

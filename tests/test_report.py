@@ -22,8 +22,8 @@ def shrink(cfg):
 @pytest.fixture(scope="module")
 def quick_report_run(synthetic_dataset, tmp_path_factory):
     out, lines = str(tmp_path_factory.mktemp("report") / "quick"), []
-    done = report.report(synthetic_dataset, out, quick=True, studies=("augmentation",), configure=shrink,
-                         log=lines.append)
+    done = report.report(synthetic_dataset, out, quick=True, studies=("augmentation", "learning-rate"),
+                         configure=shrink, log=lines.append)
     return out, done, lines
 
 
@@ -34,7 +34,7 @@ def quick_report(quick_report_run):
 
 def test_quick_report_writes_every_section_and_figure(quick_report):
     out, done = quick_report
-    assert set(done.values()) == {"ran"} and len(done) == 7
+    assert set(done.values()) == {"ran"} and len(done) == 8
     text = open(os.path.join(out, "README.md"), encoding="utf-8").read()
     for heading, _, _ in report.SECTIONS:
         assert f"## {heading}" in text
@@ -46,7 +46,10 @@ def test_quick_report_writes_every_section_and_figure(quick_report):
     assert report.QUICK_NOTE in text  # a quick report says it shows the plan, not results
     precision = json.loads(open(os.path.join(out, "fit-infected", report.STAGE_FILE)).read())[
         "settings"]["config"]["train"]["precision"]
-    assert f"; training precision {precision}. " in text and "| all | 5 |" in text
+    assert f"; training precision {precision}. " in text and "| all | 7 |" in text
+    # the learning-rate study's 1e-3 trial is the augmentation study's augment=True trial: copied, not trained
+    assert "| study-learning-rate | 2 (1 copied) |" in text and "is copied from it; the estimates" in text
+    assert "completed (reused: study-augmentation/project, trial 1)" in text
     points = json.loads(open(os.path.join(out, "cascade", "operating_points.json")).read())
     assert [r["target"] for r in points["rows"]] == list(report.COVID_TARGETS)
     assert points["split"] == "validation" and all(r["recall"] >= r["target"] for r in points["rows"] if r["reached"])
@@ -64,11 +67,15 @@ def test_quick_report_writes_every_section_and_figure(quick_report):
 def test_the_report_says_each_epoch_and_the_time_left(quick_report_run):
     _, _, lines = quick_report_run
     epochs = [line for line in lines if re.search(r"^    \S+: epoch \d+/\d+ in ", line)]
-    # 3 fits of 1 epoch, then the augmentation study's 2 trials of 1 epoch: 5 epochs in all
+    # 3 fits of 1 epoch, the augmentation study's 2 trials of 1 epoch, then the learning-rate study's: its first
+    # trial copied (its epoch counts as done), its second trained: 7 epochs in all, 6 trained
     assert [re.search(r"plan (\d+)/(\d+) epochs", line).groups() for line in epochs] == [
-        (str(n), "5") for n in range(1, 6)]
+        (str(n), "7") for n in (1, 2, 3, 4, 5, 7)]
     assert all(re.search(r"about \S+ left$", line) for line in epochs)
     assert any(line.startswith("    study-augmentation: trial 2/2 [augment=False]") for line in lines)
+    # a copied trial times nothing: no time left is guessed from it
+    assert any(line.startswith("    study-learning-rate: trial 1/2 [learning_rate=0.001]") and
+               line.endswith(") copied from study-augmentation/project, trial 1") for line in lines), lines
 
 
 def test_a_resumed_study_counts_its_finished_trials_epochs(quick_report, synthetic_dataset, tmp_path):

@@ -254,6 +254,29 @@ def test_rerunning_a_finished_search_trains_nothing(killed_and_resumed, syntheti
     assert [t["score"] for t in again["trials"]] == [t["score"] for t in summary["trials"]]
 
 
+def test_a_trial_another_project_trained_already_is_copied_not_trained(killed_and_resumed, synthetic_dataset,
+                                                                       tmp_path):
+    """The report's studies share the study's default config: a second study copies that trial from the first."""
+    (*_, summary), donor, config, _ = killed_and_resumed
+    study = tmp_path / "lr2.toml"
+    study.write_text("[hyperparameters]\nlearning_rate = [1e-3, 3e-3]\n")  # 1e-3: the donor's trial 1
+    project, trained = str(tmp_path / "lr2"), []
+    counted = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: trained.append(epoch))
+    again = tuning.tune(search_spaces.load_study(str(study)), build_run_config("infected", synthetic_dataset, config),
+                        project, log=lambda line: None, callbacks=[counted], reuse=[donor, project])
+    assert trained == [0, 1]  # only the 3e-3 trial trained; the donor's 1e-2 trial matched nothing
+    copied = next(t for t in again["trials"] if t["values"]["learning_rate"] == 1e-3)
+    original = next(t for t in summary["trials"] if t["values"]["learning_rate"] == 1e-3)
+    assert copied["score"] == original["score"] and copied["reused"] == "infected/lr, trial 1"
+    trial_dir = os.path.join(project, f"trial_{copied['trial_id']}")
+    for name in ("execution0.csv", "checkpoint.weights.h5"):
+        assert open(os.path.join(trial_dir, name), "rb").read() == open(
+            os.path.join(donor, "trial_0000", name), "rb").read(), name
+    assert "completed (reused: infected/lr, trial 1)" in open(os.path.join(project, "results.md")).read()
+    other = next(t for t in again["trials"] if t["values"]["learning_rate"] == 3e-3)
+    assert other["reused"] == "" and other["status"] == "COMPLETED"
+
+
 def test_a_trial_file_without_a_readable_copy_becomes_a_failed_trial(killed_and_resumed, tmp_path):
     _, project, _, _ = killed_and_resumed
     damaged = str(tmp_path / "lr")
