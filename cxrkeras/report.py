@@ -359,13 +359,14 @@ def _timing(plan, out_dir, timings):
     precisions = sorted({s.settings["config"]["train"]["precision"] for s in plan.stages if "config" in s.settings})
     intro = (f"Machine: {machine_name()}; training precision {', '.join(precisions) or 'none'}. Stages reused from an "
              "earlier run keep that run's time; an epoch's time includes its validation.")
-    rows, wall, full = [], 0.0, 0.0
+    rows, wall, full, any_copied = [], 0.0, 0.0, False
     for stage in (s for s in plan.stages if s.name in timings):
         seconds = timings[stage.name]
         per_epoch = (read_json(os.path.join(out_dir, stage.name, STAGE_FILE), {}) or {}).get("epoch_seconds")
         estimate = per_epoch * stage.full_epochs if per_epoch and stage.full_epochs else seconds
         wall, full = wall + seconds, full + estimate
         copied = reused_epochs(os.path.join(out_dir, stage.name, "project"))
+        any_copied = any_copied or bool(copied)
         epochs = f"{stage.epochs} ({copied} copied)" if copied else stage.epochs or ""
         rows.append([stage.name, epochs, duration(seconds), duration(per_epoch) if per_epoch else "",
                      f"about {duration(estimate)} ({stage.full_epochs} epochs)" if stage.full_epochs else ""])
@@ -373,7 +374,7 @@ def _timing(plan, out_dir, timings):
     rows += [[s.name, s.epochs or "", "not run yet", "", ""] for s in pending]
     rows.append(["all" if not pending else "finished stages", sum(s.epochs for s in plan.stages if s not in pending),
                  duration(wall), "", f"about {duration(full)} ({sum(s.full_epochs for s in plan.stages)} epochs)"])
-    if any("copied" in str(row[1]) for row in rows):
+    if any_copied:
         intro += " A study's trial that an earlier study trained already (the same config) is copied from it" + (
             "; the estimates at the study's schedules count every trial as trained." if plan.epochs else ".")
     columns = 5 if plan.epochs else 4

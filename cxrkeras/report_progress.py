@@ -1,12 +1,12 @@
 """The progress of `cxrkeras report`'s plan, in epochs: a line per training epoch with the time left, and each
 stage's time over the runs it took (LEGS_FILE), so a report resumed across sessions knows its whole cost."""
 
-import glob
 import os
 import time
 
-from cxrkeras.files import read_json, write_json_atomic
+from cxrkeras.files import write_json_atomic
 from cxrkeras.runs import duration
+from cxrkeras.tuning_project import TRIAL_FILE, trial_epochs
 
 LEGS_FILE = "legs.json"  # a stage's time over the runs it took: {seconds, epoch_seconds, epochs} so far
 
@@ -93,11 +93,4 @@ class Progress:
 
 def finished_trial_epochs(folder):
     """Epochs the finished trials of the study in `folder` trained (0 for a stage that is not a study)."""
-    from cxrkeras.rundir import read_history
-    from cxrkeras.tuning_project import TRIAL_FILE
-
-    epochs = 0
-    for trial in glob.glob(os.path.join(folder, "project", "trial_*")):
-        if (read_json(os.path.join(trial, TRIAL_FILE), None) or {}).get("status") == "COMPLETED":
-            epochs += sum(len(read_history(p).get("epoch", [])) for p in glob.glob(os.path.join(trial, "execution*.csv")))
-    return epochs
+    return trial_epochs(os.path.join(folder, "project"), TRIAL_FILE, lambda state: state.get("status") == "COMPLETED")

@@ -59,10 +59,10 @@ def _beside_published(out_dir, stage_name):
     objective, best = summary["objective"], trials[0]
     here = "the study's choice is not in this plan"
     if ranks:
-        rank = ranks[0]
-        other = trials[1 if rank == 1 else 0] if len(trials) > 1 else None
-        against = (f" against {other['score']:.4f} for {format_value(other['values'].get(factor))}"
-                   f"{', the next' if rank == 1 else ''}" if other else "")
+        rank, against = ranks[0], ""
+        if len(trials) > 1:  # the best, or when the study's choice is the best, the next
+            other, note = (trials[1], ", the next") if rank == 1 else (best, "")
+            against = f" against {other['score']:.4f} for {format_value(other['values'].get(factor))}{note}"
         here = (f"the study's choice ranks {rank} of {len(trials)} ({objective} {trials[rank - 1]['score']:.4f}"
                 f"{against})")
     return [f"**Beside the study.** The study (judged on its test split) chose "

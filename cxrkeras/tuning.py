@@ -278,8 +278,9 @@ class StudyTuner(keras_tuner.Tuner):
         if "tuner/epochs" in hp.values:  # Hyperband: this round's epochs, after the last round's
             epochs = dict(epochs=hp.values["tuner/epochs"], initial_epoch=hp.values["tuner/initial_epoch"])
             config.train.epochs = epochs["epochs"]
-        write_json_atomic(os.path.join(trial_dir, TRIAL_CONFIG_FILE), config.to_dict())
-        donor = None if epochs else identical_trial(self.reuse, config.to_dict(), self.executions_per_trial)
+        settings = config.to_dict()
+        write_json_atomic(os.path.join(trial_dir, TRIAL_CONFIG_FILE), settings)
+        donor = None if epochs else identical_trial(self.reuse, settings, self.executions_per_trial)
         if donor:
             return self._reuse_trial(trial, donor, config.train.monitor)
         checkpoint = tuner_utils.SaveBestEpoch(

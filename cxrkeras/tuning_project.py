@@ -72,14 +72,20 @@ def identical_trial(projects, config, executions):
     return None
 
 
-def reused_epochs(project_dir):
-    """Epochs the project's trials copied from identical finished trials instead of training them."""
+def trial_epochs(project_dir, state_file, keep):
+    """Epochs in the histories of the project's trials whose `state_file` (TRIAL_FILE or TRIAL_RUN_FILE) `keep`
+    accepts (a function of its dict)."""
     from cxrkeras.rundir import read_history
 
     return sum(len(read_history(p).get("epoch", []))
                for trial_dir in glob.glob(os.path.join(project_dir, "trial_*"))
-               if (read_json(os.path.join(trial_dir, TRIAL_RUN_FILE), None) or {}).get("reused")
+               if keep(read_json(os.path.join(trial_dir, state_file), None) or {})
                for p in glob.glob(os.path.join(trial_dir, "execution*.csv")))
+
+
+def reused_epochs(project_dir):
+    """Epochs the project's trials copied from identical finished trials instead of training them."""
+    return trial_epochs(project_dir, TRIAL_RUN_FILE, lambda run: run.get("reused"))
 
 
 def trial_label(trial_dir):
